@@ -1,0 +1,148 @@
+"""Choosing which leaves a transform touches: ``(regex, value)`` rules on parameter paths.
+
+Rules are a sequence of ``(pattern, value)`` pairs. For each leaf, the leaf's name
+(``'/'.join(path)``, see :func:`~jaxcompress.core.paths.path_name`) is searched with each
+pattern in order (:func:`re.search`; anchor with ``^``/``$`` when needed) and the first match
+wins. A value of ``None`` or ``False`` leaves the leaf alone; ``True`` applies the transform with
+its defaults; other values are per-leaf settings that the transform documents (a sparsity, a bit
+width). Only floating-point leaves with ``ndim >= min_ndim`` are candidates: by default that
+picks the kernels of dense and convolutional layers and leaves biases and norm scales alone.
+
+:func:`explain` shows, for any params pytree, which rule took which leaf.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.paths import path_name
+
+Rules = Sequence[tuple[str, Any]]
+
+#: Every candidate leaf (float, ndim >= 2): all kernels, no biases or norm parameters.
+DEFAULT_RULES: Rules = ((r".*", True),)
+
+
+class LeafDecision(NamedTuple):
+    """How the rules decided one leaf.
+
+    Attributes:
+      path: the leaf's ``'/'``-joined name.
+      shape: its shape.
+      dtype: its dtype name.
+      rule: index of the rule that matched, or ``None``.
+      pattern: that rule's pattern, or ``None``.
+      value: the value chosen (``None`` when the leaf is left alone).
+      reason: a short explanation (``'rule 0'``, ``'ndim 1 < 2'``, ``'not floating'``, ``'no rule matched'``).
+    """
+
+    path: str
+    shape: tuple
+    dtype: str
+    rule: Optional[int]
+    pattern: Optional[str]
+    value: Any
+    reason: str
+
+
+def _compile(rules: Rules) -> list[tuple[re.Pattern, Any]]:
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise TypeError(
+            f"rules must be a sequence of (regex, value) pairs, got {type(rules).__name__}: {rules!r}. "
+            "Example: rules=[('Dense_0/.*', None), ('.*kernel', True)]."
+        )
+    compiled = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise TypeError(
+                f"rules[{i}] must be a (regex: str, value) pair, got {rule!r}."
+            )
+        try:
+            compiled.append((re.compile(rule[0]), rule[1]))
+        except re.error as e:
+            raise ValueError(f"rules[{i}] has an invalid regex {rule[0]!r}: {e}.") from None
+    return compiled
+
+
+def _is_float(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def explain(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) -> list[LeafDecision]:
+    """Shows which rule took which leaf.
+
+    Args:
+      params: any pytree of arrays.
+      rules: ``(regex, value)`` pairs, first match wins; defaults to :data:`DEFAULT_RULES`.
+      min_ndim: leaves with fewer dimensions are never selected.
+
+    Returns:
+      One :class:`LeafDecision` per leaf, in flattening order.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {'Dense_0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)},
+      ...      'Dense_1': {'kernel': jnp.ones((4, 2)), 'bias': jnp.ones(2)}}
+      >>> for d in explain(p, [('Dense_1/', None), ('.*', True)]):
+      ...     print(d.path, d.value, d.reason)
+      Dense_0/bias None ndim 1 < 2
+      Dense_0/kernel True rule 1
+      Dense_1/bias None ndim 1 < 2
+      Dense_1/kernel None rule 0
+    """
+    compiled = _compile(DEFAULT_RULES if rules is None else rules)
+    out = []
+    for path, leaf in jax.tree.leaves_with_path(params):
+        name = path_name(path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+        if not _is_float(leaf):
+            out.append(LeafDecision(name, shape, dtype, None, None, None, "not floating"))
+            continue
+        if len(shape) < min_ndim:
+            out.append(LeafDecision(name, shape, dtype, None, None, None, f"ndim {len(shape)} < {min_ndim}"))
+            continue
+        for i, (pattern, value) in enumerate(compiled):
+            if pattern.search(name):
+                chosen = None if value is False else value
+                out.append(LeafDecision(name, shape, dtype, i, pattern.pattern, chosen, f"rule {i}"))
+                break
+        else:
+            out.append(LeafDecision(name, shape, dtype, None, None, None, "no rule matched"))
+    return out
+
+
+def select(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) -> Any:
+    """The value each leaf gets under ``rules``, as a pytree shaped like ``params``.
+
+    Leaves left alone hold ``None``; use ``is_leaf=lambda x: x is None`` when mapping over the
+    result together with ``params``.
+
+    Args:
+      params: any pytree of arrays.
+      rules: ``(regex, value)`` pairs, first match wins; defaults to :data:`DEFAULT_RULES`.
+      min_ndim: leaves with fewer dimensions are never selected.
+
+    Returns:
+      A pytree with the structure of ``params`` and the chosen value (or ``None``) at each leaf.
+    """
+    decisions = explain(params, rules, min_ndim=min_ndim)
+    treedef = jax.tree.structure(params)
+    return jax.tree.unflatten(treedef, [d.value for d in decisions])
+
+
+def format_decisions(decisions: Sequence[LeafDecision]) -> str:
+    """Renders :func:`explain`'s output as a Markdown table."""
+    lines = ["| path | shape | dtype | value | why |", "| --- | --- | --- | --- | --- |"]
+    for d in decisions:
+        lines.append(f"| {d.path} | {d.shape} | {d.dtype} | {d.value} | {d.reason} |")
+    return "\n".join(lines)
+
+
+def is_none(x) -> bool:
+    """``is_leaf`` predicate that makes ``None`` a leaf when mapping over selections."""
+    return x is None

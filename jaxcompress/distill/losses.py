@@ -1,0 +1,116 @@
+"""Knowledge-distillation and classification losses, per example, computed in log space."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.validation import check_positive
+
+
+def _check_logits(name: str, logits) -> jax.Array:
+    logits = jnp.asarray(logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a float array of logits, got dtype {logits.dtype}.")
+    if logits.ndim < 1:
+        raise ValueError(f"{name} must have a class axis (shape (..., num_classes)), got shape {logits.shape}.")
+    return logits
+
+
+def _check_labels(labels, logits) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"labels must be integer class indices, got dtype {labels.dtype}; "
+            "pass argmax of one-hot labels, e.g. labels.argmax(-1)."
+        )
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {labels.shape} does not match logits shape {logits.shape} "
+            f"(expected {logits.shape[:-1]})."
+        )
+    return labels
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy with integer labels, one value per example.
+
+    Args:
+      logits: float array ``(..., num_classes)``.
+      labels: int array ``(...)`` of class indices.
+
+    Returns:
+      float array ``(...)``: ``-log softmax(logits)[label]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> round(float(cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([1]))[0]), 4)
+      0.6931
+    """
+    logits = _check_logits("logits", logits)
+    labels = _check_labels(labels, logits)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+
+
+def kd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    temperature: float,
+    labels: Optional[jax.Array] = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+) -> jax.Array:
+    """Hinton et al. (2015) distillation loss, one value per example.
+
+    ``kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T)) + ce_weight * CE(s, labels)``.
+    The KL term is computed from log-softmaxes (no ``log(0)``), the teacher logits are under
+    ``stop_gradient``, and the ``T^2`` factor (which keeps the soft term's gradient scale
+    independent of ``T``) applies to the soft term only. Its gradient with respect to the
+    student logits is ``T * (softmax(s/T) - softmax(t/T))``.
+
+    Args:
+      student_logits: float array ``(..., num_classes)``.
+      teacher_logits: float array of the same shape.
+      temperature: ``T > 0``.
+      labels: int class indices ``(...)``; required when ``ce_weight != 0``.
+      kd_weight: weight of the soft (distillation) term, ``>= 0``.
+      ce_weight: weight of the hard-label cross-entropy, ``>= 0``.
+
+    Returns:
+      float32 array ``(...)``; reduce it yourself (e.g. ``.mean()``).
+
+    Raises:
+      ValueError: if ``temperature <= 0``, a weight is negative, shapes differ, or labels are
+        missing while ``ce_weight != 0``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = jnp.array([[1.0, 2.0, 0.5]])
+      >>> float(kd_loss(s, s, temperature=4.0)[0])
+      0.0
+    """
+    temperature = check_positive("temperature", temperature)
+    for name, w in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {w!r}.")
+    student_logits = _check_logits("student_logits", student_logits)
+    teacher_logits = _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits shape {student_logits.shape} and teacher_logits shape "
+            f"{teacher_logits.shape} differ; both need (..., num_classes) with the same classes."
+        )
+    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    log_p = jax.nn.log_softmax(t, axis=-1)
+    log_q = jax.nn.log_softmax(s, axis=-1)
+    soft = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * temperature**2
+    loss = kd_weight * soft
+    if ce_weight != 0:
+        if labels is None:
+            raise ValueError(f"labels are required when ce_weight != 0 (got ce_weight={ce_weight}).")
+        loss = loss + ce_weight * cross_entropy(student_logits, labels)
+    return loss

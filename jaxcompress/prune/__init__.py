@@ -1,0 +1,10 @@
+"""Pruning: masks, schedules and pruning transforms."""
+from jaxcompress.prune.magnitude import PruneState as PruneState
+from jaxcompress.prune.magnitude import fixed_masks as fixed_masks
+from jaxcompress.prune.magnitude import magnitude_pruning as magnitude_pruning
+from jaxcompress.prune.masks import apply_masks as apply_masks
+from jaxcompress.prune.masks import magnitude_mask as magnitude_mask
+from jaxcompress.prune.masks import sparsity_of as sparsity_of
+from jaxcompress.prune.schedules import PolynomialSchedule as PolynomialSchedule
+from jaxcompress.prune.schedules import one_shot_schedule as one_shot_schedule
+from jaxcompress.prune.schedules import polynomial_schedule as polynomial_schedule

@@ -1,0 +1,92 @@
+"""Pruning masks: exact-count magnitude masks and applying masks to params."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.rules import is_none
+from jaxcompress.core.validation import check_fraction, check_same_structure
+
+
+def num_pruned(size: int, sparsity) -> jax.Array:
+    """How many of ``size`` weights a ``sparsity`` removes: ``round(sparsity * size)``.
+
+    Rounds half to even like :func:`round`, matching ``torch.nn.utils.prune``'s
+    ``round(amount * n)`` for a float amount.
+    """
+    return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+def magnitude_mask(scores: jax.Array, sparsity) -> jax.Array:
+    """A boolean keep-mask that removes exactly ``round(sparsity * n)`` lowest-scoring entries.
+
+    Ties are broken by position (earlier entries are removed first), so the count is exact
+    even when many scores are equal (e.g. weights already pruned to zero).
+
+    Args:
+      scores: array of importance scores (e.g. ``abs(w)``), any shape.
+      sparsity: fraction in ``[0, 1)``; a Python float is validated, a traced scalar is allowed
+        inside ``jit``.
+
+    Returns:
+      A bool array shaped like ``scores``, ``True`` where the weight is kept.
+
+    Raises:
+      ValueError: if a Python ``sparsity`` is outside ``[0, 1)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> magnitude_mask(jnp.array([0.3, -0.1, 2.0, 0.05]), 0.5).tolist()
+      [True, False, True, False]
+    """
+    if isinstance(sparsity, (int, float)):
+        check_fraction("sparsity", sparsity)
+    flat = jnp.ravel(scores)
+    n = flat.size
+    order = jnp.argsort(flat, stable=True)
+    ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return (ranks >= num_pruned(n, sparsity)).reshape(jnp.shape(scores))
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+    """Multiplies each param by its mask; leaves whose mask is ``None`` pass through.
+
+    Args:
+      params: a pytree of arrays.
+      masks: a pytree of the same structure with a boolean (or 0/1) array of the same shape at
+        each pruned leaf and ``None`` elsewhere.
+
+    Returns:
+      The masked params (a new pytree).
+
+    Raises:
+      ValueError: if ``masks`` and ``params`` differ in structure or in a leaf's shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> apply_masks({'w': jnp.array([1., 2.]), 'b': jnp.array([3.])},
+      ...             {'w': jnp.array([True, False]), 'b': None})['w'].tolist()
+      [1.0, 0.0]
+    """
+    check_same_structure("masks", masks, params)
+    return jax.tree.map(
+        lambda m, p: p if m is None else p * m.astype(p.dtype), masks, params, is_leaf=is_none
+    )
+
+
+def sparsity_of(tree: Any, masks: Any = None) -> dict[str, float]:
+    """Fraction of zeros per leaf of ``tree`` (only leaves with a mask when ``masks`` is given)."""
+    from jaxcompress.core.paths import path_name
+
+    out = {}
+    mask_leaves = (
+        jax.tree.leaves(masks, is_leaf=is_none) if masks is not None else [True] * len(jax.tree.leaves(tree))
+    )
+    for (path, leaf), m in zip(jax.tree.leaves_with_path(tree), mask_leaves):
+        if m is None:
+            continue
+        leaf = jnp.asarray(leaf)
+        out[path_name(path)] = float(jnp.mean(leaf == 0)) if leaf.size else 0.0
+    return out
