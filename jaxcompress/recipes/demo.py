@@ -84,34 +84,38 @@ def _stage_record(name, accuracy, view, seconds, *, bits=None, masks=None, weigh
     }
 
 
-#: Sparsity of the small, sensitive layers; the largest layer takes the rest of the target
-#: (per-layer allocation by sensitivity, as Han et al. 2015 did for LeNet and AlexNet).
-SENSITIVE_SPARSITY = {"conv1": 0.5, "conv2": 0.8, "head": 0.7}
+#: Relative density of the small, sensitive layers (first and last layers keep more weights),
+#: a per-layer allocation by sensitivity in the spirit of Han et al. (2015); other layers: 1.
+DENSITY_MULTIPLIERS = {"conv1": 5.0, "conv2": 2.0, "head": 3.0}
 
 
-def allocate_sparsity(params, target: float, fixed: dict[str, float]) -> list[tuple[str, float]]:
-    """Per-layer sparsity rules that reach ``target`` over all prunable weights.
+def allocate_sparsity(params, target: float, multipliers: dict[str, float]) -> list[tuple[str, float]]:
+    """Per-layer sparsity rules whose overall fraction of zeros is at least ``target``.
 
-    Layers named in ``fixed`` get that sparsity; the largest remaining kernel takes whatever
-    is needed so that the overall fraction of zeros is at least ``target``.
+    Layer ``i`` keeps a density ``min(1, eps * m_i)`` with ``m_i = multipliers.get(layer, 1)``,
+    and ``eps`` is chosen so that the prunable weights as a whole reach ``target`` (capped layers
+    are fixed at density 1 and ``eps`` re-solved, as in ERK's allocation).
 
     Returns:
       ``(regex, sparsity)`` rules for :func:`~jaxcompress.prune.magnitude.magnitude_pruning`.
     """
     sizes = {d.path: int(np.prod(d.shape)) for d in explain(params) if d.value is not None}
-    total = sum(sizes.values())
-    layer = lambda path: path.split("/")[0]  # noqa: E731
-    fixed_zeros = sum(round(fixed[layer(p)] * n) for p, n in sizes.items() if layer(p) in fixed)
-    rest = {p: n for p, n in sizes.items() if layer(p) not in fixed}
-    if not rest:
-        raise ValueError(f"every prunable layer is in fixed={fixed}; leave one out to take the remainder.")
-    largest = max(rest, key=rest.get)
-    others = sum(round(target * n) for p, n in rest.items() if p != largest)
-    need = target * total - fixed_zeros - others
-    s_largest = min(max(np.ceil(need) / rest[largest], 0.0), 0.999)
-    rules = [(f"^{re.escape(p)}$", fixed[layer(p)]) for p in sizes if layer(p) in fixed]
-    rules.append((f"^{re.escape(largest)}$", float(s_largest)))
-    rules.append((".*", target))
+    mult = {p: float(multipliers.get(p.split("/")[0], 1.0)) for p in sizes}
+    keep = (1.0 - target) * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        free = [p for p in sizes if p not in dense]
+        eps = (keep - sum(sizes[p] for p in dense)) / sum(mult[p] * sizes[p] for p in free)
+        capped = {p for p in free if eps * mult[p] > 1.0}
+        if not capped:
+            break
+        dense |= capped
+    rules = []
+    for p in sizes:
+        density = 1.0 if p in dense else eps * mult[p]
+        # floor the kept count so rounding never lands below the target
+        sparsity = 1.0 - np.floor(density * sizes[p]) / sizes[p]
+        rules.append((f"^{re.escape(p)}$", float(min(sparsity, 0.999))))
     return rules
 
 
@@ -195,7 +199,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     # 3. Gradual magnitude pruning (Zhu & Gupta 2017) while fine-tuning with the teacher.
     steps = max(int(round(config.prune_epochs * num_batches(len(ys), config.batch_size))), 1)
     end = max(int(0.6 * steps), 1)
-    rules = allocate_sparsity(state.params, config.sparsity, SENSITIVE_SPARSITY)
+    rules = allocate_sparsity(state.params, config.sparsity, DENSITY_MULTIPLIERS)
     pruner = magnitude_pruning(
         config.sparsity, schedule=polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1)),
         rules=rules,

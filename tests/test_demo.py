@@ -1,0 +1,77 @@
+"""Smoke tests of the end-to-end demo and the command line."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxcompress import cli
+from jaxcompress.data import mnist as mnist_module
+from jaxcompress.recipes.demo import DENSITY_MULTIPLIERS, DemoConfig, allocate_sparsity, run_demo
+
+KEYS = {"name", "test_accuracy", "params", "nonzero_params", "weight_bits", "bytes_float32", "bytes_compressed", "seconds"}
+
+
+def test_demo_on_mnist_subset_writes_report(mnist_dir, tmp_path, capsys):
+    rc = cli.main(["demo", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--train-subset", "1024",
+                   "--test-subset", "500", "--epochs", "1", "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["dataset"] == "mnist"
+    stages = report["stages"]
+    assert [s["name"] for s in stages][:2] == ["teacher", "student (distilled)"]
+    assert len(stages) == 4
+    for s in stages:
+        assert KEYS <= set(s)
+        assert 0.0 <= s["test_accuracy"] <= 1.0
+        assert s["bytes_float32"] == 4 * s["params"]
+    # Even 8 steps of training beat chance on real digits.
+    assert stages[0]["test_accuracy"] > 0.5
+    pruned, final = stages[2], stages[3]
+    assert pruned["sparsity"] >= 0.9 and final["sparsity"] >= 0.9
+    assert final["weight_bits"] == 8
+    assert final["nonzero_params"] < 0.12 * final["params"]
+    assert final["bytes_compressed"] < pruned["bytes_compressed"] < pruned["bytes_float32"]
+    assert (tmp_path / "report.md").read_text().count("|") > 40
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert "student pruned 90% + int8" in capsys.readouterr().out
+
+
+def test_demo_falls_back_to_digits_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv(mnist_module.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def offline(url, *, timeout):
+        raise OSError("offline")
+
+    monkeypatch.setattr(mnist_module, "download_bytes", offline)
+    messages = []
+    report = run_demo(DemoConfig(teacher_epochs=1, student_epochs=1, prune_epochs=1, qat_epochs=1, progress=False),
+                      log=messages.append)
+    assert report["dataset"] == "digits"
+    assert any("digits" in m and "JAXCOMPRESS_DATA_DIR" in m for m in messages)
+    assert len(report["stages"]) == 4
+
+
+def test_demo_with_data_dir_missing_files_fails_clearly(tmp_path, capsys):
+    rc = cli.main(["demo", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
+
+
+def test_allocate_sparsity_meets_target_and_favours_sensitive_layers():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcompress.models import student_cnn
+
+    params = student_cnn().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    rules = dict(allocate_sparsity(params, 0.9, DENSITY_MULTIPLIERS))
+    sizes = {"conv1": 288, "conv2": 18432, "fc1": 200704, "head": 640}
+    zeros = sum(round(rules[f"^{k}/kernel$"] * n) for k, n in sizes.items())
+    assert zeros / sum(sizes.values()) >= 0.9
+    assert zeros / sum(sizes.values()) < 0.9 + 1e-3
+    # density ratio conv1 : fc1 is the multiplier ratio 5 : 1 (up to flooring).
+    d = {k: 1 - rules[f"^{k}/kernel$"] for k in sizes}
+    np.testing.assert_allclose(d["conv1"] / d["fc1"], 5.0, rtol=0.02)
+    np.testing.assert_allclose(d["conv2"] / d["fc1"], 2.0, rtol=0.01)

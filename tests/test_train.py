@@ -1,0 +1,200 @@
+"""The train and eval steps: tracing, BatchNorm state, teacher, compression, axis_name."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress.core.transform import chain
+from jaxcompress.distill.losses import cross_entropy, kd_loss
+from jaxcompress.models import CNN, MLP
+from jaxcompress.prune.magnitude import magnitude_pruning
+from jaxcompress.prune.schedules import polynomial_schedule
+from jaxcompress.quant.weights import weight_quantization
+from jaxcompress.train import (
+    Teacher,
+    evaluate,
+    init_train_state,
+    linen_apply_fn,
+    make_eval_step,
+    make_train_step,
+    split_variables,
+)
+
+
+def _batch(seed, n=16, shape=(8, 8, 1), classes=10):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(n,) + shape).astype(np.float32),
+            "label": rng.integers(0, classes, size=n).astype(np.int32)}
+
+
+def _setup(model, transform=None, teacher_variables=None, lr=1e-2):
+    params, mstate = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    opt = optax.sgd(lr)
+    state = init_train_state(params, opt, transform=transform, model_state=mstate, rng=1,
+                             teacher_variables=teacher_variables)
+    return state, opt
+
+
+def test_step_traces_once_over_three_steps():
+    model = MLP(features=(32,))
+    inner = linen_apply_fn(model)
+    traces = []
+
+    def counting_apply(*args, **kwargs):
+        traces.append(1)
+        return inner(*args, **kwargs)
+
+    t = chain(magnitude_pruning(0.5, schedule=polynomial_schedule(end_step=2, frequency=1)), weight_quantization(8))
+    state, opt = _setup(model, t)
+    step = jax.jit(make_train_step(counting_apply, opt, transform=t), donate_argnums=0)
+    for i in range(3):
+        state, _ = step(state, _batch(i))
+    assert len(traces) == 1
+    assert int(state.step) == 3
+    assert int(state.compression_state[0].count) == 3
+
+
+def test_plain_step_equals_manual_sgd():
+    model = MLP(features=(16,))
+    state, opt = _setup(model, lr=0.1)
+    batch = _batch(0)
+    apply = linen_apply_fn(model)
+
+    def loss(p):
+        logits, _ = apply(p, {}, batch["image"], train=True)
+        return cross_entropy(logits, batch["label"]).mean()
+
+    want = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, jax.grad(loss)(state.params))
+    new, metrics = make_train_step(apply, opt)(state, batch)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss"], loss(state.params), rtol=1e-6)
+
+
+def test_pruned_weights_stay_zero_and_get_no_update():
+    model = MLP(features=(32,))
+    t = magnitude_pruning(0.75)
+    state, opt = _setup(model, t)
+    masks = state.compression_state.masks
+    before = state.params
+    step = jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t))
+    for i in range(3):
+        state, _ = step(state, _batch(i))
+    view = t.apply(state.params, state.compression_state)
+    for m, w0, w1, v in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(before),
+                            jax.tree.leaves(state.params), jax.tree.leaves(view)):
+        if m is None:
+            continue
+        m = np.asarray(m)
+        assert np.mean(~m) == pytest.approx(0.75, abs=1 / m.size)
+        np.testing.assert_array_equal(np.asarray(v)[~m], 0.0)
+        np.testing.assert_array_equal(np.asarray(w1)[~m], np.asarray(w0)[~m])  # SGD, zero grad
+        assert not np.array_equal(np.asarray(w1)[m], np.asarray(w0)[m])
+
+
+def test_batchnorm_state_updates_in_train_and_is_used_in_eval():
+    model = CNN(channels=(4, 8), hidden=16, batch_norm=True)
+    state, opt = _setup(model)
+    assert "batch_stats" in state.model_state
+    step = jax.jit(make_train_step(linen_apply_fn(model), opt))
+    batch = _batch(0)
+    new, _ = step(state, batch)
+    mean0 = np.asarray(state.model_state["batch_stats"]["bn1"]["mean"])
+    mean1 = np.asarray(new.model_state["batch_stats"]["bn1"]["mean"])
+    assert not np.allclose(mean0, mean1)
+    # The running mean is momentum 0.9 towards the batch mean of conv1's output.
+    variables = {"params": state.params, **state.model_state}
+    _, inter = model.apply(variables, batch["image"], train=True, mutable=["batch_stats", "intermediates"],
+                           capture_intermediates=lambda mdl, _: mdl.name == "conv1")
+    conv1 = inter["intermediates"]["conv1"]["__call__"][0]
+    np.testing.assert_allclose(mean1, 0.9 * mean0 + 0.1 * np.asarray(conv1).mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+    # Eval uses running statistics: result independent of the batch composition.
+    ev = jax.jit(make_eval_step(linen_apply_fn(model)))
+    full = ev(new, batch)
+    halves = [ev(new, {k: v[s] for k, v in batch.items()}) for s in (slice(0, 8), slice(8, 16))]
+    np.testing.assert_allclose(full["loss_sum"], halves[0]["loss_sum"] + halves[1]["loss_sum"], rtol=1e-5)
+
+
+def test_teacher_is_frozen_and_kd_loss_used():
+    teacher, student = MLP(features=(32,)), MLP(features=(8,))
+    t_params, _ = split_variables(teacher.init(jax.random.key(5), jnp.zeros((1, 8, 8, 1))))
+    loss = functools.partial(kd_loss, temperature=3.0, kd_weight=0.7, ce_weight=0.3)
+    state, opt = _setup(student, teacher_variables=(t_params, {}))
+    step = make_train_step(linen_apply_fn(student), opt, teacher=Teacher(linen_apply_fn(teacher), loss))
+    batch = _batch(0)
+    new, metrics = step(state, batch)
+    for a, b in zip(jax.tree.leaves(new.teacher_variables), jax.tree.leaves((t_params, {}))):
+        np.testing.assert_array_equal(a, b)
+    s_logits = student.apply({"params": state.params}, batch["image"])
+    t_logits = teacher.apply({"params": t_params}, batch["image"])
+    want = loss(s_logits, t_logits, labels=batch["label"]).mean()
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+
+
+def test_teacher_without_variables_and_class_mismatch_raise():
+    student = MLP(features=(8,))
+    state, opt = _setup(student)
+    teacher = MLP(features=(8,), num_classes=5)
+    loss = functools.partial(kd_loss, temperature=2.0)
+    step = make_train_step(linen_apply_fn(student), opt, teacher=Teacher(linen_apply_fn(teacher), loss))
+    with pytest.raises(ValueError, match="teacher_variables"):
+        step(state, _batch(0))
+    t_params, _ = split_variables(teacher.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    with pytest.raises(ValueError, match="same classes"):
+        step(state._replace(teacher_variables=(t_params, {})), _batch(0))
+
+
+def test_pmap_step_equals_single_device_step():
+    n = jax.local_device_count()
+    model = MLP(features=(16,))
+    t = chain(magnitude_pruning(0.5), weight_quantization(8))
+    state, opt = _setup(model, t, lr=0.1)
+    batch = _batch(0, n=8 * n)
+    single = jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t))
+    par = jax.pmap(make_train_step(linen_apply_fn(model), opt, transform=t, axis_name="d"), axis_name="d")
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * n), state)
+    assert n == 8  # the root conftest gives eight fake CPU devices
+    per_device = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+    s1 = state
+    for _ in range(3):
+        s1, m1 = single(s1, batch)
+        stacked, mp = par(stacked, per_device)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(stacked.params)):
+        for d in range(n):
+            np.testing.assert_allclose(np.asarray(b)[d], a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mp["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mp["accuracy"]), float(m1["accuracy"]), rtol=1e-6)
+
+
+def test_evaluate_pads_last_batch_without_retracing():
+    model = MLP(features=(8,))
+    state, _ = _setup(model)
+    calls = []
+    inner = linen_apply_fn(model)
+
+    def counting(*a, **k):
+        calls.append(1)
+        return inner(*a, **k)
+
+    data = _batch(0, n=25)
+    ev = evaluate(jax.jit(make_eval_step(counting)), state, data["image"], data["label"], batch_size=10)
+    logits = model.apply({"params": state.params}, data["image"])
+    assert ev["count"] == 25
+    assert len(calls) == 1
+    assert ev["accuracy"] == pytest.approx(float(np.mean(np.argmax(logits, -1) == data["label"])))
+    assert ev["loss"] == pytest.approx(float(cross_entropy(logits, data["label"]).mean()), rel=1e-5)
+
+
+def test_bad_batch_and_optimizer_raise():
+    model = MLP(features=(8,))
+    state, opt = _setup(model)
+    with pytest.raises(ValueError, match="'image' and 'label'"):
+        make_train_step(linen_apply_fn(model), opt)(state, (1, 2))
+    with pytest.raises(TypeError, match="optax"):
+        init_train_state(state.params, "adam")
+    with pytest.raises(TypeError, match="Transform"):
+        make_train_step(linen_apply_fn(model), opt, transform=lambda p: p)
