@@ -198,3 +198,27 @@ def test_bad_batch_and_optimizer_raise():
         init_train_state(state.params, "adam")
     with pytest.raises(TypeError, match="Transform"):
         make_train_step(linen_apply_fn(model), opt, transform=lambda p: p)
+
+
+def test_augment_runs_inside_step_and_teacher_sees_augmented_batch():
+    teacher, student = MLP(features=(16,)), MLP(features=(8,))
+    t_params, _ = split_variables(teacher.init(jax.random.key(5), jnp.zeros((1, 8, 8, 1))))
+    seen = []
+
+    def recording_teacher(params, mstate, x, *, train, rng=None):
+        seen.append(x)
+        return linen_apply_fn(teacher)(params, mstate, x, train=train, rng=rng)
+
+    def flip(rng, batch):
+        return {**batch, "image": -batch["image"]}
+
+    state, opt = _setup(student, teacher_variables=(t_params, {}))
+    loss = functools.partial(kd_loss, temperature=2.0)
+    step = make_train_step(linen_apply_fn(student), opt, augment=flip,
+                           teacher=Teacher(recording_teacher, loss))
+    batch = _batch(0)
+    _, metrics = step(state, batch)
+    np.testing.assert_array_equal(np.asarray(seen[0]), -batch["image"])
+    s_logits = student.apply({"params": state.params}, -batch["image"])
+    t_logits = teacher.apply({"params": t_params}, -batch["image"])
+    np.testing.assert_allclose(metrics["loss"], loss(s_logits, t_logits).mean(), rtol=1e-5)

@@ -53,6 +53,7 @@ def make_train_step(
     teacher: Optional[Teacher] = None,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
     axis_name: Optional[str] = None,
+    augment: Optional[Callable[[jax.Array, dict], dict]] = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds a pure train step ``(TrainState, batch) -> (TrainState, metrics)``.
 
@@ -71,6 +72,10 @@ def make_train_step(
       teacher: a :class:`Teacher` for distillation; its variables come from the state.
       loss_fn: per-example task loss when there is no teacher.
       axis_name: the mapped axis to average over under ``jax.pmap``/``shard_map``.
+      augment: optional ``augment(rng, batch) -> batch`` run inside the step (jitted, per device)
+        before the forward passes, so teacher and student see the same augmented batch (function
+        matching, Beyer et al. 2022). ``batch['label']`` may become soft (float, ``(..., classes)``)
+        when ``loss_fn``/``teacher.loss`` accept that.
 
     Returns:
       The step function; wrap it with ``jax.jit(step, donate_argnums=0)`` (or ``jax.pmap``).
@@ -83,10 +88,14 @@ def make_train_step(
         raise TypeError(f"teacher must be a jaxcompress Teacher(apply_fn, loss), got {type(teacher).__name__}.")
 
     def step(state: TrainState, batch: dict):
-        inputs, labels = _unpack(batch)
+        _unpack(batch)
         rng, step_rng = jax.random.split(state.rng)
         if axis_name is not None:
             step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+        if augment is not None:
+            aug_rng, step_rng = jax.random.split(step_rng)
+            batch = augment(aug_rng, batch)
+        inputs, labels = _unpack(batch)
         if teacher is not None:
             if state.teacher_variables is None:
                 raise ValueError("a teacher was given but state.teacher_variables is None; pass "
@@ -118,7 +127,8 @@ def make_train_step(
         compression_state = transform.update(
             params, state.compression_state, UpdateInfo(step=step_count, grads=grads)
         )
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        hard = labels if labels.ndim == logits.ndim - 1 else jnp.argmax(labels, -1)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard)}
         metrics = _pmean(metrics, axis_name)
         new_state = state._replace(
             step=step_count,
