@@ -16,3 +16,6 @@ from .mnist import Dataset as Dataset
 from .mnist import default_cache_dir as default_cache_dir
 from .mnist import load_dataset as load_dataset
 from .mnist import load_mnist as load_mnist
+from .cifar import CIFAR10_FILES as CIFAR10_FILES
+from .cifar import load_cifar10 as load_cifar10
+from .cifar import parse_cifar_batch as parse_cifar_batch
