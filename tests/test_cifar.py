@@ -43,5 +43,5 @@ def test_real_cifar10_if_built():
     ds = load_cifar10(folder, download=False)
     assert ds.train_images.shape == (50000, 32, 32, 3) and ds.test_images.shape == (10000, 32, 32, 3)
     assert np.bincount(ds.test_labels).tolist() == [1000] * 10
-    np.testing.assert_allclose(ds.train_images.mean((0, 1, 2)), 0.0, atol=2e-3)
-    np.testing.assert_allclose(ds.train_images.std((0, 1, 2)), 1.0, atol=2e-3)
+    np.testing.assert_allclose(ds.train_images.mean((0, 1, 2), dtype=np.float64), 0.0, atol=2e-3)
+    np.testing.assert_allclose(ds.train_images.std((0, 1, 2), dtype=np.float64), 1.0, atol=2e-3)
