@@ -105,9 +105,19 @@ def kd_loss(
         )
     t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
     s = student_logits.astype(jnp.float32) / temperature
+    # KL(p || q) = log sum_i p_i exp(-e_i), with d = t - s and e = d - E_p[d] centred, written with
+    # log1p/expm1: the difference of two log-softmaxes loses precision at high T, this does not.
+    # When some e_i is large (logits of magnitude 1e4), the plain log-sum-exp form is used instead;
+    # both branches are kept finite so the unused one cannot poison the gradient with NaN.
     log_p = jax.nn.log_softmax(t, axis=-1)
-    log_q = jax.nn.log_softmax(s, axis=-1)
-    soft = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1) * temperature**2
+    p = jnp.exp(log_p)
+    d = t - s
+    e = d - jnp.sum(p * d, axis=-1, keepdims=True)
+    moderate = jnp.all(jnp.abs(e) < 20.0, axis=-1)
+    x = jnp.sum(p * jnp.expm1(-jnp.clip(e, -20.0, 20.0)), axis=-1)
+    precise = jnp.log1p(jnp.maximum(x, -1.0 + 1e-6))
+    robust = jax.nn.logsumexp(log_p - e, axis=-1)
+    soft = jnp.where(moderate, precise, robust) * temperature**2
     loss = kd_weight * soft
     if ce_weight != 0:
         if labels is None:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxcompress.core.rules import Rules, is_none, select
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_fraction
-from jaxcompress.prune.masks import apply_masks, magnitude_mask
+from jaxcompress.prune.masks import apply_masks, mask_from_count, num_pruned
 from jaxcompress.prune.schedules import PolynomialSchedule, one_shot_schedule
 
 
@@ -85,7 +85,12 @@ def magnitude_pruning(
         def new_mask(t, m, w):
             if t is None:
                 return None
-            return magnitude_mask(jnp.abs(w) * m, schedule.sparsity(step, t))
+            n = w.size
+            # The final count is rounded in double precision (exactly torch's round(s * n)).
+            k = jnp.where(jnp.asarray(step) >= schedule.end_step, num_pruned(n, t),
+                          num_pruned(n, schedule.sparsity(step, t)))
+            # Pruned entries score below every kept one (even a kept exact zero): masks only shrink.
+            return mask_from_count(jnp.where(m, jnp.abs(w), -1.0), k)
 
         return jax.tree.map(new_mask, targets, masks, params, is_leaf=is_none)
 

@@ -10,13 +10,24 @@ from jaxcompress.core.rules import is_none
 from jaxcompress.core.validation import check_fraction, check_same_structure
 
 
-def num_pruned(size: int, sparsity) -> jax.Array:
+def num_pruned(size: int, sparsity):
     """How many of ``size`` weights a ``sparsity`` removes: ``round(sparsity * size)``.
 
-    Rounds half to even like :func:`round`, matching ``torch.nn.utils.prune``'s
-    ``round(amount * n)`` for a float amount.
+    For a Python number this is exactly Python's :func:`round` in double precision, matching
+    ``torch.nn.utils.prune``'s ``round(amount * n)``; a traced sparsity rounds in float32.
     """
+    if isinstance(sparsity, (int, float)):
+        return round(float(sparsity) * size)
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+def mask_from_count(scores: jax.Array, num_remove) -> jax.Array:
+    """A keep-mask removing exactly ``num_remove`` lowest-scoring entries (ties: earlier first)."""
+    flat = jnp.ravel(scores)
+    n = flat.size
+    order = jnp.argsort(flat, stable=True)
+    ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return (ranks >= num_remove).reshape(jnp.shape(scores))
 
 
 def magnitude_mask(scores: jax.Array, sparsity) -> jax.Array:
@@ -43,11 +54,7 @@ def magnitude_mask(scores: jax.Array, sparsity) -> jax.Array:
     """
     if isinstance(sparsity, (int, float)):
         check_fraction("sparsity", sparsity)
-    flat = jnp.ravel(scores)
-    n = flat.size
-    order = jnp.argsort(flat, stable=True)
-    ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return (ranks >= num_pruned(n, sparsity)).reshape(jnp.shape(scores))
+    return mask_from_count(scores, num_pruned(jnp.size(scores), sparsity))
 
 
 def apply_masks(params: Any, masks: Any) -> Any:

@@ -123,4 +123,5 @@ def fake_quant_symmetric(
         inside = (jnp.abs(jnp.round(x / s)) <= qmax(bits)).astype(x.dtype)
     # Straight-through: forward value dq, gradient 1 inside the range and 0 where it clipped.
     x_ste = x * inside + jax.lax.stop_gradient(x * (1 - inside))
-    return x_ste + jax.lax.stop_gradient(dq - x_ste)
+    # Written so the forward value is exactly dq (x + (dq - x) would round in float32).
+    return jax.lax.stop_gradient(dq) + (x_ste - jax.lax.stop_gradient(x_ste))

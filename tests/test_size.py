@@ -1,0 +1,110 @@
+"""Stored-size accounting: size_report and leaf_bits, counted by hand."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.core import chain
+from jaxcompress.export import SizeReport, leaf_bits, size_report
+from jaxcompress.prune import fixed_masks
+from jaxcompress.quant import bit_widths, weight_quantization
+
+
+def _sparse(shape, nnz, values=None, seed=0):
+    """An array of ``shape`` with exactly ``nnz`` non-zeros at random positions."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    flat = np.zeros(n, np.float32)
+    pos = rng.choice(n, size=nnz, replace=False)
+    flat[pos] = values if values is not None else rng.uniform(0.5, 2.0, size=nnz) * rng.choice([-1, 1], size=nnz)
+    return flat.reshape(shape)
+
+
+def _tree():
+    dense = np.arange(1, 13, dtype=np.float32).reshape(3, 4)  # 12 non-zero float32
+    pruned = _sparse((4, 8), 8, seed=1)  # 32 entries, 8 non-zero, float32
+    # 4-bit levels (integers in [-7, 7] times a per-channel scale), 8 non-zero of 32
+    qpruned = _sparse((8, 4), 8, values=np.array([1, -7, 3, 7, -2, 5, -1, 6], np.float32), seed=2)
+    qpruned = qpruned * np.array([0.5, 0.25, 1.0, 2.0], np.float32)
+    bias = np.array([0.1, -0.2, 0.3, 0.4], np.float32)
+    view = {"a_dense": dense, "b_pruned": pruned, "c_qpruned": qpruned, "d_bias": bias}
+    bits = {"a_dense": None, "b_pruned": None, "c_qpruned": 4, "d_bias": None}
+    masks = {"a_dense": None, "b_pruned": pruned != 0, "c_qpruned": qpruned != 0, "d_bias": None}
+    return view, bits, masks
+
+
+def test_size_report_golden_hand_counted():
+    view, bits, masks = _tree()
+    assert int(np.count_nonzero(view["c_qpruned"])) == 8
+    # a_dense : 12 * 32                                   = 384
+    # b_pruned: n=32, nnz=8, float32:
+    #           dense 32*32 = 1024, bitmask 32 + 8*32 = 288, indices 8*(5 + 32) = 296  -> 288
+    # c_qpruned: n=32, nnz=8, 4 bits:
+    #           dense 32*4 = 128, bitmask 32 + 8*4 = 64, indices 8*(5 + 4) = 72      -> 64
+    #           + 4 per-channel float32 scales = 128                                  -> 192
+    # d_bias  : 4 * 32                                    = 128
+    # total   : 384 + 288 + 192 + 128 = 992 bits = 124 bytes
+    rep = size_report(view, bits=bits, masks=masks)
+    assert rep == SizeReport(params=80, nonzero_params=32, bytes_float32=320, bytes_compressed=124)
+    # one scale per tensor: c_qpruned costs 64 + 32 = 96 -> 896 bits = 112 bytes
+    assert size_report(view, bits=bits, masks=masks, per_channel=False).bytes_compressed == 112
+    # without masks every leaf is dense: 384 + 1024 + (128 + 128) + 128 = 1792 bits = 224 bytes
+    assert size_report(view, bits=bits).bytes_compressed == 224
+    # nothing compressed: plain float32
+    assert size_report(view) == SizeReport(80, 32, 320, 320)
+
+
+def test_size_report_rounds_bits_up_to_bytes():
+    # 3 values at 3 bits = 9 bits + 3 per-channel scales (96) = 105 bits -> 14 bytes
+    rep = size_report({"k": np.array([[1.0, -3.0, 2.0]], np.float32)}, bits={"k": 3})
+    assert rep == SizeReport(3, 3, 12, 14)
+    # per tensor: 9 + 32 = 41 bits -> 6 bytes
+    assert size_report({"k": np.array([[1.0, -3.0, 2.0]], np.float32)}, bits={"k": 3}, per_channel=False).bytes_compressed == 6
+
+
+def test_size_report_with_real_transforms():
+    rng = np.random.default_rng(3)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+                          "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32)}}
+    keep = np.ones((16, 8), bool)
+    keep[:, :6] = False  # 96 of 128 pruned, 32 kept
+    masks = {"Dense_0": {"kernel": jnp.asarray(keep), "bias": None}}
+    t = chain(fixed_masks(masks), weight_quantization(8))
+    view = t.apply(params, t.init(params))
+    widths = bit_widths(params, None, 8)
+    rep = size_report(view, bits=widths, masks=masks)
+    nnz = int(np.count_nonzero(np.asarray(view["Dense_0"]["kernel"])))
+    assert nnz == 32  # max-abs 8-bit keeps every kept weight non-zero here
+    # kernel: dense 128*8 = 1024, bitmask 128 + 32*8 = 384, indices 32*(7 + 8) = 480 -> 384
+    #         + 8 scales * 32 = 256 -> 640; bias: 8 * 32 = 256; total 896 bits = 112 bytes
+    assert rep == SizeReport(params=136, nonzero_params=40, bytes_float32=544, bytes_compressed=112)
+
+
+def test_size_report_leaf_count_mismatch():
+    view, bits, masks = _tree()
+    with pytest.raises(ValueError, match=r"one entry per leaf of view \(4\), got 3 and 4"):
+        size_report(view, bits={"a": None, "b": 4, "c": None}, masks=masks)
+
+
+def test_leaf_bits_picks_cheapest_encoding():
+    # index list wins: n=1024 (10-bit indices), nnz=3, 8 bits:
+    # dense 8192, bitmask 1024 + 24 = 1048, indices 3 * (10 + 8) = 54
+    x = _sparse((32, 32), 3, seed=4)
+    assert leaf_bits(x, bits=8, sparse=True, num_scales=0) == 54
+    assert leaf_bits(x, bits=8, sparse=True, num_scales=32) == 54 + 32 * 32
+    # bitmask wins: n=32, nnz=8, float32: dense 1024, bitmask 288, indices 296
+    y = _sparse((4, 8), 8, seed=5)
+    assert leaf_bits(y, bits=None, sparse=True, num_scales=0) == 288
+    # dense wins: n=16 all non-zero at 8 bits: dense 128, bitmask 144, indices 16 * (4 + 8) = 192
+    z = np.arange(1, 17, dtype=np.float32).reshape(4, 4)
+    assert leaf_bits(z, bits=8, sparse=True, num_scales=4) == 128 + 128
+    # sparse=False: always dense, however many zeros
+    assert leaf_bits(x, bits=8, sparse=False, num_scales=0) == 8192
+    assert leaf_bits(y, bits=None, sparse=False, num_scales=0) == 1024
+    # n = 5 -> 3-bit indices: nnz=1 at 2 bits: dense 10, bitmask 5 + 2 = 7, indices 1*(3+2) = 5
+    assert leaf_bits(np.array([0, 0, 0, 1.0, 0]), bits=2, sparse=True, num_scales=0) == 5
+    # nnz=2: dense 10, bitmask 9, indices 10 -> 9
+    assert leaf_bits(np.array([0, 2.0, 0, 1.0, 0]), bits=2, sparse=True, num_scales=0) == 9
+    # n = 1: a 1-bit index at least; all-zero leaf costs nothing beyond its scales
+    assert leaf_bits(np.array([2.0]), bits=None, sparse=True, num_scales=0) == 32
+    assert leaf_bits(np.array([0.0]), bits=None, sparse=True, num_scales=1) == 32
+    assert leaf_bits(np.zeros((0, 3)), bits=4, sparse=True, num_scales=3) == 96
