@@ -1,4 +1,4 @@
-"""Quantization: fake quantization with straight-through gradients, and QAT transforms."""
+"""Quantization: fake quantization with straight-through gradients, QAT and PTQ for weights and activations."""
 from jaxcompress.quant.fake_quant import fake_quant_symmetric as fake_quant_symmetric
 from jaxcompress.quant.fake_quant import qmax as qmax
 from jaxcompress.quant.fake_quant import quantize_symmetric as quantize_symmetric
@@ -6,3 +6,27 @@ from jaxcompress.quant.fake_quant import symmetric_scale as symmetric_scale
 from jaxcompress.quant.weights import QuantState as QuantState
 from jaxcompress.quant.weights import bit_widths as bit_widths
 from jaxcompress.quant.weights import weight_quantization as weight_quantization
+from jaxcompress.quant.activations import COLLECTION as COLLECTION
+from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
+from jaxcompress.quant.activations import quantize_activations as quantize_activations
+from jaxcompress.quant.affine import affine_qparams as affine_qparams
+from jaxcompress.quant.affine import check_finite as check_finite
+from jaxcompress.quant.affine import fake_quant as fake_quant
+from jaxcompress.quant.affine import fake_quant_affine as fake_quant_affine
+from jaxcompress.quant.affine import quant_range as quant_range
+from jaxcompress.quant.lowbit import binary as binary
+from jaxcompress.quant.lowbit import lsq_fake_quant as lsq_fake_quant
+from jaxcompress.quant.lowbit import lsq_init_step as lsq_init_step
+from jaxcompress.quant.lowbit import pact as pact
+from jaxcompress.quant.lowbit import ternary as ternary
+from jaxcompress.quant.nnx import nnx_apply_fn as nnx_apply_fn
+from jaxcompress.quant.nnx import quantize_nnx_activations as quantize_nnx_activations
+from jaxcompress.quant.observers import Observer as Observer
+from jaxcompress.quant.observers import minmax as minmax
+from jaxcompress.quant.observers import moving_average_minmax as moving_average_minmax
+from jaxcompress.quant.observers import mse as mse
+from jaxcompress.quant.observers import percentile as percentile
+from jaxcompress.quant.qat import quantize_weights as quantize_weights
+from jaxcompress.quant.sharing import SharingState as SharingState
+from jaxcompress.quant.sharing import kmeans_1d as kmeans_1d
+from jaxcompress.quant.sharing import weight_sharing as weight_sharing

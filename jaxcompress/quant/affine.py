@@ -1,0 +1,269 @@
+"""Affine and symmetric fake quantization, per tensor, per channel or per group, 2..8 bits.
+
+The arithmetic is PyTorch's (``torch.fake_quantize_per_tensor_affine`` and
+``torch.fake_quantize_per_channel_affine``), step for step in float32, so outputs agree bit for
+bit::
+
+    q   = round_half_even(x * (1 / scale)) + zero_point
+    out = (clip(q, quant_min, quant_max) - zero_point) * scale
+
+Gradients are straight-through. ``ste='clipped'`` passes the gradient where
+``quant_min <= q <= quant_max`` (before clipping, PyTorch's rule, boundaries included) and zero
+elsewhere; ``ste='identity'`` passes it everywhere. No gradient reaches ``scale`` or
+``zero_point`` here (learned steps are :func:`~jaxcompress.quant.lsq.lsq_fake_quant`).
+
+Safe behaviour: scales are clamped to ``>= 1e-8`` (PyTorch observers' ``eps`` is 2^-23 times
+the range), so an all-zero or constant tensor quantizes without NaN. Non-finite inputs are not
+checked inside jit (that would cost a host round-trip); a NaN in ``x`` stays NaN in the output
+and ``+-inf`` clip to the grid ends. Use :func:`check_finite` outside jit to fail early.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.core.validation import check_bits, check_int
+
+_EPS = 1e-8
+_STE = ("clipped", "identity")
+
+
+def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
+    """The integer range ``(quant_min, quant_max)`` of a ``bits``-bit grid.
+
+    Args:
+      bits: bit width in ``2..8``.
+      signed: ``[-2^(b-1), 2^(b-1) - 1]`` (int8-like) instead of ``[0, 2^b - 1]`` (uint8-like).
+      narrow: drop the lowest level so a signed grid is symmetric (``[-127, 127]`` for 8 bits) or
+        an unsigned one starts at 1.
+
+    Example:
+      >>> quant_range(8), quant_range(8, narrow=True), quant_range(4, signed=False)
+      ((-128, 127), (-127, 127), (0, 15))
+    """
+    bits = check_bits("bits", bits, low=2)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    return (lo + 1 if narrow else lo), hi
+
+
+def _check_ste(ste: str) -> str:
+    if ste not in _STE:
+        raise ValueError(f"ste must be one of {_STE}, got {ste!r}.")
+    return ste
+
+
+def check_axis(name: str, axis: Optional[int], ndim: int) -> Optional[int]:
+    """Normalises ``axis`` for an array of ``ndim`` dimensions (``None`` passes through).
+
+    Raises:
+      ValueError: when the axis does not exist, naming the valid range.
+    """
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{name} must be an int or None, got {type(axis).__name__}: {axis!r}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{name}={axis} does not exist for an array with {ndim} dimensions; use an axis in "
+            f"[{-ndim}, {ndim - 1}] or None for one scale per tensor."
+        )
+    return int(axis) % ndim
+
+
+def check_finite(name: str, x) -> None:
+    """Raises ``ValueError`` when ``x`` holds NaN or Inf (call outside jit: it reads the values)."""
+    arr = np.asarray(x)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite values (NaN/Inf) of {arr.size}; quantization "
+            "needs finite values. Check the weights (diverged training?) before quantizing."
+        )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fq(x, scale, zero_point, quant_min, quant_max, clipped):
+    out, _ = _fq_fwd(x, scale, zero_point, quant_min, quant_max, clipped)
+    return out
+
+
+def _fq_fwd(x, scale, zero_point, quant_min, quant_max, clipped):
+    s = scale.astype(jnp.float32)
+    inv = 1.0 / s
+    q = jnp.round(x.astype(jnp.float32) * inv) + zero_point.astype(jnp.float32)
+    out = ((jnp.clip(q, quant_min, quant_max) - zero_point) * s).astype(x.dtype)
+    mask = (q >= quant_min) & (q <= quant_max) if clipped else None
+    return out, (mask, scale, zero_point)
+
+
+def _fq_bwd(quant_min, quant_max, clipped, res, g):
+    mask, scale, zero_point = res
+    gx = jnp.where(mask, g, jnp.zeros_like(g)) if clipped else g
+    return gx, jnp.zeros_like(scale), jnp.zeros_like(zero_point)
+
+
+_fq.defvjp(_fq_fwd, _fq_bwd)
+
+
+def fake_quant_affine(
+    x: jax.Array,
+    scale,
+    zero_point,
+    quant_min: int,
+    quant_max: int,
+    *,
+    axis: Optional[int] = None,
+    ste: str = "clipped",
+) -> jax.Array:
+    """Quantize-dequantize with given scale and zero point (PyTorch's fake-quant arithmetic).
+
+    Args:
+      x: float array.
+      scale: a scalar, or one value per slice along ``axis``, or an array broadcastable to ``x``.
+      zero_point: integer-valued, shaped like ``scale``.
+      quant_min, quant_max: the integer range, e.g. from :func:`quant_range`.
+      axis: the channel axis when ``scale`` is a 1-D per-channel vector (as in
+        ``torch.fake_quantize_per_channel_affine``); ``None`` when it already broadcasts.
+      ste: ``'clipped'`` (zero gradient where ``q`` leaves the range) or ``'identity'``.
+
+    Returns:
+      An array like ``x`` on the grid ``(k - zero_point) * scale``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fake_quant_affine(jnp.array([-1.0, 0.26, 3.0]), 0.5, 1, 0, 3).tolist()
+      [-0.5, 0.5, 1.0]
+    """
+    _check_ste(ste)
+    x = jnp.asarray(x)
+    if not int(quant_min) < int(quant_max):
+        raise ValueError(f"quant_min={quant_min} must be < quant_max={quant_max}.")
+    scale = jnp.maximum(jnp.asarray(scale, jnp.float32), _EPS)
+    zero_point = jnp.asarray(zero_point, jnp.float32)
+    ax = check_axis("axis", axis, x.ndim)
+    if ax is not None:
+        shape = [1] * x.ndim
+        shape[ax] = x.shape[ax]
+        if scale.size != x.shape[ax]:
+            raise ValueError(
+                f"scale has {scale.size} values but axis {axis} of x has {x.shape[ax]} channels."
+            )
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return _fq(x, scale, zero_point, int(quant_min), int(quant_max), ste == "clipped")
+
+
+def affine_qparams(
+    x_min,
+    x_max,
+    bits: int,
+    *,
+    symmetric: bool = False,
+    narrow: bool = False,
+    signed: Optional[bool] = None,
+) -> tuple[jax.Array, jax.Array, int, int]:
+    """Scale and zero point that map ``[x_min, x_max]`` onto a ``bits``-bit grid.
+
+    As PyTorch's observers: the range is first widened to include 0 (so 0 is exact).
+    Symmetric: ``scale = max(|min|, |max|) / ((quant_max - quant_min) / 2)``, zero point 0 (signed)
+    or the grid middle (unsigned). Affine: ``scale = (max - min) / (quant_max - quant_min)`` and
+    ``zero_point = quant_min - round(min / scale)`` clipped into the range.
+
+    Args:
+      x_min, x_max: range arrays (any matching shape: one per tensor, channel or group).
+      bits: ``2..8``.
+      symmetric: symmetric scheme (zero point fixed) instead of affine.
+      narrow: narrow range (see :func:`quant_range`).
+      signed: signed grid; default ``symmetric`` (affine uses ``[0, 2^b - 1]``, like quint8).
+
+    Returns:
+      ``(scale, zero_point, quant_min, quant_max)``, scale clamped to ``>= 1e-8``.
+
+    Example:
+      >>> s, z, lo, hi = affine_qparams(-1.0, 3.0, 2)
+      >>> float(s), float(z), lo, hi
+      (1.3333333730697632, 1.0, 0, 3)
+    """
+    signed = symmetric if signed is None else bool(signed)
+    qmin, qmax = quant_range(bits, signed=signed, narrow=narrow)
+    lo = jnp.minimum(jnp.asarray(x_min, jnp.float32), 0.0)
+    hi = jnp.maximum(jnp.asarray(x_max, jnp.float32), 0.0)
+    if symmetric:
+        scale = jnp.maximum(jnp.maximum(-lo, hi) / ((qmax - qmin) / 2.0), _EPS)
+        zp = jnp.full_like(scale, 0.0 if signed else float((qmin + qmax + 1) // 2))
+    else:
+        scale = jnp.maximum((hi - lo) / float(qmax - qmin), _EPS)
+        zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+    return scale, zp, qmin, qmax
+
+
+def _reduce_axes(x: jax.Array, channel_axis, group_size, group_axis):
+    """Reshapes ``x`` so one min/max per channel/group is a reduction over ``axes``."""
+    if group_size is None:
+        ax = check_axis("channel_axis", channel_axis, x.ndim)
+        axes = None if ax is None else tuple(i for i in range(x.ndim) if i != ax)
+        return x, axes, None
+    group_size = check_int("group_size", group_size, minimum=1)
+    gax = check_axis("group_axis", group_axis, x.ndim)
+    n = x.shape[gax]
+    if n % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide axis {group_axis} of length {n}; choose a "
+            f"divisor of {n}."
+        )
+    shape = x.shape[:gax] + (n // group_size, group_size) + x.shape[gax + 1 :]
+    return x.reshape(shape), (gax + 1,), x.shape
+
+
+def fake_quant(
+    x: jax.Array,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    narrow: bool = True,
+    channel_axis: Optional[int] = None,
+    group_size: Optional[int] = None,
+    group_axis: int = -2,
+    ste: str = "clipped",
+) -> jax.Array:
+    """Fake quantization with the range taken from ``x`` itself (min/max, no gradient to it).
+
+    Args:
+      x: float array (weights, or activations with a dynamic per-batch range).
+      bits: ``2..8``.
+      symmetric: symmetric (zero point 0) or affine (min/max mapped onto ``[0, 2^b - 1]``).
+      narrow: narrow signed range for the symmetric scheme (``[-127, 127]``; zeros stay zero and
+        the grid is symmetric, the convention for weights).
+      channel_axis: ``None`` per tensor, else one range per slice along this axis.
+      group_size: one range per group of this many consecutive elements along ``group_axis``
+        (the contraction dimension: ``-2`` is the input axis of Dense ``(in, out)`` and Conv
+        ``(h, w, in, out)`` kernels), separately for every other index. Overrides ``channel_axis``.
+      group_axis: see ``group_size``.
+      ste: ``'clipped'`` or ``'identity'`` straight-through estimator.
+
+    Returns:
+      An array like ``x`` with at most ``2^bits`` distinct values per channel/group.
+
+    Raises:
+      TypeError / ValueError: bits outside ``2..8``, a missing axis, a group size that does not
+        divide the axis.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fake_quant(jnp.array([[0.1, -1.0], [0.5, 2.0]]), 2, channel_axis=-1).tolist()
+      [[0.0, 0.0], [0.5, 2.0]]
+    """
+    bits = check_bits("bits", bits, low=2)
+    x = jnp.asarray(x)
+    xr, axes, orig_shape = _reduce_axes(x, channel_axis, group_size, group_axis)
+    xs = jax.lax.stop_gradient(xr)
+    x_min = jnp.min(xs, axis=axes, keepdims=True)
+    x_max = jnp.max(xs, axis=axes, keepdims=True)
+    scale, zp, qmin, qmax = affine_qparams(
+        x_min, x_max, bits, symmetric=symmetric, narrow=narrow and symmetric
+    )
+    out = fake_quant_affine(xr, scale, zp, qmin, qmax, ste=ste)
+    return out if orig_shape is None else out.reshape(orig_shape)

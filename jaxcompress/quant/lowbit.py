@@ -1,0 +1,173 @@
+"""Binary and ternary weights, learned step size (LSQ) and PACT activation clipping.
+
+- :func:`binary`: ``sign(w) * mean|w|`` per output channel (XNOR-Net, Rastegari et al. 2016; the
+  scale is the L2-optimal one for a sign code; BinaryConnect, Courbariaux et al. 2015, is the
+  unscaled special case). ``sign(0) = +1``.
+- :func:`ternary`: Ternary Weight Networks (Li et al. 2016): threshold ``0.7 * mean|w|``, scale the
+  mean ``|w|`` above the threshold, per output channel.
+- :func:`lsq_fake_quant`: Learned Step Size Quantization (Esser et al. 2019): the step ``s`` is a
+  trained parameter, initialised at ``2 mean|w| / sqrt(Qp)`` (:func:`lsq_init_step`) and its gradient
+  scaled by ``1 / sqrt(N * Qp)``.
+- :func:`pact`: PACT (Choi et al. 2018): ``clip(x, 0, alpha)`` with a trained ``alpha``, then an
+  unsigned ``bits``-bit grid on ``[0, alpha]``.
+
+Binary and ternary use the identity straight-through estimator (gradient 1 everywhere), as the
+papers do for the latent weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.validation import check_bits, check_positive
+from jaxcompress.quant.affine import check_axis
+
+_EPS = 1e-8
+
+
+def _ste(x, q):
+    """Forward value ``q`` exactly, gradient of the identity to ``x``."""
+    return jax.lax.stop_gradient(q) + (x - jax.lax.stop_gradient(x))
+
+
+def _channel_mean(v, channel_axis, ndim):
+    ax = check_axis("channel_axis", channel_axis, ndim)
+    axes = None if ax is None else tuple(i for i in range(ndim) if i != ax)
+    return axes, (lambda a: jnp.mean(a, axis=axes, keepdims=True)), ax
+
+
+def binary(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
+    """``sign(w) * mean|w|`` per channel (XNOR-Net) with a straight-through gradient.
+
+    Args:
+      w: float weights.
+      channel_axis: axis with its own scale (``-1``: output channel of Dense/Conv); ``None`` for one.
+
+    Returns:
+      An array like ``w`` with two values per channel, ``+-alpha``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> binary(jnp.array([[0.5, -2.0], [-1.5, 1.0]])).tolist()
+      [[1.0, -1.5], [-1.0, 1.5]]
+    """
+    w = jnp.asarray(w)
+    _, mean, _ = _channel_mean(w, channel_axis, w.ndim)
+    ws = jax.lax.stop_gradient(w)
+    alpha = jnp.maximum(mean(jnp.abs(ws)), _EPS)
+    return _ste(w, jnp.where(ws >= 0, alpha, -alpha).astype(w.dtype))
+
+
+def ternary(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: float = 0.7) -> jax.Array:
+    """Ternary Weight Networks: ``alpha * sign(w)`` where ``|w| > threshold * mean|w|``, else 0.
+
+    Args:
+      w: float weights.
+      channel_axis: axis with its own threshold and scale; ``None`` for one per tensor.
+      threshold: the factor of ``mean|w|`` below which weights become 0 (TWN's 0.7).
+
+    Returns:
+      An array like ``w`` with values in ``{-alpha, 0, +alpha}`` per channel, where ``alpha`` is the
+      mean ``|w|`` above the threshold (0 when no weight passes it).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> ternary(jnp.array([0.1, -1.0, 2.0, 0.3]), channel_axis=None).tolist()
+      [0.0, -1.5, 1.5, 0.0]
+    """
+    threshold = check_positive("threshold", threshold)
+    w = jnp.asarray(w)
+    axes, mean, _ = _channel_mean(w, channel_axis, w.ndim)
+    a = jnp.abs(jax.lax.stop_gradient(w))
+    delta = threshold * mean(a)
+    keep = a > delta
+    n_keep = jnp.sum(keep, axis=axes, keepdims=True)
+    alpha = jnp.sum(jnp.where(keep, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(n_keep, 1)
+    q = jnp.where(keep, jnp.sign(jax.lax.stop_gradient(w)) * alpha, 0.0).astype(w.dtype)
+    return _ste(w, q)
+
+
+def _lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
+    bits = check_bits("bits", bits, low=2)
+    return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def lsq_init_step(x: jax.Array, bits: int, *, signed: bool = True) -> jax.Array:
+    """LSQ's initial step: ``2 * mean|x| / sqrt(Qp)`` (a float32 scalar, ``>= 1e-8``)."""
+    _, qp = _lsq_levels(bits, signed)
+    return jnp.maximum(2.0 * jnp.mean(jnp.abs(jnp.asarray(x, jnp.float32))) / jnp.sqrt(qp), _EPS)
+
+
+def _scale_grad(v, g):
+    """Forward ``v``, gradient multiplied by ``g`` (LSQ's ``gradscale``)."""
+    return jax.lax.stop_gradient(v - v * g) + v * g
+
+
+def lsq_fake_quant(
+    x: jax.Array,
+    step: jax.Array,
+    bits: int,
+    *,
+    signed: bool = True,
+    grad_scale: Optional[float] = None,
+) -> jax.Array:
+    """LSQ quantizer ``round(clip(x / s, -Qn, Qp)) * s`` with a learned step ``s``.
+
+    Gradients (Esser et al. 2019, eq. 3 and section 2.2): to ``x``, 1 inside ``[-Qn s, Qp s]`` and
+    0 outside; to ``s``, ``(-x/s + round(x/s))`` inside, ``-Qn`` below and ``Qp`` above, summed over
+    elements and multiplied by ``grad_scale``.
+
+    Args:
+      x: float array.
+      step: the step size ``s`` (a scalar, or broadcastable per channel), a trained parameter.
+      bits: ``2..8``.
+      signed: ``Qn = 2^(b-1), Qp = 2^(b-1) - 1`` (weights) or ``Qn = 0, Qp = 2^b - 1``
+        (activations after ReLU).
+      grad_scale: the step's gradient factor; default ``1 / sqrt(x.size * Qp)`` (weights; for
+        activations pass ``1 / sqrt(features * Qp)``).
+
+    Returns:
+      An array like ``x`` on the grid ``k * s``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lsq_fake_quant(jnp.array([0.26, -3.0, 0.9]), jnp.float32(0.5), 2).tolist()
+      [0.5, -1.0, 0.5]
+    """
+    qn, qp = _lsq_levels(bits, signed)
+    x = jnp.asarray(x)
+    g = 1.0 / jnp.sqrt(x.size * qp) if grad_scale is None else grad_scale
+    s = _scale_grad(jnp.asarray(step, x.dtype), g)
+    v = jnp.clip(x / s, -qn, qp)
+    return _ste(v, jnp.round(v)) * s
+
+
+def pact(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
+    """PACT: ``clip(x, 0, alpha)`` quantized to ``2^bits`` levels on ``[0, alpha]``.
+
+    Gradients: to ``x``, 1 on ``[0, alpha]`` (straight through the rounding) and 0 outside; to
+    ``alpha``, 1 where ``x >= alpha`` and 0 elsewhere (the paper's eq. 3 with the STE).
+
+    Args:
+      x: activations.
+      alpha: the learned clipping level (scalar, ``> 0``).
+      bits: ``2..8``.
+
+    Returns:
+      An array like ``x`` on the grid ``k * alpha / (2^bits - 1)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> pact(jnp.array([-1.0, 0.4, 5.0]), jnp.float32(3.0), 2).tolist()
+      [0.0, 0.0, 3.0]
+    """
+    bits = check_bits("bits", bits, low=2)
+    x = jnp.asarray(x)
+    alpha = jnp.asarray(alpha, x.dtype)
+    levels = 2**bits - 1
+    # clip(x, 0, alpha) written so d/d alpha is 1 above alpha (jnp.clip's gradient is ambiguous there).
+    y = jnp.where(x >= alpha, alpha, jnp.maximum(x, 0.0))
+    step = jax.lax.stop_gradient(alpha) / levels
+    return _ste(y, jnp.round(y / step) * step)
