@@ -168,6 +168,6 @@ def pact(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
     alpha = jnp.asarray(alpha, x.dtype)
     levels = 2**bits - 1
     # clip(x, 0, alpha) written so d/d alpha is 1 above alpha (jnp.clip's gradient is ambiguous there).
-    y = jnp.where(x >= alpha, alpha, jnp.maximum(x, 0.0))
+    y = jnp.where(x >= alpha, alpha, jnp.where(x >= 0, x, jnp.zeros_like(x)))
     step = jax.lax.stop_gradient(alpha) / levels
     return _ste(y, jnp.round(y / step) * step)

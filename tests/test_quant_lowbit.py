@@ -1,0 +1,95 @@
+"""Binary, ternary, LSQ and PACT against float64 NumPy derivations of the papers' formulas."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxcompress.quant import binary, lsq_fake_quant, lsq_init_step, pact, quantize_weights, ternary
+
+
+def test_binary_is_sign_times_channel_mean():
+    w = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    w[0, 0] = 0.0
+    alpha = np.abs(w.astype(np.float64)).mean(axis=0)
+    want = np.where(w >= 0, 1.0, -1.0) * alpha
+    np.testing.assert_allclose(np.asarray(binary(w)), want, rtol=1e-6)
+    g = jax.grad(lambda a: (binary(a) * 3.0).sum())(jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(g), np.full(w.shape, 3.0))
+
+
+def test_ternary_follows_twn():
+    w = np.random.default_rng(1).normal(size=(30, 3)).astype(np.float32)
+    got = np.asarray(ternary(w))
+    for c in range(3):
+        a = np.abs(w[:, c].astype(np.float64))
+        delta = 0.7 * a.mean()
+        keep = a > delta
+        alpha = a[keep].mean()
+        np.testing.assert_allclose(got[:, c], np.where(keep, np.sign(w[:, c]) * alpha, 0.0), rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(1e-4, 1e4), kind=st.sampled_from(["binary", "ternary"]))
+def test_binary_ternary_value_counts(seed, scale, kind):
+    w = (np.random.default_rng(seed).normal(size=(9, 4)) * scale).astype(np.float32)
+    q = np.asarray((binary if kind == "binary" else ternary)(w))
+    for col in q.T:
+        assert len(np.unique(col)) <= (2 if kind == "binary" else 3)
+
+
+def _lsq_reference(x, s, qn, qp, up, g):
+    """Esser et al. (2019) eq. 3: d xhat / d s and d xhat / d x, in float64."""
+    x = x.astype(np.float64)
+    v = x / s
+    below, above = v <= -qn, v >= qp
+    inside = ~(below | above)
+    out = np.clip(np.round(v), -qn, qp) * s
+    ds = np.where(inside, -v + np.round(v), np.where(below, -qn, qp))
+    dx = inside.astype(np.float64)
+    return out, (up * ds).sum() * g, up * dx
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_lsq_gradients_equal_paper_formulas(bits, signed):
+    rng = np.random.default_rng(bits)
+    x = rng.normal(size=(64, 10)).astype(np.float32)
+    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    s0 = float(lsq_init_step(x, bits, signed=signed))
+    np.testing.assert_allclose(s0, 2 * np.abs(x.astype(np.float64)).mean() / np.sqrt(qp), rtol=1e-6)
+    s = np.float32(s0 * {2: 0.8, 3: 0.8, 4: 0.2, 8: 0.05}[bits])  # some values clip
+    up = rng.normal(size=x.shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda a, b: lsq_fake_quant(a, b, bits, signed=signed), jnp.asarray(x), jnp.float32(s))
+    gx, gs = vjp(jnp.asarray(up))
+    g = 1.0 / np.sqrt(x.size * qp)
+    want_out, want_gs, want_gx = _lsq_reference(x, np.float64(s), qn, qp, up, g)
+    np.testing.assert_allclose(np.asarray(out), want_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx), want_gx, atol=1e-6)
+    np.testing.assert_allclose(float(gs), want_gs, rtol=1e-4)
+    assert 0 < (np.asarray(gx) == 0).sum() < x.size
+
+
+def test_pact_values_and_gradients():
+    x = np.linspace(-2, 6, 81).astype(np.float32)
+    alpha, bits = np.float32(4.0), 3
+    out, vjp = jax.vjp(lambda a, b: pact(a, b, bits), jnp.asarray(x), jnp.float32(alpha))
+    gx, ga = vjp(jnp.ones_like(jnp.asarray(x)))
+    y = np.clip(x.astype(np.float64), 0, alpha)
+    step = alpha / 7
+    np.testing.assert_allclose(np.asarray(out), np.round(y / step) * step, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(gx), ((x >= 0) & (x < alpha)).astype(np.float32))
+    assert float(ga) == float((x >= alpha).sum())
+
+
+def test_quantize_weights_mixed_kinds_by_rule():
+    rng = np.random.default_rng(3)
+    p = {n: {"kernel": jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)} for n in ("conv1", "mid", "tern", "head")}
+    t = quantize_weights(4, rules=[("conv1|head", 8), ("tern", "ternary"), ("mid", 1), (".*", True)])
+    v = t.apply(p, t.init(p))
+    per_col = lambda a: max(len(np.unique(c)) for c in np.asarray(a).T)  # noqa: E731
+    assert per_col(v["mid"]["kernel"]) == 2
+    assert per_col(v["tern"]["kernel"]) == 3
+    assert 15 < per_col(v["conv1"]["kernel"]) <= 255
+    np.testing.assert_allclose(np.asarray(v["mid"]["kernel"]), np.asarray(binary(p["mid"]["kernel"])))
