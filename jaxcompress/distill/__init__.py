@@ -1,3 +1,30 @@
-"""Distillation losses."""
+"""Distillation losses, feature capture, teachers and function matching."""
 from jaxcompress.distill.losses import cross_entropy as cross_entropy
 from jaxcompress.distill.losses import kd_loss as kd_loss
+from jaxcompress.distill.matching import Augment as Augment
+from jaxcompress.distill.matching import compose as compose
+from jaxcompress.distill.matching import input_dropout as input_dropout
+from jaxcompress.distill.matching import mixup as mixup
+from jaxcompress.distill.matching import random_shift as random_shift
+from jaxcompress.distill.logit_losses import dkd_loss as dkd_loss
+from jaxcompress.distill.logit_losses import hard_label_kd_loss as hard_label_kd_loss
+from jaxcompress.distill.feature_losses import apply_regressor as apply_regressor
+from jaxcompress.distill.feature_losses import attention_map as attention_map
+from jaxcompress.distill.feature_losses import attention_transfer_loss as attention_transfer_loss
+from jaxcompress.distill.feature_losses import hint_loss as hint_loss
+from jaxcompress.distill.feature_losses import init_regressor as init_regressor
+from jaxcompress.distill.feature_losses import rkd_angle_loss as rkd_angle_loss
+from jaxcompress.distill.feature_losses import rkd_distance_loss as rkd_distance_loss
+from jaxcompress.distill.capture import FeatureTerm as FeatureTerm
+from jaxcompress.distill.capture import Outputs as Outputs
+from jaxcompress.distill.capture import capture_apply_fn as capture_apply_fn
+from jaxcompress.distill.capture import distill_loss as distill_loss
+from jaxcompress.distill.capture import logits_of as logits_of
+from jaxcompress.distill.capture import with_regressors as with_regressors
+from jaxcompress.distill.teachers import TeacherLogitCache as TeacherLogitCache
+from jaxcompress.distill.teachers import batches_with_teacher_logits as batches_with_teacher_logits
+from jaxcompress.distill.teachers import cache_teacher_logits as cache_teacher_logits
+from jaxcompress.distill.teachers import frozen_apply_fn as frozen_apply_fn
+from jaxcompress.distill.teachers import multi_teacher_apply_fn as multi_teacher_apply_fn
+from jaxcompress.distill.teachers import stack_teacher_variables as stack_teacher_variables
+from jaxcompress.distill.teachers import sum_over_teachers as sum_over_teachers

@@ -1,0 +1,164 @@
+"""Logit distillation beyond Hinton KD: hard-label KD and decoupled KD (DKD), per example."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.core.validation import check_fraction, check_positive
+from jaxcompress.distill.losses import _check_labels, _check_logits, cross_entropy
+
+
+def check_weight(name: str, value) -> float:
+    """Checks that a loss weight is a real number ``>= 0`` and returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}: {value!r}.")
+    if not float(value) >= 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}; a negative weight would reward the mismatch.")
+    return float(value)
+
+
+def check_pair(student_logits, teacher_logits) -> tuple[jax.Array, jax.Array]:
+    """Checks that student and teacher logits are float arrays of one shape (same classes)."""
+    s = _check_logits("student_logits", student_logits)
+    t = _check_logits("teacher_logits", teacher_logits)
+    if s.shape != t.shape:
+        raise ValueError(
+            f"student_logits shape {s.shape} and teacher_logits shape {t.shape} differ; teacher and "
+            f"student must predict the same classes (got {s.shape[-1]} and {t.shape[-1]})."
+        )
+    return s.astype(jnp.float32), jax.lax.stop_gradient(t.astype(jnp.float32))
+
+
+def _kl(log_p, log_q, where=None):
+    """``sum p (log p - log q)`` over the last axis; entries outside ``where`` count as zero."""
+    terms = jnp.exp(log_p) * (log_p - log_q)
+    if where is not None:
+        terms = jnp.where(where, terms, 0.0)
+    return jnp.sum(terms, axis=-1)
+
+
+def hard_label_kd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    label_smoothing: float = 0.0,
+    labels: Optional[jax.Array] = None,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+) -> jax.Array:
+    """Hard-label distillation: cross-entropy against the teacher's argmax, one value per example.
+
+    ``kd_weight * CE_eps(s, argmax t) + ce_weight * CE(s, labels)`` where ``CE_eps`` uses targets
+    smoothed as ``(1 - eps) * onehot + eps / num_classes`` (the convention of PyTorch's
+    ``cross_entropy(label_smoothing=eps)``); DeiT (Touvron et al. 2021) uses this with ``eps=0.1``.
+
+    Args:
+      student_logits: float ``(..., num_classes)``.
+      teacher_logits: float, same shape; only its argmax matters (no gradient).
+      label_smoothing: ``eps`` in ``[0, 1)``.
+      labels: int ground-truth labels, required when ``ce_weight > 0``.
+      ce_weight: weight of the ground-truth cross-entropy, ``>= 0``.
+      kd_weight: weight of the teacher-label term, ``>= 0``.
+
+    Returns:
+      float32 ``(...)``.
+
+    Raises:
+      ValueError: shapes differ, a weight is negative, ``label_smoothing`` not in ``[0, 1)``, or
+        labels are missing while ``ce_weight > 0``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s, t = jnp.array([[0.0, 0.0]]), jnp.array([[0.0, 5.0]])
+      >>> round(float(hard_label_kd_loss(s, t)[0]), 4)  # -log(1/2)
+      0.6931
+    """
+    eps = check_fraction("label_smoothing", label_smoothing)
+    kd_weight, ce_weight = check_weight("kd_weight", kd_weight), check_weight("ce_weight", ce_weight)
+    s, t = check_pair(student_logits, teacher_logits)
+    log_q = jax.nn.log_softmax(s, axis=-1)
+    target = jax.nn.one_hot(jnp.argmax(t, axis=-1), s.shape[-1])
+    target = (1.0 - eps) * target + eps / s.shape[-1]
+    loss = kd_weight * -jnp.sum(target * log_q, axis=-1)
+    if ce_weight > 0:
+        if labels is None:
+            raise ValueError(f"labels are required when ce_weight > 0 (got ce_weight={ce_weight}).")
+        loss = loss + ce_weight * cross_entropy(s, labels)
+    return loss
+
+
+def dkd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    labels: jax.Array,
+    temperature: float = 4.0,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
+    ce_weight: float = 1.0,
+) -> jax.Array:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022), one value per example.
+
+    With ``p = softmax(t / T)``, ``q = softmax(s / T)`` and ``g`` the ground-truth class:
+
+    - TCKD: ``KL([p_g, 1 - p_g] || [q_g, 1 - q_g])``, the binary target-vs-rest term;
+    - NCKD: ``KL(p' || q')`` over the non-target classes, ``p'`` and ``q'`` renormalised softmaxes
+      of the logits with class ``g`` removed;
+    - loss ``= T^2 (tckd_weight * TCKD + nckd_weight * NCKD) + ce_weight * CE(s, labels)``.
+
+    Hinton KD is ``TCKD + (1 - p_g) NCKD``; DKD frees NCKD from the ``(1 - p_g)`` factor. The paper's
+    CIFAR-100 setting is ``tckd_weight=1, nckd_weight=8, T=4`` (the ``alpha, beta`` of the paper).
+    All terms are computed from log-softmaxes (``log(1 - p_g)`` as a log-sum-exp over non-targets).
+
+    Args:
+      student_logits: float ``(..., num_classes)``, ``num_classes >= 2``.
+      teacher_logits: float, same shape (no gradient).
+      labels: int ground-truth classes ``(...)``.
+      temperature: ``T > 0``.
+      tckd_weight: ``alpha >= 0``.
+      nckd_weight: ``beta >= 0``.
+      ce_weight: ground-truth cross-entropy weight ``>= 0``.
+
+    Returns:
+      float32 ``(...)``.
+
+    Raises:
+      ValueError: shapes differ, ``T <= 0`` or a weight is negative.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = jnp.array([[2.0, 0.5, -1.0]])
+      >>> float(dkd_loss(z, z, labels=jnp.array([0]), ce_weight=0.0)[0])
+      0.0
+    """
+    temperature = check_positive("temperature", temperature)
+    tckd_weight = check_weight("tckd_weight", tckd_weight)
+    nckd_weight = check_weight("nckd_weight", nckd_weight)
+    ce_weight = check_weight("ce_weight", ce_weight)
+    s, t = check_pair(student_logits, teacher_logits)
+    labels = _check_labels(labels, s)
+    if s.shape[-1] < 2:
+        raise ValueError(f"dkd_loss needs at least 2 classes, got logits shape {s.shape}.")
+    gt = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)
+
+    def parts(z):
+        z = z / temperature
+        lse_all = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+        z_nt = jnp.where(gt, -jnp.inf, z)
+        lse_nt = jax.nn.logsumexp(jnp.where(gt, jnp.min(z, -1, keepdims=True), z_nt), axis=-1, b=~gt, keepdims=True)
+        log_target = jnp.sum(jnp.where(gt, z, 0.0), -1, keepdims=True) - lse_all
+        binary = jnp.concatenate([log_target, lse_nt - lse_all], axis=-1)  # log [p_g, 1 - p_g]
+        nontarget = jnp.where(gt, 0.0, z - lse_nt)  # log p' on non-targets
+        return binary, nontarget
+
+    t_bin, t_nt = parts(t)
+    s_bin, s_nt = parts(s)
+    tckd = _kl(t_bin, s_bin)
+    nckd = _kl(t_nt, s_nt, where=~gt)
+    loss = temperature**2 * (tckd_weight * tckd + nckd_weight * nckd)
+    if ce_weight > 0:
+        loss = loss + ce_weight * cross_entropy(s, labels)
+    return loss
