@@ -45,7 +45,9 @@ def nnx_apply_fn(graphdef: Any) -> Callable:
 
     def apply_fn(params, model_state, inputs, *, train: bool, rng=None):
         del rng
-        model = nnx.merge(graphdef, params, model_state)
+        # copy=True: the states may hold Variables made in an outer trace (model_state is closed
+        # over by the step's value_and_grad); fresh ones let BatchNorm update them in this trace.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         model.train() if train else model.eval()
         out = model(inputs)
         if not train:
