@@ -41,6 +41,11 @@ def _unpack(batch):
     return batch["image"], batch["label"]
 
 
+def _logits_of(output):
+    """Logits from an apply function's output: plain logits, or a structure with ``.logits``."""
+    return getattr(output, "logits", output)
+
+
 def _pmean(tree, axis_name):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
@@ -96,7 +101,12 @@ def make_train_step(
             aug_rng, step_rng = jax.random.split(step_rng)
             batch = augment(aug_rng, batch)
         inputs, labels = _unpack(batch)
-        if teacher is not None:
+        if teacher is not None and "teacher_logits" in batch:
+            if augment is not None:
+                raise ValueError("batch['teacher_logits'] (cached teacher outputs) cannot be used with augment: "
+                                 "the teacher must see each randomly augmented batch. Drop one of the two.")
+            t_logits = jax.lax.stop_gradient(batch["teacher_logits"])
+        elif teacher is not None:
             if state.teacher_variables is None:
                 raise ValueError("a teacher was given but state.teacher_variables is None; pass "
                                  "teacher_variables=(params, model_state) to init_train_state.")
@@ -110,9 +120,10 @@ def make_train_step(
             if teacher is None:
                 per_example = loss_fn(logits, labels)
             else:
-                if t_logits.shape != logits.shape:
+                if _logits_of(t_logits).shape != _logits_of(logits).shape:
                     raise ValueError(
-                        f"teacher logits {t_logits.shape} and student logits {logits.shape} differ; "
+                        f"teacher logits {_logits_of(t_logits).shape} and student logits "
+                        f"{_logits_of(logits).shape} differ; "
                         "teacher and student must predict the same classes."
                     )
                 per_example = teacher.loss(logits, t_logits, labels=labels)
@@ -127,8 +138,8 @@ def make_train_step(
         compression_state = transform.update(
             params, state.compression_state, UpdateInfo(step=step_count, grads=grads)
         )
-        hard = labels if labels.ndim == logits.ndim - 1 else jnp.argmax(labels, -1)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard)}
+        hard = labels if labels.ndim == _logits_of(logits).ndim - 1 else jnp.argmax(labels, -1)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(_logits_of(logits), -1) == hard)}
         metrics = _pmean(metrics, axis_name)
         new_state = state._replace(
             step=step_count,
@@ -163,6 +174,7 @@ def make_eval_step(
         mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
         view = transform.apply(state.params, state.compression_state)
         logits, _ = apply_fn(view, state.model_state, inputs, train=False, rng=None)
+        logits = _logits_of(logits)
         sums = {
             "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
