@@ -56,7 +56,7 @@ def binary(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
     w = jnp.asarray(w)
     _, mean, _ = _channel_mean(w, channel_axis, w.ndim)
     ws = jax.lax.stop_gradient(w)
-    alpha = jnp.maximum(mean(jnp.abs(ws)), _EPS)
+    alpha = mean(jnp.abs(ws))  # no division by it, so an all-zero channel stays zero
     return _ste(w, jnp.where(ws >= 0, alpha, -alpha).astype(w.dtype))
 
 
@@ -139,7 +139,8 @@ def lsq_fake_quant(
     qn, qp = _lsq_levels(bits, signed)
     x = jnp.asarray(x)
     g = 1.0 / jnp.sqrt(x.size * qp) if grad_scale is None else grad_scale
-    s = _scale_grad(jnp.asarray(step, x.dtype), g)
+    # a step at or below 1e-8 is clamped there (no NaN from x / 0; no gradient below the clamp)
+    s = _scale_grad(jnp.maximum(jnp.asarray(step, x.dtype), _EPS), g)
     v = jnp.clip(x / s, -qn, qp)
     return _ste(v, jnp.round(v)) * s
 

@@ -1,0 +1,199 @@
+"""QAT and PTQ at 1..8 bits on MNIST (LeNet-5) and CIFAR-10 (the teacher CNN).
+
+For each data set: a float model is trained once (its params cached in an ``.npz``), then
+- int8 PTQ: weights only, and weights + activations with ranges calibrated on 8 training
+  batches (min/max observer), no training;
+- QAT: a short fine-tune from the float model for each of W8, W4, W3, W2, ternary, binary
+  (weights only) and W8A8, W4A4 (activation ranges calibrated first, then an EMA in training,
+  fixed at evaluation). For 2-bit, ternary and binary weights the first and last layers stay at
+  8 bits (as XNOR-Net and TWN keep them in full precision); everything else is quantized.
+
+Writes ``experiments/results/quant_qat_ptq.json`` and ``.md``.
+
+Usage: python experiments/quant_qat_ptq.py [--datasets mnist cifar10] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcompress.core.paths import path_name
+from jaxcompress.data import load_cifar10, load_mnist
+from jaxcompress.models import LeNet5, teacher_cnn
+from jaxcompress.quant import calibrate_activations, quantize_activations, quantize_weights
+from jaxcompress.train import evaluate, init_train_state, linen_apply_fn, make_eval_step, make_train_step
+from jaxcompress.train import split_variables
+from jaxcompress.train.loop import fit
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+MNIST_DIR = ROOT.parent.parent / "shared" / "data" / "mnist"
+EDGE_8BIT = [("conv1|head", 8), (".*", True)]  # first and last layer at 8 bits
+
+# (name, weight kind, activation bits, weight rules)
+CONFIGS = [
+    ("W8", 8, None, None),
+    ("W4", 4, None, None),
+    ("W3", 3, None, None),
+    ("W2", 2, None, EDGE_8BIT),
+    ("ternary", "ternary", None, EDGE_8BIT),
+    ("binary", "binary", None, EDGE_8BIT),
+    ("W8A8", 8, 8, None),
+    ("W4A4", 4, 4, None),
+]
+
+# Li et al. 2016, "Ternary Weight Networks", Table 3 (LeNet-5 on MNIST; VGG-7 on CIFAR-10).
+PUBLISHED = {
+    "mnist": {"float": 99.41, "ternary": 99.35, "binary": 99.05, "model": "LeNet-5"},
+    "cifar10": {"float": 92.88, "ternary": 92.56, "binary": 90.18, "model": "VGG-7 (larger than ours)"},
+}
+
+
+def save_npz(path: Path, tree) -> None:
+    np.savez(path, **{path_name(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)})
+
+
+def load_npz(path: Path, like):
+    with np.load(path, allow_pickle=False) as f:
+        leaves = [jnp.asarray(f[path_name(p)]) for p, _ in jax.tree.leaves_with_path(like)]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def run_dataset(name: str, args) -> dict:
+    if name == "mnist":
+        ds, model = load_mnist(MNIST_DIR if MNIST_DIR.exists() else None), LeNet5()
+    else:
+        ds, model = load_cifar10(), teacher_cnn()
+    xtr, ytr, xte, yte = ds.train_images, ds.train_labels, ds.test_images, ds.test_labels
+    if args.quick:
+        xtr, ytr, xte, yte = xtr[:4096], ytr[:4096], xte[:2000], yte[:2000]
+    params, model_state = split_variables(model.init(jax.random.key(0), xtr[:1]))
+    base_fn = linen_apply_fn(model)
+    out = {"model": type(model).__name__, "train_examples": len(ytr), "test_examples": len(yte), "runs": {}}
+
+    def train(apply_fn, p, ms, transform, lr, epochs, seed):
+        opt = optax.adam(lr)
+        p, ms = jax.tree.map(jnp.array, (p, ms))  # the step donates its state; keep the originals
+        state = init_train_state(p, opt, transform=transform, model_state=ms, rng=seed)
+        step = jax.jit(make_train_step(apply_fn, opt, transform=transform), donate_argnums=0)
+        t0 = time.perf_counter()
+        state, _ = fit(step, state, xtr, ytr, batch_size=args.batch, num_epochs=epochs, seed=seed, progress=False)
+        jax.block_until_ready(state)
+        return state, time.perf_counter() - t0
+
+    def test_acc(apply_fn, state, transform):
+        ev = jax.jit(make_eval_step(apply_fn, transform=transform))
+        return 100.0 * evaluate(ev, state, xte, yte, batch_size=1000)["accuracy"]
+
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) / f"quant_{name}_float_e{args.float_epochs}{'_quick' if args.quick else ''}.npz"
+    if cache.exists():
+        params = load_npz(cache, params)
+        float_seconds = json.loads((cache.with_suffix(".json")).read_text())["seconds"]
+    else:
+        state, float_seconds = train(base_fn, params, model_state, None, 1e-3, args.float_epochs, 0)
+        params = state.params
+        save_npz(cache, params)
+        cache.with_suffix(".json").write_text(json.dumps({"seconds": float_seconds}))
+    opt0 = optax.adam(1e-3)
+    float_state = init_train_state(params, opt0, model_state=model_state)
+    out["runs"]["float"] = {"accuracy": test_acc(base_fn, float_state, None), "train_epochs": args.float_epochs,
+                            "train_seconds": round(float_seconds, 1)}
+
+    calib = [xtr[i * 256 : (i + 1) * 256] for i in range(8)]
+    w8 = quantize_weights(8)
+    ptq_w = init_train_state(params, opt0, transform=w8, model_state=model_state)
+    out["runs"]["PTQ int8 W8"] = {"accuracy": test_acc(base_fn, ptq_w, w8), "train_epochs": 0, "train_seconds": 0}
+    cal_state = calibrate_activations(base_fn, params, model_state, calib)
+    ptq_wa = init_train_state(params, opt0, transform=w8, model_state=cal_state)
+    out["runs"]["PTQ int8 W8A8"] = {
+        "accuracy": test_acc(quantize_activations(base_fn, 8), ptq_wa, w8), "train_epochs": 0, "train_seconds": 0,
+    }
+
+    for cname, kind, abits, rules in CONFIGS:
+        if args.only and cname not in args.only:
+            continue
+        t = quantize_weights(kind, rules=rules)
+        fn, ms = base_fn, model_state
+        if abits is not None:
+            fn = quantize_activations(base_fn, abits)
+            ms = calibrate_activations(base_fn, params, model_state, calib)
+        before = test_acc(fn, init_train_state(params, opt0, transform=t, model_state=ms), t)
+        state, secs = train(fn, params, ms, t, args.ft_lr, args.ft_epochs, 1)
+        out["runs"][f"QAT {cname}"] = {
+            "accuracy": test_acc(fn, state, t), "accuracy_before_finetune": before,
+            "train_epochs": args.ft_epochs, "train_seconds": round(secs, 1),
+        }
+        print(name, cname, out["runs"][f"QAT {cname}"], flush=True)
+    return out
+
+
+def to_markdown(results: dict, args) -> str:
+    lines = [
+        "# QAT and PTQ, 1..8 bits: MNIST (LeNet-5) and CIFAR-10 (teacher CNN)",
+        "",
+        "Produced by `python experiments/quant_qat_ptq.py`"
+        + (" --quick (subsets)" if args.quick else "")
+        + f" on {results['env']['backend']} ({results['env']['device']}), jax {results['env']['jax']}.",
+        f"Float models: adam 1e-3, batch {args.batch}, {args.float_epochs} epochs from scratch. QAT: adam "
+        f"{args.ft_lr}, batch {args.batch}, {args.ft_epochs} epoch(s) of fine-tuning from the float model. "
+        "Weights per output channel; 2..8 bits narrow symmetric. Activations: every Dense/Conv input, "
+        "affine, ranges calibrated on 8 batches of 256 training images (min/max), then an EMA during QAT. "
+        "W2/ternary/binary keep conv1 and head at 8 bits. Times are wall-clock seconds on a shared "
+        "2-core CPU machine (other jobs were running), so they are indicative only.",
+        "",
+    ]
+    for ds, r in results["datasets"].items():
+        pub = PUBLISHED[ds]
+        fl = r["runs"]["float"]["accuracy"]
+        lines += [f"## {ds} ({r['model']}; {r['train_examples']} train / {r['test_examples']} test images)", "",
+                  "| run | test accuracy % | vs float (points) | before fine-tune % | epochs trained | train seconds | published % |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k, v in r["runs"].items():
+            key = k.replace("QAT ", "")
+            p = pub.get(key, "")
+            before = v.get("accuracy_before_finetune")
+            lines.append(
+                f"| {k} | {v['accuracy']:.2f} | {v['accuracy'] - fl:+.2f} | "
+                f"{'' if before is None else f'{before:.2f}'} | {v['train_epochs']} | {v['train_seconds']} | {p} |"
+            )
+        lines += ["", f"Published column: Li et al. 2016, *Ternary Weight Networks*, Table 3 ({pub['model']}); "
+                  "their models trained for far longer, with first and last layers in full precision.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
+    ap.add_argument("--only", nargs="*", default=None, help="QAT configs to run (default: all)")
+    ap.add_argument("--float-epochs", type=int, default=4)
+    ap.add_argument("--ft-epochs", type=float, default=1.0)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--cache", default="/tmp")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--name", default="quant_qat_ptq")
+    args = ap.parse_args()
+    results = {
+        "env": {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                "device_count": jax.device_count()},
+        "settings": vars(args),
+        "datasets": {},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for ds in args.datasets:
+        results["datasets"][ds] = run_dataset(ds, args)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
+        (RESULTS / f"{args.name}.md").write_text(to_markdown(results, args))
+    print((RESULTS / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
