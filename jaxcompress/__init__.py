@@ -19,5 +19,10 @@ from jaxcompress.train.state import linen_apply_fn as linen_apply_fn
 from jaxcompress.train.step import Teacher as Teacher
 from jaxcompress.train.step import make_eval_step as make_eval_step
 from jaxcompress.train.step import make_train_step as make_train_step
+from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
+from jaxcompress.quant.activations import quantize_activations as quantize_activations
+from jaxcompress.quant.affine import fake_quant as fake_quant
+from jaxcompress.quant.qat import quantize_weights as quantize_weights
+from jaxcompress.quant.sharing import weight_sharing as weight_sharing
 
 __version__ = "0.1.0"
