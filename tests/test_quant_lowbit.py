@@ -93,3 +93,38 @@ def test_quantize_weights_mixed_kinds_by_rule():
     assert per_col(v["tern"]["kernel"]) == 3
     assert 15 < per_col(v["conv1"]["kernel"]) <= 255
     np.testing.assert_allclose(np.asarray(v["mid"]["kernel"]), np.asarray(binary(p["mid"]["kernel"])))
+
+
+def test_lsq_transform_trains_steps_in_the_train_step():
+    import optax
+
+    from jaxcompress.models import MLP
+    from jaxcompress.quant import lsq_params, lsq_quantization
+    from jaxcompress.train import init_train_state, linen_apply_fn, make_train_step, split_variables
+
+    model = MLP(features=(16,), num_classes=4)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 3, 3, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 64), jnp.int32)
+    params, ms = split_variables(model.init(jax.random.key(0), x))
+    t = lsq_quantization(3)
+    p0 = lsq_params(params, 3)
+    opt = optax.sgd(0.05)
+    state = init_train_state(p0, opt, transform=t, model_state=ms)
+    step = jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t))
+    # the gradient for a step size is the paper's formula applied to d loss / d (quantized weight)
+    view_loss = lambda v: jnp.mean(  # noqa: E731
+        optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": v}, x), y))
+    g = jax.grad(lambda p: view_loss(t.apply(p, None)))(p0)
+    up = np.asarray(jax.grad(view_loss)(t.apply(p0, None))["fc1"]["kernel"], np.float64)
+    w, s = np.asarray(params["fc1"]["kernel"], np.float64), float(p0.steps["fc1"]["kernel"])
+    v = w / s
+    ds = np.where(v <= -4, -4.0, np.where(v >= 3, 3.0, -v + np.round(v)))
+    np.testing.assert_allclose(float(g.steps["fc1"]["kernel"]), (up * ds).sum() / np.sqrt(w.size * 3), rtol=1e-4)
+    for _ in range(5):
+        state, _ = step(state, {"image": x, "label": y})
+    assert float(state.params.steps["fc1"]["kernel"]) != pytest.approx(s)
+    view = np.asarray(t.apply(state.params, None)["fc1"]["kernel"])
+    k = view / float(state.params.steps["fc1"]["kernel"])
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+    assert k.min() >= -4 and k.max() <= 3

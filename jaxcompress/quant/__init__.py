@@ -30,3 +30,6 @@ from jaxcompress.quant.qat import quantize_weights as quantize_weights
 from jaxcompress.quant.sharing import SharingState as SharingState
 from jaxcompress.quant.sharing import kmeans_1d as kmeans_1d
 from jaxcompress.quant.sharing import weight_sharing as weight_sharing
+from jaxcompress.quant.lsq import LSQParams as LSQParams
+from jaxcompress.quant.lsq import lsq_params as lsq_params
+from jaxcompress.quant.lsq import lsq_quantization as lsq_quantization

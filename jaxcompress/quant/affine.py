@@ -10,7 +10,7 @@ bit::
 Gradients are straight-through. ``ste='clipped'`` passes the gradient where
 ``quant_min <= q <= quant_max`` (before clipping, PyTorch's rule, boundaries included) and zero
 elsewhere; ``ste='identity'`` passes it everywhere. No gradient reaches ``scale`` or
-``zero_point`` here (learned steps are :func:`~jaxcompress.quant.lsq.lsq_fake_quant`).
+``zero_point`` here (learned steps are :func:`~jaxcompress.quant.lowbit.lsq_fake_quant`).
 
 Safe behaviour: scales are clamped to ``>= 1e-8`` (PyTorch observers' ``eps`` is 2^-23 times
 the range), so an all-zero or constant tensor quantizes without NaN. Non-finite inputs are not
