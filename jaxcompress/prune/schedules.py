@@ -81,3 +81,67 @@ def one_shot_schedule(step: int = 0) -> PolynomialSchedule:
     """Prune once, to the final sparsity, at ``step`` (at ``init`` when ``step == 0``)."""
     step = check_int("step", step)
     return PolynomialSchedule(0.0, step, step, 1, 3.0)
+
+
+class IterativeSchedule(NamedTuple):
+    """Iterative prune-and-retrain: each round removes ``rate`` of the weights still alive.
+
+    Round ``r = 1, 2, ...`` starts at ``begin_step + (r - 1) * round_steps`` and prunes to
+    ``1 - (1 - rate) ** r``, capped at the final sparsity (reached exactly by the last round);
+    between rounds the network retrains with its masks fixed (Han et al. 2015; Frankle & Carbin 2019
+    prune 20% per round).
+
+    Attributes:
+      rate: fraction of the surviving weights removed per round, in ``(0, 1)``.
+      begin_step: step of the first round.
+      round_steps: steps of retraining between rounds.
+      num_rounds: number of rounds; the last one reaches the final sparsity.
+    """
+
+    rate: float = 0.2
+    begin_step: int = 0
+    round_steps: int = 100
+    num_rounds: int = 1
+
+    @property
+    def end_step(self) -> int:
+        return self.begin_step + (self.num_rounds - 1) * self.round_steps
+
+    def sparsity(self, step, final_sparsity) -> jax.Array:
+        """The target sparsity at ``step`` for a leaf whose final sparsity is ``final_sparsity``."""
+        step = jnp.asarray(step, jnp.int32)
+        rounds = jnp.clip((step - self.begin_step) // self.round_steps + 1, 0, self.num_rounds)
+        s = jnp.minimum(1.0 - (1.0 - self.rate) ** rounds.astype(jnp.float32), final_sparsity)
+        return jnp.where(step >= self.end_step, final_sparsity, jnp.where(step < self.begin_step, 0.0, s))
+
+    def is_update_step(self, step) -> jax.Array:
+        """Whether masks are recomputed at ``step`` (the first step of each round)."""
+        step = jnp.asarray(step, jnp.int32)
+        offset = step - self.begin_step
+        return (offset >= 0) & (offset % self.round_steps == 0) & (step <= self.end_step)
+
+
+def iterative_schedule(*, rate: float = 0.2, round_steps: int, num_rounds: int, begin_step: int = 0) -> IterativeSchedule:
+    """Builds a validated :class:`IterativeSchedule` (prune ``rate`` of the survivors per round).
+
+    Args:
+      rate: fraction of the remaining weights removed per round, in ``(0, 1)``.
+      round_steps: retraining steps between rounds, ``>= 1``.
+      num_rounds: rounds, ``>= 1``; the last one reaches the final sparsity.
+      begin_step: step of the first round.
+
+    Raises:
+      ValueError / TypeError: naming the offending argument.
+
+    Example:
+      >>> s = iterative_schedule(rate=0.5, round_steps=10, num_rounds=3)
+      >>> [round(float(s.sparsity(t, 0.9)), 3) for t in (0, 10, 20)]
+      [0.5, 0.75, 0.9]
+    """
+    rate = check_fraction("rate", rate)
+    if rate == 0.0:
+        raise ValueError("rate must be in (0, 1), got 0.0: each round must prune something, e.g. rate=0.2.")
+    round_steps = check_int("round_steps", round_steps, minimum=1)
+    num_rounds = check_int("num_rounds", num_rounds, minimum=1)
+    begin_step = check_int("begin_step", begin_step)
+    return IterativeSchedule(rate, begin_step, round_steps, num_rounds)
