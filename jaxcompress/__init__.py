@@ -24,5 +24,18 @@ from jaxcompress.quant.activations import quantize_activations as quantize_activ
 from jaxcompress.quant.affine import fake_quant as fake_quant
 from jaxcompress.quant.qat import quantize_weights as quantize_weights
 from jaxcompress.quant.sharing import weight_sharing as weight_sharing
+from jaxcompress.distill.logit_losses import dkd_loss as dkd_loss
+from jaxcompress.distill.logit_losses import hard_label_kd_loss as hard_label_kd_loss
+from jaxcompress.distill.capture import capture_apply_fn as capture_apply_fn
+from jaxcompress.distill.capture import distill_loss as distill_loss
 
 __version__ = "0.1.0"
+from jaxcompress.prune.dynamic import rigl as rigl
+from jaxcompress.prune.dynamic import set_pruning as set_pruning
+from jaxcompress.prune.optax_adapter import sparse_optimizer as sparse_optimizer
+from jaxcompress.prune.pruner import pruning as pruning
+from jaxcompress.prune.pruner import straight_through as straight_through
+from jaxcompress.prune.report import sparsity_report as sparsity_report
+from jaxcompress.prune.saliency import snip_masks as snip_masks
+from jaxcompress.prune.sensitivity import allocate_sparsity as allocate_sparsity
+from jaxcompress.prune.sensitivity import sensitivity_analysis as sensitivity_analysis
