@@ -39,12 +39,3 @@ from jaxcompress.prune.report import sparsity_report as sparsity_report
 from jaxcompress.prune.saliency import snip_masks as snip_masks
 from jaxcompress.prune.sensitivity import allocate_sparsity as allocate_sparsity
 from jaxcompress.prune.sensitivity import sensitivity_analysis as sensitivity_analysis
-from jaxcompress.prune.dynamic import rigl as rigl
-from jaxcompress.prune.dynamic import set_pruning as set_pruning
-from jaxcompress.prune.optax_adapter import sparse_optimizer as sparse_optimizer
-from jaxcompress.prune.pruner import pruning as pruning
-from jaxcompress.prune.pruner import straight_through as straight_through
-from jaxcompress.prune.report import sparsity_report as sparsity_report
-from jaxcompress.prune.saliency import snip_masks as snip_masks
-from jaxcompress.prune.sensitivity import allocate_sparsity as allocate_sparsity
-from jaxcompress.prune.sensitivity import sensitivity_analysis as sensitivity_analysis
