@@ -89,7 +89,7 @@ def quantize_nnx_activations(
     Example:
       >>> import flax.nnx as nnx, jax.numpy as jnp
       >>> lin = nnx.Linear(3, 1, use_bias=False, rngs=nnx.Rngs(0))
-      >>> lin.kernel.value = jnp.ones((3, 1))
+      >>> lin.kernel[...] = jnp.ones((3, 1))
       >>> q = quantize_nnx_activations(lin, 2)
       >>> float(q(jnp.array([[0.0, 0.4, 3.0]]))[0, 0]), float(lin(jnp.array([[0.0, 0.4, 3.0]]))[0, 0])
       (3.0, 3.4000000953674316)
