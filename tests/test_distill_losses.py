@@ -345,3 +345,12 @@ def test_errors_name_the_problem():
         rkd_angle_loss(jnp.zeros((1, 3)), jnp.zeros((1, 3)))
     with pytest.raises(TypeError, match="float"):
         hint_loss(jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 8)))
+
+
+def test_feature_losses_finite_for_huge_activations():
+    rng = np.random.default_rng(11)
+    s = jnp.asarray(rng.normal(size=(4, 3, 3, 5)) * 1e4, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(4, 3, 3, 5)) * 1e4, jnp.float32)
+    for f in (hint_loss, attention_transfer_loss, rkd_distance_loss, rkd_angle_loss):
+        val, g = jax.value_and_grad(lambda x: f(x, t).sum())(s)
+        assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(g))), f.__name__
