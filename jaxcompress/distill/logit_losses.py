@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.validation import check_fraction, check_positive
+from jaxcompress.core.validation import check_positive
 from jaxcompress.distill.losses import _check_labels, _check_logits, cross_entropy
 
 
@@ -18,6 +18,14 @@ def check_weight(name: str, value) -> float:
     if not float(value) >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value}; a negative weight would reward the mismatch.")
     return float(value)
+
+
+def check_rate(name: str, value) -> float:
+    """Checks that a probability-like setting is a real number in ``[0, 1)``."""
+    value = check_weight(name, value)
+    if not value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}; e.g. {name}=0.1.")
+    return value
 
 
 def check_pair(student_logits, teacher_logits) -> tuple[jax.Array, jax.Array]:
@@ -76,7 +84,7 @@ def hard_label_kd_loss(
       >>> round(float(hard_label_kd_loss(s, t)[0]), 4)  # -log(1/2)
       0.6931
     """
-    eps = check_fraction("label_smoothing", label_smoothing)
+    eps = check_rate("label_smoothing", label_smoothing)
     kd_weight, ce_weight = check_weight("kd_weight", kd_weight), check_weight("ce_weight", ce_weight)
     s, t = check_pair(student_logits, teacher_logits)
     log_q = jax.nn.log_softmax(s, axis=-1)

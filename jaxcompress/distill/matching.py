@@ -11,7 +11,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.validation import check_fraction, check_int, check_positive
+from jaxcompress.core.validation import check_int, check_positive
+from jaxcompress.distill.logit_losses import check_rate
 
 #: ``augment(rng, batch) -> batch`` where ``batch`` is ``{'image': (N, H, W, C), 'label': ...}``.
 Augment = Callable[[jax.Array, dict], dict]
@@ -64,7 +65,7 @@ def input_dropout(rate: float) -> Augment:
     Returns:
       ``augment(rng, batch) -> batch``.
     """
-    rate = check_fraction("rate", rate)
+    rate = check_rate("rate", rate)
 
     def augment(rng, batch):
         if rate == 0.0:
