@@ -39,6 +39,7 @@ EDGE_8BIT = [("conv1|head", 8), (".*", True)]  # first and last layer at 8 bits
 
 # (name, weight kind, activation bits, weight rules)
 CONFIGS = [
+    ("float fine-tuned", None, None, None),  # the same extra epoch without quantization
     ("W8", 8, None, None),
     ("W4", 4, None, None),
     ("W3", 3, None, None),
@@ -120,18 +121,19 @@ def run_dataset(name: str, args) -> dict:
     for cname, kind, abits, rules in CONFIGS:
         if args.only and cname not in args.only:
             continue
-        t = quantize_weights(kind, rules=rules)
+        t = None if kind is None else quantize_weights(kind, rules=rules)
         fn, ms = base_fn, model_state
         if abits is not None:
             fn = quantize_activations(base_fn, abits)
             ms = calibrate_activations(base_fn, params, model_state, calib)
         before = test_acc(fn, init_train_state(params, opt0, transform=t, model_state=ms), t)
         state, secs = train(fn, params, ms, t, args.ft_lr, args.ft_epochs, 1)
-        out["runs"][f"QAT {cname}"] = {
+        key = cname if kind is None else f"QAT {cname}"
+        out["runs"][key] = {
             "accuracy": test_acc(fn, state, t), "accuracy_before_finetune": before,
             "train_epochs": args.ft_epochs, "train_seconds": round(secs, 1),
         }
-        print(name, cname, out["runs"][f"QAT {cname}"], flush=True)
+        print(name, cname, out["runs"][key], flush=True)
     return out
 
 
@@ -146,27 +148,58 @@ def to_markdown(results: dict, args) -> str:
         f"{args.ft_lr}, batch {args.batch}, {args.ft_epochs} epoch(s) of fine-tuning from the float model. "
         "Weights per output channel; 2..8 bits narrow symmetric. Activations: every Dense/Conv input, "
         "affine, ranges calibrated on 8 batches of 256 training images (min/max), then an EMA during QAT. "
-        "W2/ternary/binary keep conv1 and head at 8 bits. Times are wall-clock seconds on a shared "
+        "W2/ternary/binary keep conv1 and head at 8 bits. 'float fine-tuned' is the float model given the "
+        "same extra epoch without quantization: the fair reference for the QAT rows (epochs trained: "
+        "the fine-tune only; add the float epochs for the total). 'before fine-tune' is the quantized "
+        "float model before QAT, i.e. PTQ at that bit width. Times are wall-clock seconds on a shared "
         "2-core CPU machine (other jobs were running), so they are indicative only.",
         "",
     ]
     for ds, r in results["datasets"].items():
         pub = PUBLISHED[ds]
         fl = r["runs"]["float"]["accuracy"]
+        ft = r["runs"].get("float fine-tuned", {}).get("accuracy")
+        order = ["float", "float fine-tuned", "PTQ int8 W8", "PTQ int8 W8A8"] + [f"QAT {c[0]}" for c in CONFIGS]
+        keys = sorted(r["runs"], key=lambda k: order.index(k) if k in order else len(order))
         lines += [f"## {ds} ({r['model']}; {r['train_examples']} train / {r['test_examples']} test images)", "",
-                  "| run | test accuracy % | vs float (points) | before fine-tune % | epochs trained | train seconds | published % |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for k, v in r["runs"].items():
-            key = k.replace("QAT ", "")
-            p = pub.get(key, "")
+                  "| run | test accuracy % | vs float | vs float fine-tuned | before fine-tune % | epochs trained "
+                  "| train seconds | published % |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k in keys:
+            v = r["runs"][k]
+            p = pub.get(k.replace("QAT ", ""), "")
             before = v.get("accuracy_before_finetune")
+            vs_ft = "" if ft is None else f"{v['accuracy'] - ft:+.2f}"
             lines.append(
-                f"| {k} | {v['accuracy']:.2f} | {v['accuracy'] - fl:+.2f} | "
+                f"| {k} | {v['accuracy']:.2f} | {v['accuracy'] - fl:+.2f} | {vs_ft} | "
                 f"{'' if before is None else f'{before:.2f}'} | {v['train_epochs']} | {v['train_seconds']} | {p} |"
             )
         lines += ["", f"Published column: Li et al. 2016, *Ternary Weight Networks*, Table 3 ({pub['model']}); "
                   "their models trained for far longer, with first and last layers in full precision.", ""]
     return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results["datasets"]]
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4), squeeze=False)
+    for ax, ds in zip(axes[0], names):
+        runs = results["datasets"][ds]["runs"]
+        labels = list(runs)
+        acc = [runs[k]["accuracy"] for k in labels]
+        colors = ["gray" if k == "float" else ("tab:orange" if k.startswith("PTQ") else "tab:blue") for k in labels]
+        ax.bar(range(len(labels)), acc, color=colors)
+        ax.axhline(runs["float"]["accuracy"], color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(labels)), [k.replace("QAT ", "") for k in labels], rotation=45, ha="right")
+        ax.set_ylim(min(acc) - 2, max(acc) + 1)
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"{ds}: float (gray), PTQ (orange), QAT (blue)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -180,7 +213,15 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--name", default="quant_qat_ptq")
+    ap.add_argument("--merge", action="store_true", help="merge new runs into the saved .json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite .md and .png from the saved .json")
     args = ap.parse_args()
+    if args.report_only:
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())
+        saved = argparse.Namespace(**results["settings"])
+        (RESULTS / f"{args.name}.md").write_text(to_markdown(results, saved))
+        plot(results, RESULTS / f"{args.name}.png")
+        return
     results = {
         "env": {"jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                 "device_count": jax.device_count()},
@@ -188,10 +229,16 @@ def main() -> None:
         "datasets": {},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.merge:  # add runs (e.g. --only 'float fine-tuned') to a saved result
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())
     for ds in args.datasets:
-        results["datasets"][ds] = run_dataset(ds, args)
+        new = run_dataset(ds, args)
+        if args.merge and ds in results["datasets"]:
+            new["runs"] = {**results["datasets"][ds]["runs"], **new["runs"]}
+        results["datasets"][ds] = new
         (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2))
         (RESULTS / f"{args.name}.md").write_text(to_markdown(results, args))
+    plot(results, RESULTS / f"{args.name}.png")
     print((RESULTS / f"{args.name}.md").read_text())
 
 
