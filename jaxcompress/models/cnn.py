@@ -1,6 +1,8 @@
 """Convolutional models: LeNet-5 and the teacher/student CNN pair."""
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -54,6 +56,9 @@ class CNN(nn.Module):
       hidden: width of the dense layer.
       num_classes: output width.
       batch_norm: BatchNorm after each convolution (running statistics in ``'batch_stats'``).
+      axis_name: under ``jax.pmap``, the mapped axis over which BatchNorm averages its batch
+        statistics, so every device normalises with the global batch's mean and variance (as one
+        device or sharded ``jax.jit`` does); ``None`` (default) outside ``pmap``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -66,13 +71,16 @@ class CNN(nn.Module):
     hidden: int = 128
     num_classes: int = 10
     batch_norm: bool = False
+    axis_name: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, c in enumerate(self.channels):
             x = nn.Conv(c, (3, 3), padding="SAME", name=f"conv{i + 1}")(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i + 1}")(x)
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.9, axis_name=self.axis_name, name=f"bn{i + 1}"
+                )(x)
             x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))

@@ -7,3 +7,16 @@ from jaxcompress.train.step import Teacher as Teacher
 from jaxcompress.train.step import evaluate as evaluate
 from jaxcompress.train.step import make_eval_step as make_eval_step
 from jaxcompress.train.step import make_train_step as make_train_step
+from jaxcompress.train.parallel import DATA_AXIS as DATA_AXIS
+from jaxcompress.train.parallel import PARALLEL_MODES as PARALLEL_MODES
+from jaxcompress.train.parallel import DataParallel as DataParallel
+from jaxcompress.train.parallel import check_mesh as check_mesh
+from jaxcompress.train.parallel import data_mesh as data_mesh
+from jaxcompress.train.parallel import data_parallel as data_parallel
+from jaxcompress.train.parallel import initialize_multihost as initialize_multihost
+from jaxcompress.train.parallel import per_device_batch_size as per_device_batch_size
+from jaxcompress.train.parallel import process_batch_slice as process_batch_slice
+from jaxcompress.train.parallel import scale_learning_rate as scale_learning_rate
+from jaxcompress.train.parallel import shard_batch as shard_batch
+from jaxcompress.train.parallel import split_for_pmap as split_for_pmap
+from jaxcompress.train.parallel import step_axis_name as step_axis_name

@@ -1,0 +1,153 @@
+"""One device, pmap and sharded jit give the same compressed, distilled train step (8 fake CPUs)."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress.core.transform import chain
+from jaxcompress.distill.losses import kd_loss
+from jaxcompress.models.cnn import CNN
+from jaxcompress.prune.magnitude import magnitude_pruning
+from jaxcompress.prune.schedules import polynomial_schedule
+from jaxcompress.quant.activations import quantize_activations
+from jaxcompress.quant.fake_quant import fake_quant_symmetric
+from jaxcompress.quant.weights import weight_quantization
+from jaxcompress.train import (
+    Teacher, data_mesh, data_parallel, init_train_state, linen_apply_fn, make_train_step,
+    per_device_batch_size, scale_learning_rate, shard_batch, split_for_pmap, split_variables,
+    step_axis_name,
+)
+
+GLOBAL_BATCH = 32
+STEPS = 5
+
+
+def _static_a8(apply_fn, scale=4.0 / 127):
+    """Static 8-bit activation fake quantization (fixed calibrated scale) on every layer input."""
+
+    def wrapped(params, model_state, inputs, *, train, rng=None):
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+                args = (fake_quant_symmetric(args[0], 8, scale=jnp.float32(scale)),) + args[1:]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            return apply_fn(params, model_state, inputs, train=train, rng=rng)
+
+    return wrapped
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(STEPS * GLOBAL_BATCH, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=(STEPS * GLOBAL_BATCH,)).astype(np.int32)
+    return x, y
+
+
+def _setup(axis_name, activations="static"):
+    teacher = CNN(channels=(4, 8), hidden=32)
+    student = CNN(channels=(4, 8), hidden=16, batch_norm=True, axis_name=axis_name)
+    t_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
+    s_params, s_state = split_variables(
+        CNN(channels=(4, 8), hidden=16, batch_norm=True).init(jax.random.key(2), jnp.zeros((1, 8, 8, 1)))
+    )
+    if activations == "static":
+        s_apply = _static_a8(linen_apply_fn(student))
+    else:
+        s_apply = quantize_activations(linen_apply_fn(student), 8)
+    transform = chain(
+        magnitude_pruning(0.75, schedule=polynomial_schedule(begin_step=0, end_step=4, frequency=1)),
+        weight_quantization(8),
+    )
+    # SGD, not Adam: the conv biases before BatchNorm get gradients that are exactly zero in exact
+    # arithmetic, and Adam would blow their rounding noise (which depends on the summation order,
+    # hence on the device count) up to learning-rate-sized steps.
+    opt = optax.sgd(0.1, momentum=0.9)
+    kd = Teacher(linen_apply_fn(teacher), functools.partial(kd_loss, temperature=4.0, kd_weight=0.9, ce_weight=0.1))
+    step = make_train_step(s_apply, opt, transform=transform, teacher=kd, axis_name=axis_name)
+    state = init_train_state(s_params, opt, transform=transform, model_state=s_state, rng=0,
+                             teacher_variables=split_variables(t_vars))
+    return step, state
+
+
+def _run(parallel, devices=8, activations="static"):
+    step, state = _setup(step_axis_name(parallel), activations)
+    dp = data_parallel(step, parallel=parallel, devices=devices)
+    state = dp.put_state(state)
+    x, y = _data()
+    losses = []
+    for i in range(STEPS):
+        sl = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+        state, metrics = dp.step(state, {"image": x[sl], "label": y[sl]})
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(dp.get_state(state)), losses
+
+
+def _assert_close(a, b):
+    """Max abs difference <= 1e-5 relative to the largest magnitude in the reference tree."""
+    scale = max(float(np.max(np.abs(np.asarray(x, np.float64)))) for x in jax.tree.leaves(b))
+    for (path, la), lb in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
+        assert np.max(np.abs(la - lb)) <= 1e-5 * scale, (jax.tree_util.keystr(path), np.max(np.abs(la - lb)))
+
+
+@pytest.fixture(scope="module")
+def single():
+    return _run("none", devices=1)
+
+
+@pytest.mark.parametrize("parallel", ["pmap", "shard"])
+def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
+    ref, ref_losses = single
+    got, losses = _run(parallel)
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _assert_close(got.params, ref.params)
+    _assert_close(got.model_state, ref.model_state)  # BatchNorm running statistics
+    masks_ref = jax.tree.leaves(ref.compression_state)
+    for a, b in zip(jax.tree.leaves(got.compression_state), masks_ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(got.step) == STEPS
+    # the pruning really happened: 75% of the pruned kernels are zero after 5 steps
+    masks = ref.compression_state[0].masks
+    kept = [np.mean(np.asarray(m)) for m in jax.tree.leaves(masks)]
+    assert kept and all(abs(k - 0.25) < 0.01 for k in kept)
+
+
+@pytest.mark.slow
+def test_dynamic_activation_ranges_equal_under_sharded_jit():
+    ref, _ = _run("none", devices=1, activations="dynamic")
+    got, _ = _run("shard", activations="dynamic")
+    _assert_close(got.params, ref.params)
+
+
+def test_layouts_and_errors():
+    assert per_device_batch_size(64, 8) == 8
+    with pytest.raises(ValueError, match="does not split evenly over 8 devices"):
+        per_device_batch_size(30, 8)
+    x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+    assert split_for_pmap({"x": x}, 8)["x"].shape == (8, 2, 3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        split_for_pmap({"x": x[:12]}, 8)
+    mesh = data_mesh(8)
+    g = shard_batch({"x": x}, mesh)["x"]
+    np.testing.assert_array_equal(np.asarray(g), x)
+    assert len(g.sharding.device_set) == 8 and g.addressable_shards[1].data.shape == (2, 3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        shard_batch({"x": x[:10]}, mesh)
+    bad = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    with pytest.raises(ValueError, match="no 'data' axis"):
+        data_parallel(lambda s, b: (s, {}), parallel="shard", mesh=bad)
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        data_parallel(lambda s, b: (s, {}), parallel="dp")
+    step, state = _setup(step_axis_name("shard"))
+    dp = data_parallel(step, parallel="shard")
+    with pytest.raises(ValueError, match="does not split evenly over 8 devices"):
+        dp.step(dp.put_state(state), {"image": np.zeros((12, 8, 8, 1), np.float32),
+                                      "label": np.zeros((12,), np.int32)})
+    assert scale_learning_rate(0.1, 2048, 256) == pytest.approx(0.8)
+    assert scale_learning_rate(1e-3, 64, 256, rule="sqrt") == pytest.approx(5e-4)
