@@ -10,6 +10,7 @@ from jaxcompress.core.rules import Rules, is_none, select
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_fraction
 from jaxcompress.prune.masks import apply_masks, mask_from_count, num_pruned
+from jaxcompress.prune.pruner import warn_unused_rules
 from jaxcompress.prune.schedules import PolynomialSchedule, one_shot_schedule
 
 
@@ -95,6 +96,7 @@ def magnitude_pruning(
         return jax.tree.map(new_mask, targets, masks, params, is_leaf=is_none)
 
     def init(params):
+        warn_unused_rules(params, rules)
         targets = _targets(params, rules, final_sparsity)
         ones = jax.tree.map(
             lambda t, w: None if t is None else jnp.ones(jnp.shape(w), bool), targets, params, is_leaf=is_none

@@ -83,9 +83,8 @@ def sensitivity_analysis(
 def allocate_sparsity(result: Sensitivity, target: float, *, resolution: float = 0.01) -> dict[str, float]:
     """Per-layer sparsities reaching ``target`` overall with the least predicted metric loss.
 
-    A layer's predicted loss at sparsity ``s`` is ``baseline - curve(s)`` (linear between grid
-    points, flat at 0 below the grid's first point, and the grid's last drop beyond it); losses
-    of layers are assumed to add. Sparsity is raised in steps of ``resolution``, always in the
+    A layer's predicted loss at sparsity ``s`` is ``baseline - curve(s)``, linear between grid
+    points; losses of layers are assumed to add. Sparsity is raised in steps of ``resolution``, always in the
     layer with the smallest loss increase per removed weight; the last step is trimmed so the
     overall sparsity is exactly ``target``. No layer goes beyond the grid's largest sparsity.
 

@@ -1,0 +1,158 @@
+"""Overhead of magnitude pruning in the train step, and the cost of one mask update.
+
+Candidate: LeNet-5, batch 128, Adam, ``magnitude_pruning(0.9)`` with masks recomputed every 100
+steps (``polynomial_schedule(frequency=100)``, inside the jitted step under ``lax.cond``).
+Baseline: the same step without a transform. Both are timed interleaved in one process: after a
+warm-up, blocks of 100 consecutive steps (so every candidate block contains exactly one mask
+update) alternate between the two; the ratio is of the median block times (amortised cost).
+Per-step medians are reported too.
+
+Second measurement: one mask update (``update`` on an update step, the argsort of every tensor)
+for a pytree with the kernel shapes of ResNet-18 (11.2M weights) and ResNet-50 (23.5M), against
+the same ``update`` on a step without mask recomputation.
+
+Usage: python experiments/benchmarks/prune_overhead.py --out FILE.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxcompress as jc
+from jaxcompress.core import update_info
+from jaxcompress.models import LeNet5
+from jaxcompress.prune import polynomial_schedule
+from jaxcompress.train import split_variables
+
+BLOCK = 100
+
+
+def resnet_kernels(depth: int):
+    """Kernel shapes (HWIO conv, IO dense) of ResNet-18 / ResNet-50 for ImageNet (He et al. 2016)."""
+    shapes = [(7, 7, 3, 64)]
+    widths = (64, 128, 256, 512)
+    if depth == 18:
+        blocks, cin = (2, 2, 2, 2), 64
+        for stage, (w, n) in enumerate(zip(widths, blocks)):
+            for b in range(n):
+                shapes += [(3, 3, cin, w), (3, 3, w, w)]
+                if cin != w:
+                    shapes.append((1, 1, cin, w))
+                cin = w
+        shapes.append((512, 1000))
+    else:
+        blocks, cin = (3, 4, 6, 3), 64
+        for w, n in zip(widths, blocks):
+            for b in range(n):
+                shapes += [(1, 1, cin, w), (3, 3, w, w), (1, 1, w, 4 * w)]
+                if cin != 4 * w:
+                    shapes.append((1, 1, cin, 4 * w))
+                cin = 4 * w
+        shapes.append((2048, 1000))
+    rng = np.random.default_rng(0)
+    return {f"layer{i}": {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for i, s in enumerate(shapes)}
+
+
+def time_train_steps(quick: bool):
+    module = LeNet5()
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(128, 28, 28, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 128), jnp.int32)}
+    params, _ = split_variables(module.init(jax.random.key(0), batch["image"][:1]))
+    optimizer = optax.adam(1e-3)
+    apply_fn = jc.linen_apply_fn(module)
+    # Constant 90% (initial = final sparsity), masks recomputed every BLOCK steps.
+    schedule = polynomial_schedule(begin_step=0, end_step=10**9, frequency=BLOCK, initial_sparsity=0.9)
+    prune = jc.magnitude_pruning(0.9, schedule=schedule)
+    runs = {}
+    for name, transform in (("baseline", None), ("candidate", prune)):
+        state = jc.init_train_state(jax.tree.map(jnp.copy, params), optimizer, transform=transform)
+        step = jax.jit(jc.make_train_step(apply_fn, optimizer, transform=transform), donate_argnums=0)
+        runs[name] = [state, step]
+    blocks = 6 if quick else 30
+    block_times = {k: [] for k in runs}
+    step_times = {k: [] for k in runs}
+    for name, (state, step) in runs.items():  # warm-up: compile and run two blocks
+        for _ in range(2 * BLOCK):
+            state, m = step(state, batch)
+        jax.block_until_ready(state)
+        runs[name][0] = state
+    for _ in range(blocks):
+        for name in runs:
+            state, step = runs[name]
+            t0 = time.perf_counter()
+            for _ in range(BLOCK):
+                t1 = time.perf_counter()
+                state, m = step(state, batch)
+                jax.block_until_ready(m)
+                step_times[name].append(time.perf_counter() - t1)
+            jax.block_until_ready(state)
+            block_times[name].append(time.perf_counter() - t0)
+            runs[name][0] = state
+    masks = runs["candidate"][0].compression_state.masks
+    sparsity = float(np.mean([np.mean(~np.asarray(m)) for m in jax.tree.leaves(masks)]))
+    return {
+        "block_steps": BLOCK,
+        "blocks": blocks,
+        "median_block_s": {k: float(np.median(v)) for k, v in block_times.items()},
+        "median_step_s": {k: float(np.median(v)) for k, v in step_times.items()},
+        "mean_kernel_sparsity_at_end": sparsity,
+    }
+
+
+def time_mask_update(depth: int, reps: int):
+    params = resnet_kernels(depth)
+    schedule = polynomial_schedule(begin_step=1, end_step=10**9, frequency=BLOCK, initial_sparsity=0.9)
+    t = jc.magnitude_pruning(0.9, schedule=schedule)
+    state = t.init(params)  # begin_step=1: no masks computed at init
+    update = jax.jit(t.update)
+    out = {}
+    for name, step in (("update_step", BLOCK + 1), ("other_step", BLOCK + 2)):
+        s = state._replace(count=jnp.asarray(step - 1, jnp.int32))
+        jax.block_until_ready(update(params, s, update_info(step)))
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(update(params, s, update_info(step)))
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+    out["weights"] = int(sum(x.size for x in jax.tree.leaves(params)))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    train = time_train_steps(args.quick)
+    updates = {f"resnet{d}": time_mask_update(d, 3 if args.quick else 7) for d in ((18,) if args.quick else (18, 50))}
+    ratio = train["median_block_s"]["candidate"] / train["median_block_s"]["baseline"]
+    result = {
+        "benchmark": "prune_overhead",
+        "ratio": ratio,
+        "ratio_definition": "median time of 100 LeNet-5 train steps with 90% magnitude pruning (one mask update "
+                            "per block) / the same without pruning; lower is better",
+        "step_ratio_median": train["median_step_s"]["candidate"] / train["median_step_s"]["baseline"],
+        "train_step": train,
+        "mask_update": updates,
+        "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
+                        "python": platform.python_version(), "quick": args.quick},
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    for name, u in updates.items():
+        print(f"{name}: {u['weights']:,} weights, mask update {u['update_step'] * 1e3:.1f} ms, "
+              f"other steps {u['other_step'] * 1e3:.2f} ms")
+    print(f"{ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()
