@@ -20,3 +20,6 @@ from jaxcompress.train.parallel import scale_learning_rate as scale_learning_rat
 from jaxcompress.train.parallel import shard_batch as shard_batch
 from jaxcompress.train.parallel import split_for_pmap as split_for_pmap
 from jaxcompress.train.parallel import step_axis_name as step_axis_name
+from jaxcompress.train.checkpoint import Checkpointer as Checkpointer
+from jaxcompress.train.checkpoint import Restored as Restored
+from jaxcompress.train.parallel import replicate as replicate

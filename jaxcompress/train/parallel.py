@@ -199,6 +199,25 @@ def shard_batch(batch: Any, mesh: Mesh, axis_name: str = DATA_AXIS) -> Any:
     return jax.tree.map(put, batch)
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every leaf of ``tree`` on all devices of ``mesh`` (fully replicated).
+
+    With several processes every process passes the same values; each provides the copies of its
+    own devices (``jax.device_put`` only reaches addressable devices).
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
 def split_for_pmap(batch: Any, num_devices: int) -> Any:
     """Reshapes every ``(B, ...)`` leaf to ``(num_devices, B // num_devices, ...)`` for ``pmap``."""
 
@@ -306,5 +325,5 @@ def data_parallel(
 
     return DataParallel(
         "shard", int(mesh.shape[axis_name]), mesh, shard_step,
-        lambda s: jax.device_put(s, replicated), get_state,
+        lambda s: replicate(s, mesh), get_state,
     )
