@@ -191,12 +191,13 @@ def main():
         )
     lines += [
         "",
-        "Han et al. prune layer-wise with sensitivity-chosen thresholds and retrain; they report no SNIP or RigL "
-        "numbers (those papers do not report LeNet-300-100 at 92%), hence n/a.",
+        "Han et al. prune layer-wise with sensitivity-chosen thresholds and retrain. We compare the SNIP and RigL "
+        "rows with our own magnitude rows only: we cite no published number for them on this model at 92%, hence n/a.",
         "",
-        f"Sensitivity allocation (validation accuracy with one layer pruned, baseline {100 * sens.baseline:.2f}%): "
+        "Sparsities chosen by the sensitivity allocation (from validation accuracy with one layer pruned, "
+        f"baseline {100 * sens.baseline:.2f}%): "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_layer.items())
-        + f"; Han et al. chose {', '.join(f'{k} {100 * (1 - v):.0f}%' for k, v in HAN['layer_density'].items())}.",
+        + f"; Han et al. chose the sparsities {', '.join(f'{k} {100 * (1 - v):.0f}%' for k, v in HAN['layer_density'].items())}.",
         "",
         "Per-layer sparsity of the gradual magnitude (global) row:",
         "",

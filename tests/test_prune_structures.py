@@ -204,3 +204,6 @@ def test_unused_rules_warn_and_int_leaves_raise():
         pruning(0.5, rules=[("^conv/", True), ("^dense/", True)]).init(p)
     with pytest.raises(TypeError, match="not floating"):
         pruning(0.5, rules=[("^table/", True)]).init(p)
+    # first match wins: an earlier rule leaving the int leaf alone is fine
+    masks = pruning(0.5, rules=[("^table/", None), ("ids", True), (".*", True)]).init(p).masks
+    assert masks["table"]["ids"] is None and int(masks["dense"]["kernel"].sum()) == 8

@@ -8,7 +8,7 @@ update) alternate between the two; the ratio is of the median block times (amort
 Per-step medians are reported too.
 
 Second measurement: one mask update (``update`` on an update step, the argsort of every tensor)
-for a pytree with the kernel shapes of ResNet-18 (11.2M weights) and ResNet-50 (23.5M), against
+for a pytree with the kernel shapes of ResNet-18 (11.7M kernel weights) and ResNet-50 (25.5M), against
 the same ``update`` on a step without mask recomputation.
 
 Usage: python experiments/benchmarks/prune_overhead.py --out FILE.json [--quick]

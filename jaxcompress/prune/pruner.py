@@ -1,6 +1,7 @@
 """The general pruning transform: a criterion, a structure, a scope and a schedule."""
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, NamedTuple, Optional, Union
 
@@ -53,20 +54,21 @@ def warn_unused_rules(params: Any, rules: Optional[Rules]) -> None:
 
 
 def check_candidates(params: Any, rules: Optional[Rules]) -> None:
-    """Raises TypeError when a rule names a non-float leaf explicitly (it cannot be pruned)."""
+    """Raises TypeError when a rule names a non-float leaf (first match wins; catch-alls skip them)."""
     if rules is None:
         return
-    import re
-
     for d in explain(params, [(".*", True)], min_ndim=0):
         if d.reason != "not floating":
             continue
         for pattern, value in rules:
-            if pattern not in (".*", "") and re.search(pattern, d.path) and value not in (None, False):
+            if not re.search(pattern, d.path):
+                continue
+            if pattern not in (".*", "") and value not in (None, False):
                 raise TypeError(
                     f"rule {pattern!r} selects {d.path!r} of dtype {d.dtype}, which is not floating and cannot "
                     "be pruned; exclude it or give it the value None."
                 )
+            break
 
 
 def _targets(params, rules, sparsity, structure):
