@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional, Sequence
 
 
+def _request_host_devices(count: Optional[int]) -> None:
+    """Asks XLA for ``count`` CPU devices (only read when JAX starts its CPU backend; no effect on GPU/TPU)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count and count > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.parallel != "none":
+        _request_host_devices(args.devices)
     from jaxcompress.data.mnist import DataNotFoundError
     from jaxcompress.recipes.demo import DemoConfig, run_demo
     from jaxcompress.recipes.report import report_markdown, write_report
@@ -21,6 +31,8 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
+        parallel=args.parallel,
+        devices=args.devices,
         **({"teacher_epochs": args.epochs, "student_epochs": args.epochs,
             "prune_epochs": args.epochs, "qat_epochs": args.epochs} if args.epochs else {}),
     )
@@ -59,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=float, default=None, help="epochs of every stage (default: per-stage settings)")
     demo.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     demo.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
+    demo.add_argument("--parallel", default="none", choices=["none", "pmap", "shard"],
+                      help="data parallelism: none (one device), pmap, or shard (jit over a 'data' mesh); "
+                      "the batch of each step stays the global batch (default: %(default)s)")
+    demo.add_argument("--devices", type=int, default=None,
+                      help="devices for --parallel (default: all; on CPU, this many host devices are created)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
     return parser

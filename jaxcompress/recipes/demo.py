@@ -28,6 +28,7 @@ from jaxcompress.prune.magnitude import fixed_masks, magnitude_pruning
 from jaxcompress.prune.schedules import polynomial_schedule
 from jaxcompress.quant.weights import bit_widths, weight_quantization
 from jaxcompress.train.loop import fit
+from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
 from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train_step
 
@@ -37,6 +38,8 @@ class DemoConfig:
     """Settings of :func:`run_demo` (defaults reach the targets on MNIST in a few CPU minutes).
 
     Epoch counts may be fractional. ``train_subset``/``test_subset`` cut the data (smoke tests).
+    ``parallel`` (``'none'``, ``'pmap'``, ``'shard'``) trains data-parallel on ``devices`` devices
+    (default all); ``batch_size`` is then the global batch, split evenly over the devices.
     """
 
     dataset: str = "mnist"
@@ -56,6 +59,8 @@ class DemoConfig:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     progress: bool = True
+    parallel: str = "none"
+    devices: Optional[int] = None
 
 
 #: Stage lengths for the small bundled digits set (1,437 training images): more epochs, same steps.
@@ -157,10 +162,21 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     eval_bs = min(1000, len(yt))
     stages: list[dict] = []
 
+    axis_name = step_axis_name(config.parallel)
+    if config.parallel != "none":
+        n = len(jax.devices()) if config.devices is None else config.devices
+        per_device_batch_size(config.batch_size, n)
+
     def run_stage(name, model_apply, state, step, epochs, seed, transform: Optional[Transform] = None):
         t0 = time.time()
-        state, metrics = fit(jax.jit(step, donate_argnums=0), state, xs, ys, num_epochs=epochs, seed=seed,
-                             desc=name, **fit_kw)
+        if config.parallel == "none":
+            state, metrics = fit(jax.jit(step, donate_argnums=0), state, xs, ys, num_epochs=epochs, seed=seed,
+                                 desc=name, **fit_kw)
+        else:
+            dp = data_parallel(step, parallel=config.parallel, devices=config.devices)
+            state, metrics = fit(dp.step, dp.put_state(state), xs, ys, num_epochs=epochs, seed=seed,
+                                 desc=name, **fit_kw)
+            state = dp.get_state(state)
         ev = evaluate(jax.jit(make_eval_step(model_apply, transform=transform)), state, xt, yt, batch_size=eval_bs)
         log(f"{name}: test accuracy {ev['accuracy']:.4f} (train loss {metrics['loss']:.4f}) "
             f"in {time.time() - t0:.1f} s")
@@ -172,7 +188,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     t_params, t_mstate = split_variables(teacher.init(k_teacher, xs[:1]))
     opt = optax.adam(config.learning_rate)
     state = init_train_state(t_params, opt, model_state=t_mstate, rng=config.seed)
-    state, acc, secs = run_stage("teacher", t_apply, state, make_train_step(t_apply, opt),
+    state, acc, secs = run_stage("teacher", t_apply, state, make_train_step(t_apply, opt, axis_name=axis_name),
                                  config.teacher_epochs, config.seed)
     stages.append(_stage_record("teacher", acc, state.params, secs))
     teacher_variables = (state.params, state.model_state)
@@ -189,7 +205,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         # The step donates its state; copies keep the teacher usable by the next stage.
         st = init_train_state(params, opt, transform=transform, model_state=s_mstate, rng=seed,
                               teacher_variables=jax.tree.map(jnp.copy, teacher_variables))
-        step = make_train_step(s_apply, opt, transform=transform, teacher=kd)
+        step = make_train_step(s_apply, opt, transform=transform, teacher=kd, axis_name=axis_name)
         return run_stage(name, s_apply, st, step, epochs, seed, transform)
 
     state, acc, secs = student_stage("student (distilled)", s_params, config.student_epochs,

@@ -191,6 +191,8 @@ def shard_batch(batch: Any, mesh: Mesh, axis_name: str = DATA_AXIS) -> Any:
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
     def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x  # already laid out (e.g. prefetched)
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         per_device_batch_size(x.shape[0], local_devices)
         global_shape = (x.shape[0] * jax.process_count(),) + tuple(x.shape[1:])
@@ -302,10 +304,19 @@ def data_parallel(
             state, metrics = mapped(state, split_for_pmap(batch, n))
             return state, jax.tree.map(lambda m: m[0], metrics)
 
-        def put_state(state):
-            return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), state)
+        stacked = NamedSharding(Mesh(np.array(devs), (axis_name,)), PartitionSpec(axis_name))
 
-        return DataParallel("pmap", n, None, pmap_step, put_state, lambda s: jax.tree.map(lambda x: x[0], s))
+        def put_state(state):
+            # one copy per device, laid out as pmap expects whatever the state's current placement
+            return jax.tree.map(
+                lambda x: jax.device_put(jnp.broadcast_to(jax.device_put(x, devs[0]), (n,) + jnp.shape(x)), stacked),
+                state,
+            )
+
+        def get_state(state):
+            return jax.tree.map(lambda x: jax.device_put(x[0], devs[0]), state)
+
+        return DataParallel("pmap", n, None, pmap_step, put_state, get_state)
     mesh = data_mesh(devices, axis_name=axis_name) if mesh is None else check_mesh(mesh, axis_name)
     replicated = NamedSharding(mesh, PartitionSpec())
     compiled = jax.jit(
