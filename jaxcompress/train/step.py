@@ -20,6 +20,8 @@ class Teacher(NamedTuple):
 
     Its variables live in ``TrainState.teacher_variables`` (so they are sharded, replicated and
     checkpointed like everything else and are not baked into the compiled step as constants).
+    A step jitted with ``donate_argnums=0`` donates them with the rest of the state: to reuse one
+    teacher's arrays in several states, give each state a copy (``jax.tree.map(jnp.copy, v)``).
 
     Attributes:
       apply_fn: ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, model_state)``;
