@@ -189,9 +189,10 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4), squeeze=False)
     for ax, ds in zip(axes[0], names):
         runs = results["datasets"][ds]["runs"]
-        labels = list(runs)
+        order = ["float", "float fine-tuned", "PTQ int8 W8", "PTQ int8 W8A8"] + [f"QAT {c[0]}" for c in CONFIGS]
+        labels = sorted(runs, key=lambda k: order.index(k) if k in order else len(order))
         acc = [runs[k]["accuracy"] for k in labels]
-        colors = ["gray" if k == "float" else ("tab:orange" if k.startswith("PTQ") else "tab:blue") for k in labels]
+        colors = ["gray" if k.startswith("float") else ("tab:orange" if k.startswith("PTQ") else "tab:blue") for k in labels]
         ax.bar(range(len(labels)), acc, color=colors)
         ax.axhline(runs["float"]["accuracy"], color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(labels)), [k.replace("QAT ", "") for k in labels], rotation=45, ha="right")
