@@ -48,7 +48,7 @@ def _data():
     return x, y
 
 
-def _setup(axis_name, activations="static"):
+def _setup(axis_name, activations="dynamic"):
     teacher = CNN(channels=(4, 8), hidden=32)
     student = CNN(channels=(4, 8), hidden=16, batch_norm=True, axis_name=axis_name)
     t_vars = teacher.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)))
@@ -58,7 +58,7 @@ def _setup(axis_name, activations="static"):
     if activations == "static":
         s_apply = _static_a8(linen_apply_fn(student))
     else:
-        s_apply = quantize_activations(linen_apply_fn(student), 8)
+        s_apply = quantize_activations(linen_apply_fn(student), 8, axis_name=axis_name)
     transform = chain(
         magnitude_pruning(0.75, schedule=polynomial_schedule(begin_step=0, end_step=4, frequency=1)),
         weight_quantization(8),
@@ -74,7 +74,7 @@ def _setup(axis_name, activations="static"):
     return step, state
 
 
-def _run(parallel, devices=8, activations="static"):
+def _run(parallel, devices=8, activations="dynamic"):
     step, state = _setup(step_axis_name(parallel), activations)
     dp = data_parallel(step, parallel=parallel, devices=devices)
     state = dp.put_state(state)
@@ -105,7 +105,9 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
     ref, ref_losses = single
     got, losses = _run(parallel)
     assert len(jax.devices()) == 8
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # Losses to 1e-4: an activation landing on a rounding boundary of the 8-bit grid can flip by
+    # one level when the summation order changes; the params criterion below is the acceptance one.
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     _assert_close(got.params, ref.params)
     _assert_close(got.model_state, ref.model_state)  # BatchNorm running statistics
     masks_ref = jax.tree.leaves(ref.compression_state)
@@ -119,9 +121,9 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
 
 
 @pytest.mark.slow
-def test_dynamic_activation_ranges_equal_under_sharded_jit():
-    ref, _ = _run("none", devices=1, activations="dynamic")
-    got, _ = _run("shard", activations="dynamic")
+def test_static_activation_scale_equal_under_pmap():
+    ref, _ = _run("none", devices=1, activations="static")
+    got, _ = _run("pmap", activations="static")
     _assert_close(got.params, ref.params)
 
 

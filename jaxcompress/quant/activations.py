@@ -43,9 +43,14 @@ def _layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
     return bits if value is True else check_bits("per-rule activation bits", value, low=2)
 
 
-def _batch_range(x):
+def _batch_range(x, axis_name=None):
     xs = jax.lax.stop_gradient(x).astype(jnp.float32)
-    return jnp.min(xs), jnp.max(xs)
+    lo, hi = jnp.min(xs), jnp.max(xs)
+    if axis_name is not None:
+        # Under pmap each device sees a slice of the batch: the range of the global batch is the
+        # min/max over devices, which makes the result equal to a single-device run.
+        lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+    return lo, hi
 
 
 def _quant(x, lo, hi, bits, symmetric):
@@ -61,6 +66,7 @@ def quantize_activations(
     rules: Optional[Rules] = None,
     momentum: float = 0.99,
     layers: tuple = LINEN_LAYERS,
+    axis_name: Optional[str] = None,
 ) -> Callable:
     """Wraps a Linen apply function so the inputs of its layers are fake-quantized.
 
@@ -73,6 +79,9 @@ def quantize_activations(
         ``bits``, an int overrides, ``None`` keeps that layer's input in float. Default: all.
       momentum: EMA factor for calibrated ranges in training mode.
       layers: the Linen layer classes whose ``__call__`` input is quantized.
+      axis_name: under ``jax.pmap``, the mapped axis (the train step's ``axis_name``): batch
+        ranges are then the min/max over all devices, as on one device. Leave ``None`` for one
+        device and for sharded ``jit`` (whose arrays are already global).
 
     Returns:
       An apply function with the same signature. With ``'quant_stats'`` in ``model_state``
@@ -106,7 +115,7 @@ def quantize_activations(
             if b is None:
                 return next_fun(*args, **kwargs)
             x = args[0]
-            lo, hi = _batch_range(x)
+            lo, hi = _batch_range(x, axis_name)
             if stats is not None:
                 if name not in stats:
                     raise ValueError(
