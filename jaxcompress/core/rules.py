@@ -146,3 +146,18 @@ def format_decisions(decisions: Sequence[LeafDecision]) -> str:
 def is_none(x) -> bool:
     """``is_leaf`` predicate that makes ``None`` a leaf when mapping over selections."""
     return x is None
+
+
+def select_values(params: Any, rules: Optional[Rules], default: Any, check) -> Any:
+    """Per-leaf settings under ``rules``: ``True`` -> ``default``, ``None`` -> ``None``, else ``check(value)``.
+
+    Transforms use it to turn rule values into per-leaf settings (a sparsity, a bit width),
+    validating explicit values with ``check``.
+    """
+
+    def setting(value):
+        if value is None:
+            return None
+        return default if value is True else check(value)
+
+    return jax.tree.map(setting, select(params, rules), is_leaf=is_none)

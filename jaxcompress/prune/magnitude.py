@@ -6,7 +6,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.rules import Rules, is_none, select
+from jaxcompress.core.rules import Rules, is_none, select_values
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_fraction
 from jaxcompress.prune.masks import apply_masks, mask_from_count, num_pruned
@@ -28,15 +28,7 @@ class PruneState(NamedTuple):
 
 def _targets(params, rules, final_sparsity):
     """Per-leaf final sparsity: ``True`` takes the default, a float overrides it."""
-
-    def target(value):
-        if value is None:
-            return None
-        if value is True:
-            return final_sparsity
-        return check_fraction("per-rule sparsity", value)
-
-    return jax.tree.map(target, select(params, rules), is_leaf=is_none)
+    return select_values(params, rules, final_sparsity, lambda v: check_fraction("per-rule sparsity", v))
 
 
 def magnitude_pruning(

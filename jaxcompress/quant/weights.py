@@ -6,7 +6,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.rules import Rules, is_none, select
+from jaxcompress.core.rules import Rules, is_none, select_values
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_bits
 from jaxcompress.quant.fake_quant import fake_quant_symmetric
@@ -24,15 +24,7 @@ class QuantState(NamedTuple):
 
 def bit_widths(params: Any, rules: Optional[Rules], bits: int) -> Any:
     """Per-leaf bit widths under ``rules`` (``True`` -> ``bits``, an int overrides, ``None`` = float)."""
-
-    def leaf_bits(value):
-        if value is None:
-            return None
-        if value is True:
-            return bits
-        return check_bits("per-rule bits", value)
-
-    return jax.tree.map(leaf_bits, select(params, rules), is_leaf=is_none)
+    return select_values(params, rules, bits, lambda v: check_bits("per-rule bits", v))
 
 
 def weight_quantization(
