@@ -74,25 +74,36 @@ def _setup(axis_name, activations="dynamic"):
     return step, state
 
 
-def _run(parallel, devices=8, activations="dynamic"):
-    step, state = _setup(step_axis_name(parallel), activations)
-    dp = data_parallel(step, parallel=parallel, devices=devices)
-    state = dp.put_state(state)
-    x, y = _data()
-    losses = []
-    for i in range(STEPS):
-        sl = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
-        state, metrics = dp.step(state, {"image": x[sl], "label": y[sl]})
-        losses.append(float(metrics["loss"]))
-    return jax.device_get(dp.get_state(state)), losses
+def _run(parallel, devices=8, activations="dynamic", x64=True):
+    """Five steps on ``devices``; with ``x64`` the forward and backward passes run in float64.
+
+    Float64 compute (the params stay float32, as the model declares them) takes the summation
+    order out of the comparison: in float32 the per-device partial sums of BatchNorm statistics
+    and gradients differ from one device's sums by ulps, and an activation sitting on a rounding
+    boundary of the 8-bit grid then flips by one level. That flip is a legitimate float32
+    outcome, not a difference between the three paths, so the equality test runs in float64
+    and the float32 runs are compared with a bound that allows it.
+    """
+    with jax.enable_x64(x64):
+        step, state = _setup(step_axis_name(parallel), activations)
+        dp = data_parallel(step, parallel=parallel, devices=devices)
+        state = dp.put_state(state)
+        x, y = _data()
+        x = x.astype(np.float64 if x64 else np.float32)
+        losses = []
+        for i in range(STEPS):
+            sl = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+            state, metrics = dp.step(state, {"image": x[sl], "label": y[sl]})
+            losses.append(float(metrics["loss"]))
+        return jax.device_get(dp.get_state(state)), losses
 
 
-def _assert_close(a, b):
-    """Max abs difference <= 1e-5 relative to the largest magnitude in the reference tree."""
+def _assert_close(a, b, rel=1e-5):
+    """Max abs difference <= ``rel`` relative to the largest magnitude in the reference tree."""
     scale = max(float(np.max(np.abs(np.asarray(x, np.float64)))) for x in jax.tree.leaves(b))
     for (path, la), lb in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
         la, lb = np.asarray(la, np.float64), np.asarray(lb, np.float64)
-        assert np.max(np.abs(la - lb)) <= 1e-5 * scale, (jax.tree_util.keystr(path), np.max(np.abs(la - lb)))
+        assert np.max(np.abs(la - lb)) <= rel * scale, (jax.tree_util.keystr(path), np.max(np.abs(la - lb)))
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +116,8 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
     ref, ref_losses = single
     got, losses = _run(parallel)
     assert len(jax.devices()) == 8
-    # Losses to 1e-4: an activation landing on a rounding boundary of the 8-bit grid can flip by
-    # one level when the summation order changes; the params criterion below is the acceptance one.
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(got.params))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     _assert_close(got.params, ref.params)
     _assert_close(got.model_state, ref.model_state)  # BatchNorm running statistics
     masks_ref = jax.tree.leaves(ref.compression_state)
@@ -118,6 +128,15 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
     masks = ref.compression_state[0].masks
     kept = [np.mean(np.asarray(m)) for m in jax.tree.leaves(masks)]
     assert kept and all(abs(k - 0.25) < 0.01 for k in kept)
+
+
+def test_float32_runs_agree_up_to_rounding_flips(single):
+    """In float32 the paths agree to the size of a one-level flip of an 8-bit activation."""
+    ref, ref_losses = _run("none", devices=1, x64=False)
+    got, losses = _run("pmap", x64=False)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
+    _assert_close(got.params, ref.params, rel=1e-3)
+    _assert_close(got.params, single[0].params, rel=1e-3)  # and float32 is close to the float64 compute
 
 
 @pytest.mark.slow
