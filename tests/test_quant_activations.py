@@ -10,13 +10,19 @@ import pytest
 from jaxcompress.data import load_mnist
 from jaxcompress.models import LeNet5, MLP
 from jaxcompress.quant import (
+    PACT_KEY,
+    QuantStat,
     affine_qparams,
     calibrate_activations,
+    calibrate_nnx_activations,
     fake_quant_affine,
     minmax,
     moving_average_minmax,
     mse,
     nnx_apply_fn,
+    pact,
+    pact_activations,
+    pact_params,
     percentile,
     quantize_activations,
     quantize_nnx_activations,
@@ -184,3 +190,112 @@ def test_nnx_model_trains_with_w8a8(mnist_small):
         t = quantize_weights(8) if quantized else None
         accs[quantized] = _train(nnx_apply_fn(graphdef), params, ms, t, mnist_small, steps=200)[1]
     assert accs[True] > 0.85 and abs(accs[True] - accs[False]) < 0.015, accs
+
+
+def test_pact_forward_and_alpha_gradient_against_hand_derivation():
+    model, params, state, x = _mlp_setup(3)
+    apply_fn = linen_apply_fn(model)
+    p = pact_params(apply_fn, params, state, x)
+    flat = np.asarray(x, np.float64).reshape(32, -1)
+    hidden = np.maximum(flat @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
+    # default init: each alpha is the max of its layer's input, so nothing is clipped at first
+    np.testing.assert_allclose(float(p[PACT_KEY]["fc1"]), flat.max(), rtol=1e-6)
+    np.testing.assert_allclose(float(p[PACT_KEY]["head"]), hidden.max(), rtol=1e-5)
+    alphas = {"fc1": jnp.float32(0.8 * flat.max()), "head": jnp.float32(0.5 * hidden.max())}
+    p = {**p, PACT_KEY: alphas}
+    f = pact_activations(apply_fn, 4)
+    got, _ = f(p, state, x, train=False)
+    want = _mlp_by_hand(params, x, lambda n, a: pact(a, alphas[n], 4))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # d sum(logits) / d alpha_head = sum over inputs h_j >= alpha of sum_k W_head[j, k]
+    g = jax.grad(lambda q: f(q, state, x, train=True, rng=jax.random.key(0))[0].sum())(p)
+    h = np.asarray(pact(jnp.asarray(flat, jnp.float32), alphas["fc1"], 4), np.float64)
+    h = np.maximum(h @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
+    w_rows = np.asarray(params["head"]["kernel"], np.float64).sum(axis=1)
+    want_g = float(((h >= float(alphas["head"])) * w_rows).sum())
+    assert (h >= float(alphas["head"])).any()
+    np.testing.assert_allclose(float(g[PACT_KEY]["head"]), want_g, rtol=1e-4)
+    # and the weights get their gradient through the clipped inputs
+    assert float(jnp.abs(g["fc1"]["kernel"]).sum()) > 0
+
+
+def test_pact_bad_input():
+    model, params, state, x = _mlp_setup(4)
+    apply_fn = linen_apply_fn(model)
+    with pytest.raises(ValueError, match="pact_alpha"):
+        pact_activations(apply_fn, 4)(params, state, x, train=False)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        pact_params(apply_fn, params, state, x, alpha=0.0)
+    p = pact_params(apply_fn, params, state, x, rules=[("head", None), (".*", True)])
+    assert set(p[PACT_KEY]) == {"fc1"}
+    with pytest.raises(ValueError, match="already hold"):
+        pact_params(apply_fn, p, state, x)
+    with pytest.raises(ValueError, match="no alpha for layer 'head'"):
+        pact_activations(apply_fn, 4)(p, state, x, train=False)  # rules differ from pact_params'
+    with pytest.raises(ValueError, match="bits"):
+        pact_activations(apply_fn, 9)
+
+
+def test_linen_cnn_trains_with_w4_and_pact_a4(mnist_small):
+    model = LeNet5()
+    apply_fn = linen_apply_fn(model)
+    params, ms = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    params = pact_params(apply_fn, params, ms, mnist_small[0][:256])
+    state, acc = _train(pact_activations(apply_fn, 4), params, ms, quantize_weights(4), mnist_small, steps=150)
+    assert acc > 0.9, acc
+    moved = [abs(float(state.params[PACT_KEY][k]) - float(params[PACT_KEY][k])) for k in params[PACT_KEY]]
+    assert max(moved) > 1e-3, moved  # the clipping levels are trained
+
+
+def test_nnx_calibrated_ranges_live_in_model_state():
+    model = NNXNet(nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    batches = [jnp.asarray(rng.uniform(size=(8, 28, 28, 1)), jnp.float32) for _ in range(2)]
+    q = quantize_nnx_activations(model, 8, momentum=0.9)
+    cal = calibrate_nnx_activations(q, batches)
+    assert q.conv.conv_general_dilated.min is None  # the input model is untouched
+    xs = np.concatenate([np.asarray(b) for b in batches])
+    np.testing.assert_allclose(float(cal.conv.conv_general_dilated.min[...]), xs.min(), rtol=1e-6)
+    np.testing.assert_allclose(float(cal.conv.conv_general_dilated.max[...]), xs.max(), rtol=1e-6)
+    model.eval()
+    fc_in = [nnx.relu(model.bn(model.conv(b))).reshape(8, -1) for b in batches]
+    np.testing.assert_allclose(float(cal.fc.dot_general.max[...]), max(float(h.max()) for h in fc_in), rtol=1e-5)
+    graphdef, params, ms = nnx.split(cal, nnx.Param, ...)
+    stats = jax.tree.leaves(nnx.filter_state(ms, QuantStat))
+    assert len(stats) == 6  # min and max for conv, fc and head, in the model state
+    apply_fn = nnx_apply_fn(graphdef)
+    x = batches[0][:2] * 0.5  # a narrower batch: eval must still use the calibrated ranges
+    got, new_ms = apply_fn(params, ms, x, train=False)
+    hooks = {n: (float(getattr(getattr(cal, n), a).min[...]), float(getattr(getattr(cal, n), a).max[...]))
+             for n, a in (("conv", "conv_general_dilated"), ("fc", "dot_general"), ("head", "dot_general"))}
+    h = nnx.relu(model.bn(model.conv(_fq(x, *hooks["conv"], 8)))).reshape(2, -1)
+    h = nnx.relu(model.fc(_fq(h, *hooks["fc"], 8)))
+    want = model.head(_fq(h, *hooks["head"], 8))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert new_ms is ms
+    # training mode: the EMA of the batch ranges, returned in the new model state
+    _, trained = jax.jit(lambda p, s, x: apply_fn(p, s, x, train=True))(params, ms, x)
+    lo = trained["conv"]["conv_general_dilated"]["min"][...]
+    np.testing.assert_allclose(float(lo), 0.9 * hooks["conv"][0] + 0.1 * float(x.min()), rtol=1e-5)
+
+
+def test_nnx_calibration_bad_input():
+    with pytest.raises(ValueError, match="no activation quantization hooks"):
+        calibrate_nnx_activations(NNXNet(nnx.Rngs(0)), [jnp.zeros((1, 28, 28, 1))])
+    q = quantize_nnx_activations(NNXNet(nnx.Rngs(0)), 8)
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_nnx_activations(q, [])
+    with pytest.raises(ValueError, match="already has activation quantization hooks"):
+        quantize_nnx_activations(q, 8)
+
+
+def test_nnx_model_trains_with_calibrated_w8a8(mnist_small):
+    q = quantize_nnx_activations(NNXNet(nnx.Rngs(0)), 8)
+    cal = calibrate_nnx_activations(q, [mnist_small[0][i : i + 500] for i in range(0, 1000, 500)])
+    cal.train()
+    graphdef, params, ms = nnx.split(cal, nnx.Param, ...)
+    state, acc = _train(nnx_apply_fn(graphdef), params, ms, quantize_weights(8), mnist_small, steps=200)
+    assert acc > 0.85, acc
+    before = jax.tree.leaves(nnx.filter_state(ms, QuantStat))
+    after = jax.tree.leaves(nnx.filter_state(state.model_state, QuantStat))
+    assert len(after) == len(before) and any(float(a) != float(b) for a, b in zip(after, before))

@@ -8,6 +8,9 @@ from jaxcompress.quant.weights import bit_widths as bit_widths
 from jaxcompress.quant.weights import weight_quantization as weight_quantization
 from jaxcompress.quant.activations import COLLECTION as COLLECTION
 from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
+from jaxcompress.quant.activations import PACT_KEY as PACT_KEY
+from jaxcompress.quant.activations import pact_activations as pact_activations
+from jaxcompress.quant.activations import pact_params as pact_params
 from jaxcompress.quant.activations import quantize_activations as quantize_activations
 from jaxcompress.quant.affine import affine_qparams as affine_qparams
 from jaxcompress.quant.affine import check_finite as check_finite
@@ -19,6 +22,8 @@ from jaxcompress.quant.lowbit import lsq_fake_quant as lsq_fake_quant
 from jaxcompress.quant.lowbit import lsq_init_step as lsq_init_step
 from jaxcompress.quant.lowbit import pact as pact
 from jaxcompress.quant.lowbit import ternary as ternary
+from jaxcompress.quant.nnx import QuantStat as QuantStat
+from jaxcompress.quant.nnx import calibrate_nnx_activations as calibrate_nnx_activations
 from jaxcompress.quant.nnx import nnx_apply_fn as nnx_apply_fn
 from jaxcompress.quant.nnx import quantize_nnx_activations as quantize_nnx_activations
 from jaxcompress.quant.observers import Observer as Observer

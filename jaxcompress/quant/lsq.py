@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.rules import Rules, is_none, select
+from jaxcompress.core.rules import Rules, is_none, select_values
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_bits
 from jaxcompress.quant.lowbit import lsq_fake_quant, lsq_init_step
@@ -34,11 +34,7 @@ class LSQParams(NamedTuple):
 
 
 def _widths(params, rules, bits):
-    return jax.tree.map(
-        lambda v: None if v is None else (bits if v is True else check_bits("per-rule bits", v, low=2)),
-        select(params, rules),
-        is_leaf=is_none,
-    )
+    return select_values(params, rules, bits, lambda v: check_bits("per-rule bits", v, low=2))
 
 
 def lsq_params(params: Any, bits: int = 4, *, rules: Optional[Rules] = None) -> LSQParams:
