@@ -26,16 +26,19 @@ def _worker(port, process_id, out):
     from jaxcompress.train import data_parallel, process_batch_slice, step_axis_name
 
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-    step, state = tp._setup(step_axis_name("shard"))
-    dp = data_parallel(step, parallel="shard")  # mesh over all 8 devices of both processes
-    state = dp.put_state(state)
-    x, y = tp._data()
-    mine = process_batch_slice(tp.GLOBAL_BATCH)
-    for i in range(tp.STEPS):
-        gx = x[i * tp.GLOBAL_BATCH : (i + 1) * tp.GLOBAL_BATCH]
-        gy = y[i * tp.GLOBAL_BATCH : (i + 1) * tp.GLOBAL_BATCH]
-        # each process reads only its own part of the global batch
-        state, metrics = dp.step(state, {"image": gx[mine], "label": gy[mine]})
+    # float64 compute, as the single-process reference (see test_parallel._run)
+    with jax.enable_x64(True):
+        step, state = tp._setup(step_axis_name("shard"))
+        dp = data_parallel(step, parallel="shard")  # mesh over all 8 devices of both processes
+        state = dp.put_state(state)
+        x, y = tp._data()
+        x = x.astype(np.float64)
+        mine = process_batch_slice(tp.GLOBAL_BATCH)
+        for i in range(tp.STEPS):
+            gx = x[i * tp.GLOBAL_BATCH : (i + 1) * tp.GLOBAL_BATCH]
+            gy = y[i * tp.GLOBAL_BATCH : (i + 1) * tp.GLOBAL_BATCH]
+            # each process reads only its own part of the global batch
+            state, metrics = dp.step(state, {"image": gx[mine], "label": gy[mine]})
     params = jax.tree_util.tree_flatten_with_path(state.params)[0]
     arrays = {jax.tree_util.keystr(p): np.asarray(v.addressable_data(0)) for p, v in params}
     arrays["loss"] = np.asarray(metrics["loss"].addressable_data(0))
