@@ -107,7 +107,7 @@ def main():
         "teacher": t_result, "students": runs, "summary": summary,
         "published": {"source": "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022, Table 1 (CIFAR-100, "
                                 "ResNet32x4 -> ResNet8x4)", "student": 72.50, "kd": 73.33, "dkd": 76.32},
-        "config": {**vars(args), "optimizer": "adam, cosine decay from 1e-3", "kd": "kd_weight 0.5, ce_weight 0.5",
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("data_dir", "out")}, "optimizer": "adam, cosine decay from 1e-3", "kd": "kd_weight 0.5, ce_weight 0.5",
                    "dkd": "tckd_weight 1, nckd_weight 2, ce_weight 1", "augmentation": "none"},
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
                         "python": platform.python_version()},

@@ -119,7 +119,7 @@ def main():
         "source": "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531, sec. 3",
         "paper_test_errors": PAPER,
         "results": results,
-        "config": {**{k: v for k, v in vars(args).items() if k != "rows"}, "optimizer": "adam, cosine decay from 1e-3", "kd_weight": 1.0, "ce_weight": 0.1,
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("rows", "data_dir", "out", "teacher_cache")}, "optimizer": "adam, cosine decay from 1e-3", "kd_weight": 1.0, "ce_weight": 0.1,
                    "teacher_regularisation": "dropout 0.5 on hidden, 0.2 on input, +/-2 px jitter (in-step)",
                    "student_regularisation": "none"},
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
