@@ -63,6 +63,33 @@ def _batch_range(x, axis_name=None):
     return lo, hi
 
 
+def _layer_range(x, stored, train: bool, momentum: float, axis_name=None):
+    """The range a layer input is quantized with: the batch's without ``stored`` ``(min, max)``;
+    with it, fixed in evaluation and its EMA towards the batch's in training."""
+    if stored is not None and not train:
+        return stored
+    lo, hi = _batch_range(x, axis_name)
+    if stored is None:
+        return lo, hi
+    return momentum * stored[0] + (1 - momentum) * lo, momentum * stored[1] + (1 - momentum) * hi
+
+
+def _observed_ranges(observer, summarize: Callable, batches) -> dict:
+    """Folds ``observer`` over ``summarize(x)`` (``{layer: summary}``) for ``x`` in ``batches``:
+    ``{layer: {'min': f32, 'max': f32}}``."""
+    acc = None
+    for x in batches:
+        s = jax.device_get(summarize(x))
+        acc = s if acc is None else {k: observer.combine(acc[k], s[k]) for k in s}
+    if not acc:
+        raise ValueError("calibration saw no batches or no quantizable layers; pass >= 1 batch.")
+    ranges = {}
+    for k, a in acc.items():
+        lo, hi = observer.range(a)
+        ranges[k] = {"min": jnp.float32(lo), "max": jnp.float32(hi)}
+    return ranges
+
+
 def _quant(x, lo, hi, bits, symmetric):
     scale, zp, qmin, qmax = affine_qparams(lo, hi, bits, symmetric=symmetric)
     return fake_quant_affine(x, scale, zp, qmin, qmax)
@@ -133,20 +160,17 @@ def quantize_activations(
         new_stats = {} if stats is None else dict(stats)
 
         def quantize(name, b, x):
-            lo, hi = _batch_range(x, axis_name)
+            stored = None
             if stats is not None:
                 if name not in stats:
                     raise ValueError(
                         f"model_state['{COLLECTION}'] has no range for layer {name!r} (it has "
                         f"{sorted(stats)}); calibrate with the same model and rules."
                     )
-                old = stats[name]
-                if train:
-                    lo = momentum * old["min"] + (1 - momentum) * lo
-                    hi = momentum * old["max"] + (1 - momentum) * hi
-                    new_stats[name] = {"min": lo, "max": hi}
-                else:
-                    lo, hi = old["min"], old["max"]
+                stored = (stats[name]["min"], stats[name]["max"])
+            lo, hi = _layer_range(x, stored, train, momentum, axis_name)
+            if stored is not None and train:
+                new_stats[name] = {"min": lo, "max": hi}
             return _quant(x, lo, hi, b, symmetric)
 
         with nn.intercept_methods(_input_interceptor(layers, rules, bits, quantize)):
@@ -210,16 +234,7 @@ def calibrate_activations(
     model_state.pop(COLLECTION, None)
 
     summarize = _observe_inputs(apply_fn, layers, observer.summarize)
-    acc = None
-    for x in batches:
-        s = jax.device_get(summarize(params, model_state, x))
-        acc = s if acc is None else {k: observer.combine(acc[k], s[k]) for k in s}
-    if not acc:
-        raise ValueError("calibration saw no batches or no quantizable layers; pass >= 1 batch.")
-    ranges = {}
-    for k, a in acc.items():
-        lo, hi = observer.range(a)
-        ranges[k] = {"min": jnp.float32(lo), "max": jnp.float32(hi)}
+    ranges = _observed_ranges(observer, lambda x: summarize(params, model_state, x), batches)
     return {**model_state, COLLECTION: ranges}
 
 

@@ -17,8 +17,8 @@ the batch ranges and evaluation mode (``model.eval()``) uses them fixed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 from typing import Any, Callable, Optional
 
 import flax.nnx as nnx
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxcompress.core.rules import Rules
 from jaxcompress.core.validation import check_bits, check_fraction
-from jaxcompress.quant.activations import _batch_range, _layer_bits, _quant
+from jaxcompress.quant.activations import _layer_bits, _layer_range, _observed_ranges, _quant
 from jaxcompress.quant.observers import Observer, minmax
 
 
@@ -117,14 +117,11 @@ class InputQuant(nnx.Module):
             observer, seen = recording
             seen[self.name] = observer.summarize(x.astype(jnp.float32))
             return self.op(*args, **kwargs)
-        lo, hi = _batch_range(x, self.axis_name)
-        if self.min is not None:
-            if self.use_running_average:
-                lo, hi = self.min[...], self.max[...]
-            else:
-                lo = self.momentum * self.min[...] + (1 - self.momentum) * lo
-                hi = self.momentum * self.max[...] + (1 - self.momentum) * hi
-                self.min[...], self.max[...] = lo, hi
+        stored = None if self.min is None else (self.min[...], self.max[...])
+        train = not self.use_running_average
+        lo, hi = _layer_range(x, stored, train, self.momentum, self.axis_name)
+        if stored is not None and train:
+            self.min[...], self.max[...] = lo, hi
         args[self.input_pos] = _quant(x, lo, hi, self.bits, self.symmetric)
         return self.op(*args, **kwargs)
 
@@ -237,16 +234,10 @@ def calibrate_nnx_activations(model: nnx.Module, batches, *, observer: Optional[
             nnx.merge(graphdef, state, copy=True)(x)
         return seen
 
-    acc = None
-    for x in batches:
-        s = jax.device_get(summarize(state, x))
-        acc = s if acc is None else {k: observer.combine(acc[k], s[k]) for k in s}
-    if not acc:
-        raise ValueError("calibration saw no batches; pass >= 1 batch.")
+    ranges = _observed_ranges(observer, lambda x: summarize(state, x), batches)
     for name, hook in hooks.items():
-        if name not in acc:
+        if name not in ranges:
             raise ValueError(f"layer {name!r} was not called by the model on the calibration batches.")
-        lo, hi = observer.range(acc[name])
-        hook.min = QuantStat(jnp.float32(lo))
-        hook.max = QuantStat(jnp.float32(hi))
+        hook.min = QuantStat(ranges[name]["min"])
+        hook.max = QuantStat(ranges[name]["max"])
     return model
