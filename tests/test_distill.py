@@ -164,6 +164,35 @@ def test_cross_entropy_golden():
     np.testing.assert_allclose(got, [np.log(2.0), np.log(4 / 3)], rtol=1e-6)
 
 
+def test_cross_entropy_soft_labels_match_float64_and_torch():
+    """Class-probability labels (mixup): value and gradient vs float64 NumPy and torch."""
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(16, 7)) * 3).astype(np.float32)
+    probs = rng.dirichlet(np.ones(7), size=16).astype(np.float32)
+    z = logits.astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = -(probs.astype(np.float64) * logp).sum(-1)
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(probs)), want, rtol=1e-6, atol=1e-6)
+    # d/dz sum_n CE = softmax(z) - y per row (rows of y sum to 1)
+    grad = jax.grad(lambda l: cross_entropy(l, jnp.asarray(probs)).sum())(jnp.asarray(logits))
+    want_grad = np.exp(logp) - probs.astype(np.float64)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+    # one-hot rows give the integer-label value
+    labels = rng.integers(0, 7, size=16)
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jax.nn.one_hot(labels, 7)),
+                               cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), rtol=1e-6)
+    # the hard-label term of kd_loss takes them too
+    t = jnp.asarray(rng.normal(size=(16, 7)), jnp.float32)
+    np.testing.assert_allclose(
+        kd_loss(jnp.asarray(logits), t, temperature=4.0, kd_weight=0.0, ce_weight=1.0, labels=jnp.asarray(probs)),
+        want, rtol=1e-6, atol=1e-6)
+    torch = pytest.importorskip("torch")
+    want_t = torch.nn.functional.cross_entropy(torch.tensor(z), torch.tensor(probs, dtype=torch.float64),
+                                               reduction="none").numpy()
+    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(probs)), want_t, rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +224,9 @@ def test_errors_name_the_argument():
         kd_loss(s, jnp.zeros((4, 10), jnp.int32), temperature=1.0)
     with pytest.raises(ValueError, match="student_logits must have a class axis"):
         kd_loss(jnp.float32(1.0), jnp.float32(1.0), temperature=1.0)
-    with pytest.raises(TypeError, match="labels must be integer class indices"):
+    with pytest.raises(TypeError, match="labels must be integer class indices or float class probabilities"):
         cross_entropy(s, jnp.zeros(4))
+    with pytest.raises(TypeError, match=r"of the logits' shape \(4, 10\), got dtype float32 and shape \(4, 9\)"):
+        cross_entropy(s, jnp.zeros((4, 9)))
     with pytest.raises(TypeError, match="logits must be a float array"):
         cross_entropy(jnp.zeros((4, 10), jnp.int32), jnp.zeros(4, jnp.int32))

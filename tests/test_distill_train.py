@@ -177,22 +177,30 @@ class _Linear(nn.Module):
         return nn.Dense(4, name="head")(x.reshape(x.shape[0], -1))
 
 
-def test_function_matching_teacher_sees_the_augmented_batch():
+def _linear_pair(rng):
+    """Data, a linear teacher and student, a zero-step optimizer and the student's state."""
     x, y = _data(shape=(4, 4, 1), classes=4)
     t_params, _ = _init(_Linear(), x, 0)
     s_params, _ = _init(_Linear(), x, 1)
-    apply = jc.linen_apply_fn(_Linear())
     opt = optax.sgd(0.0)
-    loss = functools.partial(kd_loss, temperature=2.0)
-    shift = random_shift(1)
-    aug = compose(shift, mixup(0.4, num_classes=4))
-    state = jc.init_train_state(s_params, opt, rng=3, teacher_variables=(t_params, {}))
-    _, metrics = jax.jit(jc.make_train_step(apply, opt, teacher=jc.Teacher(apply, loss), augment=aug))(
-        state, {"image": x, "label": y})
-    # replay the step's key schedule to rebuild the augmented batch
+    state = jc.init_train_state(s_params, opt, rng=rng, teacher_variables=(t_params, {}))
+    return x, y, jc.linen_apply_fn(_Linear()), opt, t_params, s_params, state
+
+
+def _augmented_as_in_step(state, aug, x, y):
+    """The batch the step's augmentation produces: its key schedule replayed from ``state.rng``."""
     _, step_rng = jax.random.split(state.rng)
     aug_rng, _ = jax.random.split(step_rng)
-    batch = aug(aug_rng, {"image": x, "label": y})
+    return aug(aug_rng, {"image": x, "label": y})
+
+
+def test_function_matching_teacher_sees_the_augmented_batch():
+    x, y, apply, opt, t_params, s_params, state = _linear_pair(rng=3)
+    loss = functools.partial(kd_loss, temperature=2.0)
+    aug = compose(random_shift(1), mixup(0.4, num_classes=4))
+    _, metrics = jax.jit(jc.make_train_step(apply, opt, teacher=jc.Teacher(apply, loss), augment=aug))(
+        state, {"image": x, "label": y})
+    batch = _augmented_as_in_step(state, aug, x, y)
     assert not np.allclose(np.asarray(batch["image"]), np.asarray(x))
     xa = batch["image"]
     t = _Linear().apply({"params": t_params}, xa)
@@ -201,6 +209,26 @@ def test_function_matching_teacher_sees_the_augmented_batch():
     # the same loss computed with the teacher on the clean batch is different (no cached teacher)
     t_clean = _Linear().apply({"params": t_params}, x)
     assert abs(float(loss(s, t_clean).mean()) - float(metrics["loss"])) > 1e-3
+
+
+def test_mixup_soft_labels_train_with_the_default_loss_and_the_kd_hard_term():
+    """The no-KD twin of a mixup run uses the default loss on mixed labels; kd_loss(ce_weight) too."""
+    x, y, apply, opt, t_params, s_params, state = _linear_pair(rng=5)
+    aug = mixup(1.0, num_classes=4)
+    batch = _augmented_as_in_step(state, aug, x, y)
+    assert batch["label"].shape == (len(y), 4) and not np.allclose(batch["label"].max(-1), 1.0)
+    s = _Linear().apply({"params": s_params}, batch["image"])
+    t = _Linear().apply({"params": t_params}, batch["image"])
+    logp = np.asarray(jax.nn.log_softmax(s), np.float64)
+    want = float(-(np.asarray(batch["label"]) * logp).sum(-1).mean())
+    _, metrics = jax.jit(jc.make_train_step(apply, opt, augment=aug))(state, {"image": x, "label": y})
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+    loss = functools.partial(kd_loss, temperature=2.0, ce_weight=0.5)
+    _, metrics = jax.jit(jc.make_train_step(apply, opt, teacher=jc.Teacher(apply, loss), augment=aug))(
+        state, {"image": x, "label": y})
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss(s, t, labels=batch["label"]).mean()), rtol=1e-5)
+    np.testing.assert_allclose(float(loss(s, t, labels=batch["label"]).mean()),
+                               float(kd_loss(s, t, temperature=2.0).mean()) + 0.5 * want, rtol=1e-5)
 
 
 def test_random_shift_matches_numpy_roll_with_zero_fill():

@@ -67,7 +67,8 @@ def hard_label_kd_loss(
       student_logits: float ``(..., num_classes)``.
       teacher_logits: float, same shape; only its argmax matters (no gradient).
       label_smoothing: ``eps`` in ``[0, 1)``.
-      labels: int ground-truth labels, required when ``ce_weight > 0``.
+      labels: int ground-truth labels or class probabilities (see :func:`cross_entropy`), required
+        when ``ce_weight > 0``.
       ce_weight: weight of the ground-truth cross-entropy, ``>= 0``.
       kd_weight: weight of the teacher-label term, ``>= 0``.
 

@@ -18,11 +18,14 @@ def _check_logits(name: str, logits) -> jax.Array:
     return logits
 
 
-def _check_labels(labels, logits) -> jax.Array:
+def _check_labels(labels, logits, *, soft_ok: bool = False) -> jax.Array:
     labels = jnp.asarray(labels)
+    if soft_ok and jnp.issubdtype(labels.dtype, jnp.floating) and labels.shape == logits.shape:
+        return labels
     if not jnp.issubdtype(labels.dtype, jnp.integer):
+        also = f" or float class probabilities of the logits' shape {logits.shape}" if soft_ok else ""
         raise TypeError(
-            f"labels must be integer class indices, got dtype {labels.dtype}; "
+            f"labels must be integer class indices{also}, got dtype {labels.dtype} and shape {labels.shape}; "
             "pass argmax of one-hot labels, e.g. labels.argmax(-1)."
         )
     if labels.shape != logits.shape[:-1]:
@@ -34,23 +37,29 @@ def _check_labels(labels, logits) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Softmax cross-entropy with integer labels, one value per example.
+    """Softmax cross-entropy, one value per example.
 
     Args:
       logits: float array ``(..., num_classes)``.
-      labels: int array ``(...)`` of class indices.
+      labels: int array ``(...)`` of class indices, or float class probabilities with the shape
+        of ``logits`` (soft labels, e.g. from :func:`~jaxcompress.distill.mixup`); each row should
+        sum to 1 (not checked, to stay traceable).
 
     Returns:
-      float array ``(...)``: ``-log softmax(logits)[label]``.
+      float array ``(...)``: ``-log softmax(logits)[label]``, or ``-sum(labels * log softmax(logits))``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> round(float(cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([1]))[0]), 4)
       0.6931
+      >>> round(float(cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([[0.5, 0.5]]))[0]), 4)
+      0.6931
     """
     logits = _check_logits("logits", logits)
-    labels = _check_labels(labels, logits)
+    labels = _check_labels(labels, logits, soft_ok=True)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        return -jnp.sum(labels.astype(jnp.float32) * logp, axis=-1)
     return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
@@ -75,7 +84,8 @@ def kd_loss(
       student_logits: float array ``(..., num_classes)``.
       teacher_logits: float array of the same shape.
       temperature: ``T > 0``.
-      labels: int class indices ``(...)``; required when ``ce_weight != 0``.
+      labels: int class indices ``(...)`` or class probabilities shaped like the logits (see
+        :func:`cross_entropy`); required when ``ce_weight != 0``.
       kd_weight: weight of the soft (distillation) term, ``>= 0``.
       ce_weight: weight of the hard-label cross-entropy, ``>= 0``.
 
