@@ -27,7 +27,7 @@ from flax import traverse_util
 
 import jaxcompress as jc
 from jaxcompress.data import load_mnist
-from jaxcompress.distill import compose, input_dropout, random_shift
+from jaxcompress.distill import compose, input_dropout, mixup, random_shift
 from jaxcompress.models import MLP
 from jaxcompress.train import evaluate, split_variables
 from jaxcompress.train.loop import fit
@@ -35,9 +35,17 @@ from jaxcompress.train.loop import fit
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 PAPER = {"teacher": 67, "student_labels": 146, "student_kd": 74}
-#: student rows: (distilled, +/-2 px jitter shared by teacher and student inside the step)
-ROWS = {"student_labels": (False, False), "student_kd": (True, False),
-        "student_labels_jitter": (False, True), "student_kd_jitter": (True, True)}
+#: student rows: (distilled, in-step augmentation shared by teacher and student, weight of the label term)
+#: The mixup pair is function matching as Beyer et al. (2022) define it: the student matches the teacher
+#: on mixed images only (no label term); its twin trains on the mixed (soft) labels.
+ROWS = {"student_labels": (False, None, None), "student_kd": (True, None, 0.1),
+        "student_labels_jitter": (False, "jitter", None), "student_kd_jitter": (True, "jitter", 0.1),
+        "student_labels_mixup": (False, "mixup", None), "student_kd_mixup": (True, "mixup", 0.0)}
+MIXUP_ALPHA = 1.0
+
+
+def augmentation(name):
+    return {None: None, "jitter": random_shift(2), "mixup": mixup(MIXUP_ALPHA, num_classes=10)}[name]
 
 
 def save_npz(path, params):
@@ -84,7 +92,8 @@ def outcome(results):
     if "teacher" in results:
         t = results["teacher"]["test_errors"]
         lines.append(f"- Teacher: {t} errors (bar <= 90: {'met' if t <= 90 else 'NOT met'}; paper 67).")
-    for kd, twin in (("student_kd", "student_labels"), ("student_kd_jitter", "student_labels_jitter")):
+    for kd, twin in (("student_kd", "student_labels"), ("student_kd_jitter", "student_labels_jitter"),
+                     ("student_kd_mixup", "student_labels_mixup")):
         if kd in results and twin in results:
             k, n = results[kd]["test_errors"], results[twin]["test_errors"]
             met = k <= 100 and k < n
@@ -146,12 +155,12 @@ def main():
     student = MLP(features=(800, 800))
     common = dict(epochs=args.student_epochs, batch_size=args.batch_size, lr=args.student_lr, seed=args.seed + 1,
                   optimizer=args.student_optimizer, clip_norm=args.clip_norm)
-    kd = jc.Teacher(jc.linen_apply_fn(teacher),
-                    functools.partial(jc.kd_loss, temperature=args.temperature, kd_weight=1.0, ce_weight=0.1))
     for row in args.rows:
-        distil, jitter = ROWS[row]
-        _, results[row] = train(student, data, teacher=kd if distil else None, teacher_params=t_params,
-                                augment=random_shift(2) if jitter else None, desc=row, **common)
+        distil, aug, ce_weight = ROWS[row]
+        kd = jc.Teacher(jc.linen_apply_fn(teacher), functools.partial(
+            jc.kd_loss, temperature=args.temperature, kd_weight=1.0, ce_weight=ce_weight)) if distil else None
+        _, results[row] = train(student, data, teacher=kd, teacher_params=t_params,
+                                augment=augmentation(aug), desc=row, **common)
 
     record = {
         "experiment": "Hinton et al. 2015, MNIST distillation (section 3)",
@@ -159,8 +168,8 @@ def main():
         "paper_test_errors": PAPER,
         "results": results,
         "config": {**config_of(args), "teacher_optimizer": "adam, cosine decay from 1e-3", "kd_weight": 1.0,
-                   "ce_weight": 0.1, "teacher_regularisation": "dropout 0.5 on hidden, 0.2 on input, +/-2 px jitter (in-step)",
-                   "student_regularisation": "none"},
+                   "ce_weight": "0.1 (0 in student_kd_mixup)", "mixup_alpha": MIXUP_ALPHA, "teacher_regularisation": "dropout 0.5 on hidden, 0.2 on input, +/-2 px jitter (in-step)",
+                   "student_regularisation": "none (the jitter and mixup rows: that in-step augmentation only)"},
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count(), "python": platform.python_version()},
     }
@@ -170,7 +179,10 @@ def main():
             (f"student 2x800, soft targets T={args.temperature:g}", "student_kd"),
             ("student 2x800, labels + jitter (twin of the next row)", "student_labels_jitter"),
             (f"student 2x800, soft targets T={args.temperature:g}, function matching (same jitter for teacher "
-             "and student)", "student_kd_jitter")]
+             "and student)", "student_kd_jitter"),
+            ("student 2x800, labels + mixup (twin of the next row)", "student_labels_mixup"),
+            (f"student 2x800, soft targets T={args.temperature:g}, function matching with mixup (no label term)",
+             "student_kd_mixup")]
     rows = [r for r in rows if r[1] in results]
     md = ["# Hinton et al. (2015) MNIST distillation", "",
           "Source: Hinton, Vinyals & Dean, *Distilling the Knowledge in a Neural Network*, arXiv:1503.02531, "
@@ -185,7 +197,10 @@ def main():
            "(and with max-norm constraints); our epochs are sized for a 2-core CPU. The jitter rows are not in the "
            "paper: the student sees +/-2 px jittered inputs and, when distilled, the teacher is run on the same "
            "jittered batch inside the step (function matching, Beyer et al. 2022); their twin is trained on labels "
-           "with the same jitter.",
+           f"with the same jitter. The mixup rows (alpha {MIXUP_ALPHA:g}, one mixing weight per batch) are function "
+           "matching as Beyer et al. define it: the teacher is run on each mixed batch the student sees and the "
+           "student matches it alone (`ce_weight=0`); their twin trains on the mixed labels (`ce_weight` 0.1 "
+           "applies to the other KD rows).",
            f"Environment: jax {jax.__version__}, backend {jax.default_backend()}.",
            "", "Run: `python experiments/distill_hinton_mnist.py "
            f"--teacher-epochs {args.teacher_epochs:g} --student-epochs {args.student_epochs:g}"
