@@ -47,8 +47,8 @@ class DemoConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     teacher_epochs: float = 2.0
-    student_epochs: float = 2.0
-    prune_epochs: float = 1.5
+    student_epochs: float = 1.5
+    prune_epochs: float = 1.25
     qat_epochs: float = 0.5
     sparsity: float = 0.9
     bits: int = 8
