@@ -35,12 +35,14 @@ from jaxcompress.train.loop import fit
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 PAPER = {"teacher": 67, "student_labels": 146, "student_kd": 74}
-#: student rows: (distilled, in-step augmentation shared by teacher and student, weight of the label term)
-#: The mixup pair is function matching as Beyer et al. (2022) define it: the student matches the teacher
-#: on mixed images only (no label term); its twin trains on the mixed (soft) labels.
-ROWS = {"student_labels": (False, None, None), "student_kd": (True, None, 0.1),
-        "student_labels_jitter": (False, "jitter", None), "student_kd_jitter": (True, "jitter", 0.1),
-        "student_labels_mixup": (False, "mixup", None), "student_kd_mixup": (True, "mixup", 0.0)}
+#: student rows: (in-step augmentation shared by teacher and student, weight of the label term in
+#: ``kd_loss``; ``None``: not distilled, trained on the labels). Each ``student_kd*`` row has a twin,
+#: the same name with ``labels`` for ``kd``. The mixup pair is function matching as Beyer et al. (2022)
+#: define it: the student matches the teacher on mixed images only (no label term); its twin trains on
+#: the mixed (soft) labels.
+ROWS = {"student_labels": (None, None), "student_kd": (None, 0.1),
+        "student_labels_jitter": ("jitter", None), "student_kd_jitter": ("jitter", 0.1),
+        "student_labels_mixup": ("mixup", None), "student_kd_mixup": ("mixup", 0.0)}
 MIXUP_ALPHA = 1.0
 
 
@@ -59,7 +61,7 @@ def load_npz(path):
 
 
 def make_optimizer(name, lr, steps, clip_norm=None):
-    """Adam or SGD with Nesterov-free momentum 0.9, cosine decay from ``lr``, optional global-norm clipping."""
+    """Adam or SGD with momentum 0.9, cosine decay from ``lr``, optional global-norm clipping."""
     schedule = optax.cosine_decay_schedule(lr, steps)
     opt = optax.adam(schedule) if name == "adam" else optax.sgd(schedule, momentum=0.9)
     return opt if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), opt)
@@ -92,8 +94,8 @@ def outcome(results):
     if "teacher" in results:
         t = results["teacher"]["test_errors"]
         lines.append(f"- Teacher: {t} errors (bar <= 90: {'met' if t <= 90 else 'NOT met'}; paper 67).")
-    for kd, twin in (("student_kd", "student_labels"), ("student_kd_jitter", "student_labels_jitter"),
-                     ("student_kd_mixup", "student_labels_mixup")):
+    for kd in (row for row, (_, ce_weight) in ROWS.items() if ce_weight is not None):
+        twin = kd.replace("_kd", "_labels")
         if kd in results and twin in results:
             k, n = results[kd]["test_errors"], results[twin]["test_errors"]
             met = k <= 100 and k < n
@@ -105,6 +107,16 @@ def outcome(results):
 def config_of(args):
     """The settings a result depends on (not where files live, not which rows were run)."""
     return {k: v for k, v in vars(args).items() if k not in ("rows", "data_dir", "out", "teacher_cache")}
+
+
+def changed_flags(ap, args, names):
+    """`` --flag value`` for each of ``names`` whose value differs from the parser's default."""
+    out = ""
+    for name in names:
+        value = getattr(args, name)
+        if value != ap.get_default(name):
+            out += f" --{name.replace('_', '-')} {value:g}" if isinstance(value, float) else f" --{name.replace('_', '-')} {value}"
+    return out
 
 
 def describe_optimizer(args):
@@ -156,9 +168,9 @@ def main():
     common = dict(epochs=args.student_epochs, batch_size=args.batch_size, lr=args.student_lr, seed=args.seed + 1,
                   optimizer=args.student_optimizer, clip_norm=args.clip_norm)
     for row in args.rows:
-        distil, aug, ce_weight = ROWS[row]
-        kd = jc.Teacher(jc.linen_apply_fn(teacher), functools.partial(
-            jc.kd_loss, temperature=args.temperature, kd_weight=1.0, ce_weight=ce_weight)) if distil else None
+        aug, ce_weight = ROWS[row]
+        kd = None if ce_weight is None else jc.Teacher(jc.linen_apply_fn(teacher), functools.partial(
+            jc.kd_loss, temperature=args.temperature, kd_weight=1.0, ce_weight=ce_weight))
         _, results[row] = train(student, data, teacher=kd, teacher_params=t_params,
                                 augment=augmentation(aug), desc=row, **common)
 
@@ -168,7 +180,7 @@ def main():
         "paper_test_errors": PAPER,
         "results": results,
         "config": {**config_of(args), "teacher_optimizer": "adam, cosine decay from 1e-3", "kd_weight": 1.0,
-                   "ce_weight": "0.1 (0 in student_kd_mixup)", "mixup_alpha": MIXUP_ALPHA, "teacher_regularisation": "dropout 0.5 on hidden, 0.2 on input, +/-2 px jitter (in-step)",
+                   "ce_weight": {row: ce for row, (_, ce) in ROWS.items() if ce is not None}, "mixup_alpha": MIXUP_ALPHA, "teacher_regularisation": "dropout 0.5 on hidden, 0.2 on input, +/-2 px jitter (in-step)",
                    "student_regularisation": "none (the jitter and mixup rows: that in-step augmentation only)"},
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                         "devices": jax.device_count(), "python": platform.python_version()},
@@ -204,9 +216,7 @@ def main():
            f"Environment: jax {jax.__version__}, backend {jax.default_backend()}.",
            "", "Run: `python experiments/distill_hinton_mnist.py "
            f"--teacher-epochs {args.teacher_epochs:g} --student-epochs {args.student_epochs:g}"
-           + ("" if args.student_optimizer == "adam" else f" --student-optimizer {args.student_optimizer}")
-           + ("" if args.student_lr == 1e-3 else f" --student-lr {args.student_lr:g}")
-           + ("" if args.clip_norm is None else f" --clip-norm {args.clip_norm:g}") + "`"]
+           + changed_flags(ap, args, ("student_optimizer", "student_lr", "clip_norm")) + "`"]
     md += ["", "## Outcome against the acceptance bar", ""] + outcome(results)
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(json.dumps(results))

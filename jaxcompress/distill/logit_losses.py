@@ -88,10 +88,8 @@ def hard_label_kd_loss(
     eps = check_rate("label_smoothing", label_smoothing)
     kd_weight, ce_weight = check_weight("kd_weight", kd_weight), check_weight("ce_weight", ce_weight)
     s, t = check_pair(student_logits, teacher_logits)
-    log_q = jax.nn.log_softmax(s, axis=-1)
     target = jax.nn.one_hot(jnp.argmax(t, axis=-1), s.shape[-1])
-    target = (1.0 - eps) * target + eps / s.shape[-1]
-    loss = kd_weight * -jnp.sum(target * log_q, axis=-1)
+    loss = kd_weight * cross_entropy(s, (1.0 - eps) * target + eps / s.shape[-1])
     if ce_weight > 0:
         if labels is None:
             raise ValueError(f"labels are required when ce_weight > 0 (got ce_weight={ce_weight}).")

@@ -83,8 +83,9 @@ def mixup(alpha: float = 1.0, *, num_classes: int) -> Augment:
     One ``lam ~ Beta(alpha, alpha)`` per batch and a random permutation pair the examples. Labels
     become soft (float ``(N, num_classes)``), which :func:`~jaxcompress.distill.cross_entropy` (the
     step's default loss, and the hard-label term of ``kd_loss`` / ``hard_label_kd_loss``) takes as
-    class probabilities; the step's accuracy metric uses their argmax (DKD needs integer labels). Beyer et al. (2022) found mixup of
-    the *shared* teacher/student input the key ingredient of function matching.
+    class probabilities; the step's accuracy metric uses their argmax (DKD needs integer labels).
+    Beyer et al. (2022) found mixup of the *shared* teacher/student input the key ingredient of
+    function matching.
 
     Args:
       alpha: Beta concentration, ``> 0``.
