@@ -50,6 +50,11 @@ def test_demo_falls_back_to_digits_offline(tmp_path, monkeypatch):
     assert report["dataset"] == "digits"
     assert any("digits" in m and "JAXCOMPRESS_DATA_DIR" in m for m in messages)
     assert len(report["stages"]) == 4
+    # the given stage lengths hold; the settings left at their defaults take the digits schedule
+    config = report["config"]
+    assert [config[k] for k in ("teacher_epochs", "student_epochs", "prune_epochs", "qat_epochs")] == [1, 1, 1, 1]
+    assert config["batch_size"] == 64
+    assert report["stages"][0]["test_accuracy"] > 0.5  # 22 steps on 1,437 real digits beat chance (0.1)
 
 
 def test_demo_with_data_dir_missing_files_fails_clearly(tmp_path, capsys):

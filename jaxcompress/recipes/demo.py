@@ -64,6 +64,7 @@ class DemoConfig:
 
 
 #: Stage lengths for the small bundled digits set (1,437 training images): more epochs, same steps.
+#: Used when the demo falls back to digits, for each of these settings left at its default.
 DIGITS_EPOCHS = dict(teacher_epochs=40.0, student_epochs=40.0, prune_epochs=30.0, qat_epochs=10.0, batch_size=64)
 
 
@@ -147,7 +148,11 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     """
     data = _load(config, log)
     if data.name == "digits" and config.dataset != "digits":
-        config = dataclasses.replace(config, **DIGITS_EPOCHS)
+        # the digits schedule replaces only the settings left at their MNIST defaults
+        defaults = DemoConfig()
+        config = dataclasses.replace(
+            config, **{k: v for k, v in DIGITS_EPOCHS.items() if getattr(config, k) == getattr(defaults, k)}
+        )
     xs, ys = data.train_images, data.train_labels
     xt, yt = data.test_images, data.test_labels
     if config.train_subset:
