@@ -83,9 +83,17 @@ def _main(ckpt_dir, out, step_sleep):
 
 
 def _spawn(ckpt_dir, out, sleep):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
+    # this session's XLA flags, on one device
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     env["JAX_PLATFORMS"] = "cpu"
+    # A restarted job loads its compiled step from JAX's persistent cache, as a preempted job
+    # does in production: the resumed runs skip compilation and must still match bitwise the
+    # reference, which compiles everything itself (a cache of its own, never read).
+    env["JAX_COMPILATION_CACHE_DIR"] = f"{ckpt_dir}-jit-cache"
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return subprocess.Popen([sys.executable, __file__, str(ckpt_dir), str(out), str(sleep)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -112,6 +120,7 @@ def test_sigkill_three_times_resumes_bitwise(tmp_path):
     resumed_from.append(int(out.split("resumed")[1].split()[0]))
     _, err = reference.communicate(timeout=120)
     assert reference.returncode == 0, err
+    assert any((tmp_path / "killed-jit-cache").iterdir())  # the resumed runs had a cache to load
     # every run after the first resumed from a checkpoint, never from scratch
     assert len(resumed_from) == 3 and all(s > 0 and s % EVERY == 0 for s in resumed_from), (seed, resumed_from)
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "killed.npz")

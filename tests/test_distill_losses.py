@@ -352,5 +352,5 @@ def test_feature_losses_finite_for_huge_activations():
     s = jnp.asarray(rng.normal(size=(4, 3, 3, 5)) * 1e4, jnp.float32)
     t = jnp.asarray(rng.normal(size=(4, 3, 3, 5)) * 1e4, jnp.float32)
     for f in (hint_loss, attention_transfer_loss, rkd_distance_loss, rkd_angle_loss):
-        val, g = jax.value_and_grad(lambda x: f(x, t).sum())(s)
+        val, g = jax.jit(jax.value_and_grad(lambda x: f(x, t).sum()))(s)  # jitted: one compile per loss
         assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(g))), f.__name__

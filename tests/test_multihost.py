@@ -63,9 +63,10 @@ def test_two_processes_equal_single_process(tmp_path):
     import jax
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]  # this session's others
     env.update(PYTHONPATH=str(TESTS.parent), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
     procs = [
         subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path / f"p{i}.npz")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -142,7 +142,7 @@ def _train(apply_fn, params, model_state, transform, data, steps=300):
 
 def test_linen_cnn_trains_with_w8a8(mnist_small):
     model = LeNet5()
-    params, ms = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
     w8 = quantize_weights(8)
     a8 = quantize_activations(linen_apply_fn(model), 8)
     state, acc = _train(a8, params, ms, w8, mnist_small, steps=150)
@@ -239,7 +239,7 @@ def test_pact_bad_input():
 def test_linen_cnn_trains_with_w4_and_pact_a4(mnist_small):
     model = LeNet5()
     apply_fn = linen_apply_fn(model)
-    params, ms = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
     params = pact_params(apply_fn, params, ms, mnist_small[0][:256])
     state, acc = _train(pact_activations(apply_fn, 4), params, ms, quantize_weights(4), mnist_small, steps=150)
     assert acc > 0.9, acc
