@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real data sets live."""
+"""Shared fixtures: where the real data sets live; the environment of a test's child process."""
+import os
 from pathlib import Path
 
 import pytest
@@ -12,3 +13,18 @@ def mnist_dir() -> Path:
     if not (d / "t10k-labels-idx1-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found at {d}")
     return d
+
+
+@pytest.fixture
+def child_env():
+    """``child_env(devices)``: this session's environment and XLA flags for a child JAX process on
+    ``devices`` CPU devices, with the repository importable."""
+
+    def make(devices: int = 1) -> dict:
+        env = dict(os.environ)
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+        return env
+
+    return make

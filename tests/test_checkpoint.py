@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -82,12 +81,8 @@ def _main(ckpt_dir, out, step_sleep):
     np.savez(out, **arrays)
 
 
-def _spawn(ckpt_dir, out, sleep):
-    env = dict(os.environ)
-    # this session's XLA flags, on one device
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    env["JAX_PLATFORMS"] = "cpu"
+def _spawn(env, ckpt_dir, out, sleep):
+    env = dict(env)
     # A restarted job loads its compiled step from JAX's persistent cache, as a preempted job
     # does in production: the resumed runs skip compilation and must still match bitwise the
     # reference, which compiles everything itself (a cache of its own, never read).
@@ -98,14 +93,15 @@ def _spawn(ckpt_dir, out, sleep):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_sigkill_three_times_resumes_bitwise(tmp_path):
+def test_sigkill_three_times_resumes_bitwise(tmp_path, child_env):
     seed = int.from_bytes(os.urandom(4), "little")
     # the first kill comes after the first checkpoint (step EVERY), so every later run must resume
+    env = child_env(1)
     points = sorted(random.Random(seed).sample(range(EVERY, TOTAL_STEPS - 2), 3))
-    reference = _spawn(tmp_path / "ref", tmp_path / "ref.npz", 0.02)
+    reference = _spawn(env, tmp_path / "ref", tmp_path / "ref.npz", 0.02)
     resumed_from = []
     for point in points:
-        p = _spawn(tmp_path / "killed", tmp_path / "killed.npz", 0.02)
+        p = _spawn(env, tmp_path / "killed", tmp_path / "killed.npz", 0.02)
         for line in p.stdout:
             if line.startswith("resumed"):
                 resumed_from.append(int(line.split()[1]))
@@ -114,7 +110,7 @@ def test_sigkill_three_times_resumes_bitwise(tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
         assert p.returncode == -signal.SIGKILL, p.stderr.read()
-    final = _spawn(tmp_path / "killed", tmp_path / "killed.npz", 0.0)
+    final = _spawn(env, tmp_path / "killed", tmp_path / "killed.npz", 0.0)
     out, err = final.communicate(timeout=120)
     assert final.returncode == 0, err
     resumed_from.append(int(out.split("resumed")[1].split()[0]))

@@ -3,7 +3,6 @@
 Run as a script, this file is one of the two processes:
 ``python test_multihost.py PORT PROCESS_ID OUT.npz``.
 """
-import os
 import socket
 import subprocess
 import sys
@@ -59,14 +58,11 @@ def _reference():
     return tp._run("none", devices=1)
 
 
-def test_two_processes_equal_single_process(tmp_path):
+def test_two_processes_equal_single_process(tmp_path, child_env):
     import jax
 
     port = _free_port()
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]  # this session's others
-    env.update(PYTHONPATH=str(TESTS.parent), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
+    env = child_env(4)
     procs = [
         subprocess.Popen([sys.executable, __file__, str(port), str(i), str(tmp_path / f"p{i}.npz")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -10,7 +10,7 @@ import functools
 import os
 import re
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,19 +37,22 @@ from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train
 class DemoConfig:
     """Settings of :func:`run_demo` (defaults reach the targets on MNIST in a few CPU minutes).
 
-    Epoch counts may be fractional. ``train_subset``/``test_subset`` cut the data (smoke tests).
-    ``parallel`` (``'none'``, ``'pmap'``, ``'shard'``) trains data-parallel on ``devices`` devices
-    (default all); ``batch_size`` is then the global batch, split evenly over the devices.
+    Epoch counts may be fractional; the stage lengths and ``batch_size`` left at ``None`` take the
+    values of :data:`STAGE_DEFAULTS` for the data set actually loaded (the bundled digits set, when
+    the demo falls back to it, trains more epochs than MNIST), and the report records the values
+    used. ``train_subset``/``test_subset`` cut the data (smoke tests). ``parallel`` (``'none'``,
+    ``'pmap'``, ``'shard'``) trains data-parallel on ``devices`` devices (default all);
+    ``batch_size`` is then the global batch, split evenly over the devices.
     """
 
     dataset: str = "mnist"
     data_dir: Optional[str] = None
-    batch_size: int = 128
+    batch_size: Optional[int] = None
     learning_rate: float = 1e-3
-    teacher_epochs: float = 2.0
-    student_epochs: float = 1.5
-    prune_epochs: float = 1.25
-    qat_epochs: float = 0.5
+    teacher_epochs: Optional[float] = None
+    student_epochs: Optional[float] = None
+    prune_epochs: Optional[float] = None
+    qat_epochs: Optional[float] = None
     sparsity: float = 0.9
     bits: int = 8
     temperature: float = 4.0
@@ -63,9 +66,12 @@ class DemoConfig:
     devices: Optional[int] = None
 
 
-#: Stage lengths for the small bundled digits set (1,437 training images): more epochs, same steps.
-#: Used when the demo falls back to digits, for each of these settings left at its default.
-DIGITS_EPOCHS = dict(teacher_epochs=40.0, student_epochs=40.0, prune_epochs=30.0, qat_epochs=10.0, batch_size=64)
+#: Stage lengths and batch size per data set, for the :class:`DemoConfig` settings left at ``None``
+#: (other data sets: MNIST's). The small bundled digits set (1,437 training images) trains more epochs.
+STAGE_DEFAULTS = {
+    "mnist": dict(teacher_epochs=2.0, student_epochs=1.5, prune_epochs=1.25, qat_epochs=0.5, batch_size=128),
+    "digits": dict(teacher_epochs=40.0, student_epochs=40.0, prune_epochs=30.0, qat_epochs=10.0, batch_size=64),
+}
 
 
 def _load(config: DemoConfig, log: Callable[[str], None]) -> Dataset:
@@ -147,12 +153,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
       bytes_compressed, seconds`` (and ``sparsity`` for the pruned stages).
     """
     data = _load(config, log)
-    if data.name == "digits" and config.dataset != "digits":
-        # the digits schedule replaces only the settings left at their MNIST defaults
-        defaults = DemoConfig()
-        config = dataclasses.replace(
-            config, **{k: v for k, v in DIGITS_EPOCHS.items() if getattr(config, k) == getattr(defaults, k)}
-        )
+    defaults = STAGE_DEFAULTS.get(data.name, STAGE_DEFAULTS["mnist"])
+    config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
     xs, ys = data.train_images, data.train_labels
     xt, yt = data.test_images, data.test_labels
     if config.train_subset:
