@@ -45,7 +45,9 @@ def _select(intermediates: dict, patterns) -> dict:
     return found
 
 
-def capture_apply_fn(module: nn.Module, features: Sequence[str], *, rng_collection: str = "dropout") -> Callable:
+def capture_apply_fn(
+    module: nn.Module, features: Sequence[str], *, inputs: str = "image", rng_collection: str = "dropout"
+) -> Callable:
     """Like :func:`~jaxcompress.train.state.linen_apply_fn`, also returning selected intermediates.
 
     Uses Flax's ``capture_intermediates`` (the output of every submodule whose path matches) and
@@ -55,10 +57,11 @@ def capture_apply_fn(module: nn.Module, features: Sequence[str], *, rng_collecti
       module: a Linen module called as ``module(x, train=...)``.
       features: regexes (:func:`re.search`) on module paths such as ``'conv2'`` or ``'^fc1$'``;
         each must match at least one captured value (checked at trace time).
+      inputs: the batch entry the module takes.
       rng_collection: the rng name for stochastic layers.
 
     Returns:
-      ``apply_fn(params, model_state, inputs, *, train, rng) -> (Outputs, model_state)``.
+      ``apply_fn(params, model_state, batch, *, train, rng) -> (Outputs, model_state)``.
 
     Raises:
       ValueError: no patterns, or a pattern that matches nothing (the message lists the paths).
@@ -68,7 +71,7 @@ def capture_apply_fn(module: nn.Module, features: Sequence[str], *, rng_collecti
       >>> from jaxcompress.models import MLP
       >>> m = MLP(features=(8, 4))
       >>> params = m.init(jax.random.key(0), jnp.zeros((2, 3)))['params']
-      >>> out, _ = capture_apply_fn(m, ['^fc2$'])(params, {}, jnp.ones((2, 3)), train=False)
+      >>> out, _ = capture_apply_fn(m, ['^fc2$'])(params, {}, {'image': jnp.ones((2, 3))}, train=False)
       >>> out.logits.shape, {k: v.shape for k, v in out.features.items()}
       ((2, 10), {'fc2': (2, 4)})
     """
@@ -79,11 +82,11 @@ def capture_apply_fn(module: nn.Module, features: Sequence[str], *, rng_collecti
     def wanted(mdl, method_name):
         return method_name == "__call__" and any(p.search("/".join(mdl.path)) for p in patterns)
 
-    def apply_fn(params, model_state, inputs, *, train: bool, rng=None):
+    def apply_fn(params, model_state, batch, *, train: bool, rng=None):
         variables = {"params": params, **model_state}
         rngs = {rng_collection: rng} if rng is not None else {}
         mutable = ["intermediates"] + (list(model_state.keys()) if train else [])
-        logits, new = module.apply(variables, inputs, train=train, rngs=rngs, mutable=mutable,
+        logits, new = module.apply(variables, batch[inputs], train=train, rngs=rngs, mutable=mutable,
                                    capture_intermediates=wanted)
         new = dict(new)
         captured = _select(new.pop("intermediates", {}), patterns)
@@ -108,16 +111,16 @@ def with_regressors(apply_fn: Callable) -> Callable:
     only ``params['model']`` after training.
 
     Returns:
-      ``apply_fn(params, model_state, inputs, *, train, rng) -> (Outputs, model_state)``.
+      ``apply_fn(params, model_state, batch, *, train, rng) -> (Outputs, model_state)``.
     """
 
-    def wrapped(params, model_state, inputs, *, train: bool, rng=None):
+    def wrapped(params, model_state, batch, *, train: bool, rng=None):
         if not isinstance(params, dict) or set(params) != {"model", "regressors"}:
             raise ValueError(
                 "with_regressors expects params {'model': ..., 'regressors': {feature_name: init_regressor(...)}}, "
                 f"got keys {sorted(params) if isinstance(params, dict) else type(params).__name__}."
             )
-        out, model_state = apply_fn(params["model"], model_state, inputs, train=train, rng=rng)
+        out, model_state = apply_fn(params["model"], model_state, batch, train=train, rng=rng)
         feats = dict(out.features)
         for name, reg in params["regressors"].items():
             if name not in feats:

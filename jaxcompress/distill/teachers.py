@@ -23,7 +23,7 @@ def frozen_apply_fn(apply_fn: Callable, *, dtype: Optional[Any] = None) -> Calla
     teacher's memory traffic), and returns float32 logits and features under ``stop_gradient``.
 
     Args:
-      apply_fn: ``apply_fn(params, model_state, inputs, *, train, rng) -> (out, model_state)``.
+      apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (out, model_state)``.
       dtype: compute dtype, or None to keep the params' own.
 
     Returns:
@@ -35,16 +35,16 @@ def frozen_apply_fn(apply_fn: Callable, *, dtype: Optional[Any] = None) -> Calla
       >>> from jaxcompress.train import linen_apply_fn
       >>> m = MLP(features=(8,))
       >>> p = m.init(jax.random.key(0), jnp.zeros((1, 4)))['params']
-      >>> out, _ = frozen_apply_fn(linen_apply_fn(m), dtype=jnp.bfloat16)(p, {}, jnp.ones((1, 4)), train=True)
+      >>> out, _ = frozen_apply_fn(linen_apply_fn(m), dtype=jnp.bfloat16)(p, {}, {'image': jnp.ones((1, 4))}, train=True)
       >>> out.dtype
       dtype('float32')
     """
 
-    def frozen(params, model_state, inputs, *, train: bool = False, rng=None):
+    def frozen(params, model_state, batch, *, train: bool = False, rng=None):
         del train, rng
         if dtype is not None:
-            params, model_state, inputs = _cast(params, dtype), _cast(model_state, dtype), _cast(inputs, dtype)
-        out, _ = apply_fn(params, model_state, inputs, train=False, rng=None)
+            params, model_state, batch = _cast(params, dtype), _cast(model_state, dtype), _cast(batch, dtype)
+        out, _ = apply_fn(params, model_state, batch, train=False, rng=None)
         return jax.lax.stop_gradient(_cast(out, jnp.float32)), model_state
 
     return frozen
@@ -80,13 +80,13 @@ def multi_teacher_apply_fn(apply_fns: Sequence[Callable], *, combine: str = "mea
     if combine not in ("mean_logits", "sum_losses"):
         raise ValueError(f"combine must be 'mean_logits' or 'sum_losses', got {combine!r}.")
 
-    def apply_fn(params, model_state, inputs, *, train: bool = False, rng=None):
+    def apply_fn(params, model_state, batch, *, train: bool = False, rng=None):
         if len(params) != len(apply_fns) or len(model_state) != len(apply_fns):
             raise ValueError(
                 f"{len(apply_fns)} teachers but {len(params)} params and {len(model_state)} model states; "
                 "build teacher_variables with stack_teacher_variables([(params, state), ...])."
             )
-        logits = [logits_of(f(p, s, inputs, train=False, rng=None)[0]) for f, p, s in zip(apply_fns, params, model_state)]
+        logits = [logits_of(f(p, s, batch, train=False, rng=None)[0]) for f, p, s in zip(apply_fns, params, model_state)]
         shapes = {tuple(l.shape) for l in logits}
         if len(shapes) != 1:
             raise ValueError(f"teachers predict different shapes {[tuple(l.shape) for l in logits]}; all teachers "

@@ -123,7 +123,7 @@ def quantize_activations(
     """Wraps a Linen apply function so the inputs of its layers are fake-quantized.
 
     Args:
-      apply_fn: ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, model_state)``
+      apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (logits, model_state)``
         running Linen modules (e.g. :func:`~jaxcompress.train.state.linen_apply_fn`).
       bits: activation bit width, ``2..8``.
       symmetric: signed symmetric grid instead of affine ``[0, 2^b - 1]`` with a zero point.
@@ -154,7 +154,7 @@ def quantize_activations(
     momentum = check_fraction("momentum", momentum)
     _layer_bits("_", rules, bits)  # validates the rules now
 
-    def wrapped(params, model_state, inputs, *, train: bool, rng=None):
+    def wrapped(params, model_state, batch, *, train: bool, rng=None):
         model_state = dict(model_state)
         stats = model_state.pop(COLLECTION, None)
         new_stats = {} if stats is None else dict(stats)
@@ -174,7 +174,7 @@ def quantize_activations(
             return _quant(x, lo, hi, b, symmetric)
 
         with nn.intercept_methods(_input_interceptor(layers, rules, bits, quantize)):
-            logits, new_state = apply_fn(params, model_state, inputs, train=train, rng=rng)
+            logits, new_state = apply_fn(params, model_state, batch, train=train, rng=rng)
         if stats is not None:
             new_state = {**dict(new_state), COLLECTION: new_stats}
         return logits, new_state
@@ -329,7 +329,7 @@ def pact_activations(
     bits = check_bits("bits", bits, low=2)
     _layer_bits("_", rules, bits)
 
-    def wrapped(params, model_state, inputs, *, train: bool, rng=None):
+    def wrapped(params, model_state, batch, *, train: bool, rng=None):
         if not isinstance(params, dict) or PACT_KEY not in params:
             raise ValueError(f"params have no {PACT_KEY!r}; build them with pact_params(...).")
         alphas = params[PACT_KEY]
@@ -344,6 +344,6 @@ def pact_activations(
             return pact(x, alphas[name], b)
 
         with nn.intercept_methods(_input_interceptor(layers, rules, bits, quantize)):
-            return apply_fn(model_params, model_state, inputs, train=train, rng=rng)
+            return apply_fn(model_params, model_state, batch, train=train, rng=rng)
 
     return wrapped

@@ -31,8 +31,8 @@ from jaxcompress.quant.activations import _layer_bits, _layer_range, _observed_r
 from jaxcompress.quant.observers import Observer, minmax
 
 
-def nnx_apply_fn(graphdef: Any) -> Callable:
-    """Adapts an NNX model to the step's ``apply_fn(params, model_state, inputs, *, train, rng)``.
+def nnx_apply_fn(graphdef: Any, *, inputs: str = "image") -> Callable:
+    """Adapts an NNX model to the step's ``apply_fn(params, model_state, batch, *, train, rng)``.
 
     Split the model first: ``graphdef, params, model_state = nnx.split(model, nnx.Param, ...)``;
     ``params`` (the ``nnx.Param`` state) is what the optimizer and the weight transforms see,
@@ -41,25 +41,26 @@ def nnx_apply_fn(graphdef: Any) -> Callable:
 
     Args:
       graphdef: the model's graph definition from ``nnx.split``.
+      inputs: the batch entry the model takes.
 
     Returns:
-      ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, model_state)``; ``rng``
+      ``apply_fn(params, model_state, batch, *, train, rng) -> (logits, model_state)``; ``rng``
       is unused (NNX models carry their own ``nnx.Rngs`` in the model state).
 
     Example:
       >>> import flax.nnx as nnx, jax.numpy as jnp
       >>> g, p, s = nnx.split(nnx.Linear(2, 1, rngs=nnx.Rngs(0)), nnx.Param, ...)
-      >>> nnx_apply_fn(g)(p, s, jnp.ones((3, 2)), train=True)[0].shape
+      >>> nnx_apply_fn(g)(p, s, {'image': jnp.ones((3, 2))}, train=True)[0].shape
       (3, 1)
     """
 
-    def apply_fn(params, model_state, inputs, *, train: bool, rng=None):
+    def apply_fn(params, model_state, batch, *, train: bool, rng=None):
         del rng
         # copy=True: the states may hold Variables made in an outer trace (model_state is closed
         # over by the step's value_and_grad); fresh ones let BatchNorm update them in this trace.
         model = nnx.merge(graphdef, params, model_state, copy=True)
         model.train() if train else model.eval()
-        out = model(inputs)
+        out = model(batch[inputs])
         if not train:
             return out, model_state
         _, _, new_state = nnx.split(model, nnx.Param, ...)

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcompress.core.transform import Transform, identity
+from jaxcompress.core.transform import Transform, identity, trainable_part
 
-#: ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, new_model_state)``
+#: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, new_model_state)``
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
 
 
@@ -21,19 +21,20 @@ class TrainState(NamedTuple):
       step: int32, optimizer steps done.
       params: the latent (uncompressed) float params.
       opt_state: the optax optimizer state.
-      compression_state: the compression transform's state (masks, counters...).
+      compression_state: the compression transform's state (masks, ranges, counters, and its
+        :class:`~jaxcompress.core.transform.Trainable` values).
+      compression_opt_state: the optimizer's state for those trainable values.
       model_state: non-trainable model collections, e.g. ``{'batch_stats': ...}``; ``{}`` if none.
       rng: PRNG key, split every step (dropout).
-      teacher_variables: ``(params, model_state)`` of a frozen teacher, or ``None``.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     compression_state: Any
+    compression_opt_state: Any
     model_state: Any
     rng: jax.Array
-    teacher_variables: Any = None
 
 
 def init_train_state(
@@ -43,7 +44,6 @@ def init_train_state(
     transform: Optional[Transform] = None,
     model_state: Any = None,
     rng: Any = 0,
-    teacher_variables: Any = None,
 ) -> TrainState:
     """Builds the initial :class:`TrainState`.
 
@@ -53,25 +53,37 @@ def init_train_state(
       transform: the compression transform the step will use (its ``init`` runs here).
       model_state: other variable collections (e.g. ``{'batch_stats': ...}``).
       rng: an int seed or a PRNG key.
-      teacher_variables: ``(teacher_params, teacher_model_state)`` for distillation.
 
     Returns:
-      A :class:`TrainState` at step 0.
+      A :class:`TrainState` at step 0. Its arrays are copies: a step that donates the state never
+      deletes the caller's ``params`` or ``model_state``.
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
         )
     transform = identity() if transform is None else transform
+    if not isinstance(transform, Transform):
+        raise TypeError(f"transform must be a jaxcompress Transform, got {type(transform).__name__}.")
+    if isinstance(rng, bool) or not (isinstance(rng, int) or _is_key(rng)):
+        raise TypeError(f"rng must be an int seed or a jax.random.key, got {type(rng).__name__}: {rng!r}.")
     key = jax.random.key(rng) if isinstance(rng, int) else rng
+    params = jax.tree.map(jnp.array, params)  # copies: donation must not delete the caller's arrays
+    compression_state = transform.init(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        compression_state=transform.init(params),
-        model_state={} if model_state is None else model_state,
+        compression_state=compression_state,
+        compression_opt_state=optimizer.init(trainable_part(compression_state)),
+        model_state={} if model_state is None else jax.tree.map(jnp.array, model_state),
         rng=key,
-        teacher_variables=teacher_variables,
+    )
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and (
+        jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or (x.dtype == jnp.uint32 and x.shape == (2,))
     )
 
 
@@ -82,28 +94,50 @@ def split_variables(variables: Any) -> tuple[Any, dict]:
     return params, variables
 
 
-def linen_apply_fn(module: nn.Module, *, rng_collection: str = "dropout") -> ApplyFn:
+def linen_apply_fn(module: nn.Module, *, inputs: str = "image", rng_collection: str = "dropout") -> ApplyFn:
     """Adapts a Linen module whose ``__call__`` takes ``train: bool`` to the step's apply function.
 
-    In training mode every non-param collection present in ``model_state`` (such as
-    ``'batch_stats'``) is mutable and its new value returned; in eval mode nothing changes.
+    The module is called on ``batch[inputs]``. In training mode every non-param collection present
+    in ``model_state`` (such as ``'batch_stats'``) is mutable and its new value returned; in eval
+    mode nothing changes.
 
     Args:
       module: a Flax Linen module called as ``module(x, train=...)``.
+      inputs: the batch entry the module takes (``'image'``; ``'tokens'`` for a language model).
       rng_collection: the rng name passed for stochastic layers.
 
     Returns:
-      ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, new_model_state)``.
-    """
+      ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, new_model_state)``.
 
-    def apply_fn(params, model_state, inputs, *, train: bool, rng=None):
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxcompress.models import MLP
+      >>> m = MLP(features=(4,))
+      >>> params = m.init(jax.random.key(0), jnp.zeros((1, 3)))['params']
+      >>> out, _ = linen_apply_fn(m)(params, {}, {'image': jnp.ones((2, 3))}, train=False)
+      >>> out.shape
+      (2, 10)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a flax.linen Module, got {type(module).__name__}.")
+    if not isinstance(inputs, str):
+        raise TypeError(f"inputs must be the name of a batch entry (str), got {inputs!r}.")
+
+    def apply_fn(params, model_state, batch, *, train: bool, rng=None):
+        if not isinstance(batch, dict) or inputs not in batch:
+            raise ValueError(
+                f"batch must be a dict with an {inputs!r} entry for this model, got "
+                f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}; build the apply "
+                "function with linen_apply_fn(module, inputs=KEY) for another entry."
+            )
+        x = batch[inputs]
         variables = {"params": params, **model_state}
         rngs = {rng_collection: rng} if rng is not None else {}
         if train and model_state:
-            logits, new_state = module.apply(
-                variables, inputs, train=True, rngs=rngs, mutable=list(model_state.keys())
+            outputs, new_state = module.apply(
+                variables, x, train=True, rngs=rngs, mutable=list(model_state.keys())
             )
-            return logits, dict(new_state)
-        return module.apply(variables, inputs, train=train, rngs=rngs), model_state
+            return outputs, dict(new_state)
+        return module.apply(variables, x, train=train, rngs=rngs), model_state
 
     return apply_fn

@@ -1,4 +1,4 @@
-"""The train and eval step factories."""
+"""The train and eval step factories: any model, any batch, any loss."""
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -7,147 +7,216 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcompress.core.transform import Transform, UpdateInfo, identity
+from jaxcompress.core.transform import Transform, UpdateInfo, identity, trainable_part, with_trainable
+from jaxcompress.distill.capture import logits_of
 from jaxcompress.distill.losses import cross_entropy
 from jaxcompress.train.state import ApplyFn, TrainState
 
-#: ``loss(student_logits, teacher_logits, labels) -> per-example loss``
-TeacherLoss = Callable[..., jax.Array]
+#: ``loss_fn(outputs, batch) -> per-example loss`` (any shape; the step takes the mean).
+LossFn = Callable[[Any, dict], jax.Array]
+#: ``metrics_fn(outputs, batch) -> {name: per-example values}`` (the step takes each mean).
+MetricsFn = Callable[[Any, dict], dict]
+
+
+def classification_loss(outputs: Any, batch: dict) -> jax.Array:
+    """Cross-entropy of the logits against ``batch['label']`` (indices or class probabilities).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> classification_loss(jnp.zeros((1, 2)), {'label': jnp.array([1])}).round(4).tolist()
+      [0.6931]
+    """
+    return cross_entropy(logits_of(outputs), _field(batch, "label"))
+
+
+def classification_metrics(outputs: Any, batch: dict) -> dict:
+    """``{'accuracy': ...}``: argmax of the logits against ``batch['label']`` (or its argmax).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> classification_metrics(jnp.array([[0., 1.], [1., 0.]]), {'label': jnp.array([1, 1])})
+      {'accuracy': Array([1., 0.], dtype=float32)}
+    """
+    logits = logits_of(outputs)
+    labels = _field(batch, "label")
+    hard = labels if labels.ndim == logits.ndim - 1 else jnp.argmax(labels, -1)
+    return {"accuracy": (jnp.argmax(logits, -1) == hard).astype(jnp.float32)}
+
+
+def _field(batch: Any, key: str) -> jax.Array:
+    if not isinstance(batch, dict) or key not in batch:
+        raise ValueError(
+            f"batch must be a dict with a {key!r} entry, got {type(batch).__name__} with keys "
+            f"{sorted(batch) if isinstance(batch, dict) else None}; pass loss_fn= / metrics_fn= "
+            "(and Teacher(labels=...)) for batches of another shape."
+        )
+    return batch[key]
 
 
 class Teacher(NamedTuple):
     """A frozen teacher for distillation.
 
-    Its variables live in ``TrainState.teacher_variables`` (so they are sharded, replicated and
-    checkpointed like everything else and are not baked into the compiled step as constants).
-    A step jitted with ``donate_argnums=0`` donates them with the rest of the state: to reuse one
-    teacher's arrays in several states, give each state a copy (``jax.tree.map(jnp.copy, v)``).
+    Its variables are an argument of the step (``step(state, batch, teacher_variables)``), not a
+    part of the :class:`~jaxcompress.train.state.TrainState`: they are never donated, never
+    written into a checkpoint, and may be laid out (bfloat16, replicated, sharded) on their own.
 
     Attributes:
-      apply_fn: ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, model_state)``;
+      apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, model_state)``;
         always called with ``train=False`` (eval mode: BatchNorm running statistics, no dropout).
-      loss: ``loss(student_logits, teacher_logits, labels=labels) -> per-example loss``, e.g.
+      loss: ``loss(student_outputs, teacher_outputs, labels=...) -> per-example loss``, e.g.
         ``functools.partial(kd_loss, temperature=4.0, kd_weight=0.9, ce_weight=0.1)``.
+      labels: the batch entry passed as ``labels=`` (``None``: the loss gets no labels).
     """
 
     apply_fn: ApplyFn
-    loss: TeacherLoss
-
-
-def _unpack(batch):
-    if not isinstance(batch, dict) or "image" not in batch or "label" not in batch:
-        raise ValueError(
-            f"batch must be a dict with 'image' and 'label' arrays, got "
-            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else None}."
-        )
-    return batch["image"], batch["label"]
-
-
-def _logits_of(output):
-    """Logits from an apply function's output: plain logits, or a structure with ``.logits``."""
-    return getattr(output, "logits", output)
+    loss: Callable[..., jax.Array]
+    labels: Optional[str] = "label"
 
 
 def _pmean(tree, axis_name):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _mean_metrics(metrics: dict) -> dict:
+    return {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
+
+
+def _check_callable(name: str, value: Any) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}: {value!r}.")
+
+
 def make_train_step(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
     *,
+    loss_fn: LossFn = classification_loss,
+    metrics_fn: Optional[MetricsFn] = classification_metrics,
     transform: Optional[Transform] = None,
     teacher: Optional[Teacher] = None,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
     axis_name: Optional[str] = None,
     augment: Optional[Callable[[jax.Array, dict], dict]] = None,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Builds a pure train step ``(TrainState, batch) -> (TrainState, metrics)``.
+) -> Callable[..., tuple[TrainState, dict]]:
+    """Builds a pure train step ``(TrainState, batch[, teacher_variables]) -> (TrainState, metrics)``.
 
-    One step: the compressed view ``transform.apply(params, state)`` runs forward in training
-    mode; the loss is ``loss_fn(logits, labels)`` or, with a teacher, ``teacher.loss(logits,
-    teacher_logits, labels=labels)`` with the teacher in eval mode under ``stop_gradient``;
-    gradients flow to the latent params (straight-through where quantized); with ``axis_name``
-    gradients, model state (BatchNorm statistics) and metrics are averaged over that axis; the
-    optimizer updates the latent params; then ``transform.update`` advances the compression state.
+    One step: the compressed view ``transform.apply(params, state)`` is taken once with
+    :func:`jax.vjp`; the model runs on it in training mode; the loss is ``loss_fn(outputs,
+    batch)`` or, with a teacher, ``teacher.loss(outputs, teacher_outputs, labels=...)`` with the
+    teacher in eval mode under ``stop_gradient``; the gradient at the view (dense: pruned weights
+    get one too) is pulled back to the latent params (straight-through where quantized) and to
+    the transform's :class:`~jaxcompress.core.transform.Trainable` values; with ``axis_name``
+    gradients, model state and metrics are averaged over that axis; the optimizer updates the
+    latent params and the trainable values; then ``transform.update`` advances the compression
+    state, seeing the dense view gradient in ``UpdateInfo.grads`` (RigL grows by it).
 
     Args:
-      apply_fn: ``apply_fn(params, model_state, inputs, *, train, rng) -> (logits, model_state)``;
+      apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, model_state)``;
         for Flax Linen use :func:`~jaxcompress.train.state.linen_apply_fn`.
-      optimizer: an optax optimizer.
+      optimizer: an optax optimizer; it trains the params and, with its own state, the
+        transform's trainable values.
+      loss_fn: ``loss_fn(outputs, batch) -> per-example loss`` (any shape, averaged); the default
+        is :func:`classification_loss` on ``batch['label']``.
+      metrics_fn: ``metrics_fn(outputs, batch) -> {name: per-example values}`` (each averaged), or
+        ``None``; default :func:`classification_metrics`.
       transform: a compression transform (default: none).
-      teacher: a :class:`Teacher` for distillation; its variables come from the state.
-      loss_fn: per-example task loss when there is no teacher.
+      teacher: a :class:`Teacher`; the step then takes ``teacher_variables`` as third argument
+        (or uses cached ``batch['teacher_logits']``).
       axis_name: the mapped axis to average over under ``jax.pmap``/``shard_map``.
-      augment: optional ``augment(rng, batch) -> batch`` run inside the step (jitted, per device)
-        before the forward passes, so teacher and student see the same augmented batch (function
-        matching, Beyer et al. 2022). ``batch['label']`` may become soft (float, ``(..., classes)``)
-        when ``loss_fn``/``teacher.loss`` accept that.
+      augment: optional ``augment(rng, batch) -> batch`` run inside the step before the forward
+        passes, so teacher and student see the same augmented batch (function matching).
 
     Returns:
-      The step function; wrap it with ``jax.jit(step, donate_argnums=0)`` (or ``jax.pmap``).
-      Metrics: ``loss`` and ``accuracy`` (training mode, on the compressed view).
+      The step; wrap it with ``jax.jit(step, donate_argnums=0)`` (the teacher's variables, the
+      third argument, are not donated) or use :func:`~jaxcompress.train.parallel.data_parallel`.
+      Metrics: ``loss`` and the means of ``metrics_fn``'s values (training mode, on the view).
+
+    Raises:
+      TypeError: an argument of the wrong kind (at build time); ValueError (at trace time): a
+        teacher without teacher variables, a batch without the entries the losses read.
     """
     transform = identity() if transform is None else transform
     if not isinstance(transform, Transform):
         raise TypeError(f"transform must be a jaxcompress Transform, got {type(transform).__name__}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}.")
     if teacher is not None and not isinstance(teacher, Teacher):
         raise TypeError(f"teacher must be a jaxcompress Teacher(apply_fn, loss), got {type(teacher).__name__}.")
+    _check_callable("apply_fn", apply_fn)
+    _check_callable("loss_fn", loss_fn)
+    if metrics_fn is not None:
+        _check_callable("metrics_fn", metrics_fn)
+    if augment is not None:
+        _check_callable("augment", augment)
 
-    def step(state: TrainState, batch: dict):
-        _unpack(batch)
+    def teacher_outputs(batch, teacher_variables):
+        if "teacher_logits" in batch:
+            if augment is not None:
+                raise ValueError("batch['teacher_logits'] (cached teacher outputs) cannot be used with augment: "
+                                 "the teacher must see each randomly augmented batch. Drop one of the two.")
+            return jax.lax.stop_gradient(batch["teacher_logits"])
+        if teacher_variables is None:
+            raise ValueError("a teacher was given but no teacher_variables: call "
+                             "step(state, batch, (teacher_params, teacher_model_state)).")
+        t_params, t_state = teacher_variables
+        out, _ = teacher.apply_fn(t_params, t_state, batch, train=False, rng=None)
+        return jax.lax.stop_gradient(out)
+
+    def step(state: TrainState, batch: dict, teacher_variables: Any = None):
+        if not isinstance(state, TrainState):
+            raise TypeError(f"state must be a jaxcompress TrainState (init_train_state(...)), got {type(state).__name__}.")
+        if teacher is None and teacher_variables is not None:
+            raise ValueError("teacher_variables were given to a step built without teacher=; pass "
+                             "make_train_step(..., teacher=Teacher(apply_fn, loss)).")
         rng, step_rng = jax.random.split(state.rng)
         if axis_name is not None:
             step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
         if augment is not None:
             aug_rng, step_rng = jax.random.split(step_rng)
             batch = augment(aug_rng, batch)
-        inputs, labels = _unpack(batch)
-        if teacher is not None and "teacher_logits" in batch:
-            if augment is not None:
-                raise ValueError("batch['teacher_logits'] (cached teacher outputs) cannot be used with augment: "
-                                 "the teacher must see each randomly augmented batch. Drop one of the two.")
-            t_logits = jax.lax.stop_gradient(batch["teacher_logits"])
-        elif teacher is not None:
-            if state.teacher_variables is None:
-                raise ValueError("a teacher was given but state.teacher_variables is None; pass "
-                                 "teacher_variables=(params, model_state) to init_train_state.")
-            t_params, t_state = state.teacher_variables
-            t_logits, _ = teacher.apply_fn(t_params, t_state, inputs, train=False, rng=None)
-            t_logits = jax.lax.stop_gradient(t_logits)
+        t_out = None if teacher is None else teacher_outputs(batch, teacher_variables)
+        trainable = trainable_part(state.compression_state)
 
-        def objective(params):
-            view = transform.apply(params, state.compression_state)
-            logits, model_state = apply_fn(view, state.model_state, inputs, train=True, rng=step_rng)
+        def view_of(params, trainable):
+            return transform.apply(params, with_trainable(state.compression_state, trainable))
+
+        view, pullback = jax.vjp(view_of, state.params, trainable)
+
+        def objective(view):
+            outputs, model_state = apply_fn(view, state.model_state, batch, train=True, rng=step_rng)
             if teacher is None:
-                per_example = loss_fn(logits, labels)
+                per_example = loss_fn(outputs, batch)
             else:
-                if _logits_of(t_logits).shape != _logits_of(logits).shape:
+                if jnp.shape(logits_of(t_out)) != jnp.shape(logits_of(outputs)):
                     raise ValueError(
-                        f"teacher logits {_logits_of(t_logits).shape} and student logits "
-                        f"{_logits_of(logits).shape} differ; "
-                        "teacher and student must predict the same classes."
+                        f"teacher outputs {jnp.shape(logits_of(t_out))} and student outputs "
+                        f"{jnp.shape(logits_of(outputs))} differ; they must predict the same classes."
                     )
-                per_example = teacher.loss(logits, t_logits, labels=labels)
-            return jnp.mean(per_example), (logits, model_state)
+                labels = {} if teacher.labels is None else {"labels": _field(batch, teacher.labels)}
+                per_example = teacher.loss(outputs, t_out, **labels)
+            return jnp.mean(per_example), (outputs, model_state)
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        grads = _pmean(grads, axis_name)
+        (loss, (outputs, model_state)), view_grads = jax.value_and_grad(objective, has_aux=True)(view)
+        view_grads = _pmean(view_grads, axis_name)
+        grads, trainable_grads = pullback(view_grads)
         model_state = _pmean(model_state, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        compression_state, compression_opt_state = state.compression_state, state.compression_opt_state
+        if jax.tree.leaves(trainable):
+            t_updates, compression_opt_state = optimizer.update(trainable_grads, compression_opt_state, trainable)
+            compression_state = with_trainable(compression_state, optax.apply_updates(trainable, t_updates))
         step_count = state.step + 1
-        compression_state = transform.update(
-            params, state.compression_state, UpdateInfo(step=step_count, grads=grads)
-        )
-        hard = labels if labels.ndim == _logits_of(logits).ndim - 1 else jnp.argmax(labels, -1)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(_logits_of(logits), -1) == hard)}
+        compression_state = transform.update(params, compression_state, UpdateInfo(step=step_count, grads=view_grads))
+        metrics = {"loss": loss}
+        if metrics_fn is not None:
+            metrics.update(_mean_metrics(metrics_fn(outputs, batch)))
         metrics = _pmean(metrics, axis_name)
         new_state = state._replace(
             step=step_count,
             params=params,
             opt_state=opt_state,
             compression_state=compression_state,
+            compression_opt_state=compression_opt_state,
             model_state=model_state,
             rng=rng,
         )
@@ -160,52 +229,84 @@ def make_eval_step(
     apply_fn: ApplyFn,
     *,
     transform: Optional[Transform] = None,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+    loss_fn: LossFn = classification_loss,
+    metrics_fn: Optional[MetricsFn] = classification_metrics,
     axis_name: Optional[str] = None,
 ) -> Callable[[TrainState, dict], dict]:
     """Builds an eval step ``(TrainState, batch) -> sums`` on the compressed view in eval mode.
 
-    The batch may carry a ``'mask'`` (1 for real examples, 0 for padding) so a last, padded batch
-    has the same shape and does not retrace. Returns sums (``loss_sum``, ``correct``, ``count``)
-    that add across batches (and are summed over ``axis_name``); see :func:`evaluate`.
+    The batch may carry a ``'mask'`` of per-example weights (1 for real examples, 0 for padding)
+    so a last, padded batch has the same shape and does not retrace. Returns sums that add
+    across batches (and are summed over ``axis_name``): ``count``, ``loss_sum`` and one
+    ``NAME_sum`` per metric; see :func:`evaluate`.
     """
     transform = identity() if transform is None else transform
+    if not isinstance(transform, Transform):
+        raise TypeError(f"transform must be a jaxcompress Transform, got {type(transform).__name__}.")
+    _check_callable("apply_fn", apply_fn)
+    _check_callable("loss_fn", loss_fn)
 
     def step(state: TrainState, batch: dict):
-        inputs, labels = _unpack(batch)
-        mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
         view = transform.apply(state.params, state.compression_state)
-        logits, _ = apply_fn(view, state.model_state, inputs, train=False, rng=None)
-        logits = _logits_of(logits)
-        sums = {
-            "loss_sum": jnp.sum(loss_fn(logits, labels) * mask),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-            "count": jnp.sum(mask),
-        }
+        outputs, _ = apply_fn(view, state.model_state, batch, train=False, rng=None)
+        per_example = {"loss": loss_fn(outputs, batch)}
+        if metrics_fn is not None:
+            per_example.update(metrics_fn(outputs, batch))
+        n = jnp.shape(per_example["loss"])[0]
+        mask = jnp.asarray(batch.get("mask", jnp.ones((n,), jnp.float32)), jnp.float32)
+
+        def weighted_sum(v):
+            v = jnp.asarray(v, jnp.float32)
+            return jnp.sum(v.reshape(v.shape[0], -1).mean(-1) * mask)
+
+        sums = {f"{k}_sum": weighted_sum(v) for k, v in per_example.items()}
+        sums["count"] = jnp.sum(mask)
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
     return step
 
 
-def evaluate(eval_step: Callable, state: TrainState, images, labels, *, batch_size: int = 1000) -> dict:
+def evaluate(eval_step: Callable, state: TrainState, data: dict, *, batch_size: int = 1000) -> dict:
     """Runs a (jitted) eval step over a whole data set, padding the last batch.
 
+    Args:
+      eval_step: from :func:`make_eval_step` (jitted).
+      state: the train state.
+      data: a dict of arrays with one leading example axis, e.g. ``{'image': x, 'label': y}``.
+      batch_size: examples per call; the last batch is padded (``'mask'`` 0) so nothing retraces.
+
     Returns:
-      ``{'accuracy': float, 'loss': float, 'count': int}``.
+      ``{'loss': float, METRIC: float, ..., 'count': int}``.
+
+    Raises:
+      ValueError: an empty data set, arrays of different lengths, or ``batch_size < 1``.
     """
+    import numbers
+
     import numpy as np
 
-    n = len(labels)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"data must be a non-empty dict of arrays, got {type(data).__name__}.")
+    sizes = {k: len(v) for k, v in data.items()}
+    n = next(iter(sizes.values()))
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"data's arrays must have the same length, got {sizes}.")
+    if n == 0:
+        raise ValueError("evaluate got an empty data set (0 examples).")
+    batch_size = min(int(batch_size), n)
+    totals: dict = {}
     for start in range(0, n, batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size]
-        pad = batch_size - len(y)
-        mask = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
+        batch = {k: np.asarray(v[start : start + batch_size]) for k, v in data.items()}
+        real = len(next(iter(batch.values())))
+        pad = batch_size - real
         if pad:
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-            y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-        sums = eval_step(state, {"image": x, "label": y, "mask": mask})
-        for k in totals:
-            totals[k] += float(sums[k])
-    count = totals["count"]
-    return {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count, "count": int(count)}
+            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        batch["mask"] = np.concatenate([np.ones(real, np.float32), np.zeros(pad, np.float32)])
+        for k, v in eval_step(state, batch).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = totals.pop("count")
+    out = {k[: -len("_sum")]: v / count for k, v in totals.items()}
+    out["count"] = int(count)
+    return out
