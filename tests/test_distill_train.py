@@ -54,7 +54,7 @@ def test_capture_apply_fn_returns_layer_outputs_and_sown_values():
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)
     params = Net().init(jax.random.key(0), x)["params"]
-    out, state = capture_apply_fn(Net(), ["^fc1$", "act"])(params, {}, x, train=False)
+    out, state = capture_apply_fn(Net(), ["^fc1$", "act"], inputs="x")(params, {}, {"x": x}, train=False)
     w, b = np.asarray(params["fc1"]["kernel"], np.float64), np.asarray(params["fc1"]["bias"], np.float64)
     h = np.asarray(x, np.float64) @ w + b
     np.testing.assert_allclose(np.asarray(out.features["fc1"]), h, rtol=1e-5, atol=1e-6)
@@ -62,7 +62,7 @@ def test_capture_apply_fn_returns_layer_outputs_and_sown_values():
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(Net().apply({"params": params}, x)), rtol=1e-6)
     assert state == {}
     with pytest.raises(ValueError, match="matched no module output"):
-        capture_apply_fn(Net(), ["conv9"])(params, {}, x, train=False)
+        capture_apply_fn(Net(), ["conv9"], inputs="x")(params, {}, {"x": x}, train=False)
 
 
 def test_feature_kd_step_trains_regressor_with_student_and_matches_manual_loss():
@@ -72,17 +72,17 @@ def test_feature_kd_step_trains_regressor_with_student_and_matches_manual_loss()
     s_params, _ = _init(student, x, 1)
     t_apply = capture_apply_fn(teacher, ["conv2"])
     s_apply = with_regressors(capture_apply_fn(student, ["conv2"]))
-    t_out, _ = t_apply(t_params, {}, x, train=False)
-    s_raw, _ = capture_apply_fn(student, ["conv2"])(s_params, {}, x, train=False)
+    t_out, _ = t_apply(t_params, {}, {"image": x}, train=False)
+    s_raw, _ = capture_apply_fn(student, ["conv2"])(s_params, {}, {"image": x}, train=False)
     reg = init_regressor(jax.random.key(2), s_raw.features["conv2"].shape, t_out.features["conv2"].shape)
     params = {"model": s_params, "regressors": {"conv2": reg}}
     loss = distill_loss(functools.partial(kd_loss, temperature=2.0),
                         [FeatureTerm("conv2", "conv2", hint_loss, 0.5),
                          FeatureTerm("conv2", "conv2", attention_transfer_loss, 100.0)])
     opt = optax.sgd(0.1)
-    state = jc.init_train_state(params, opt, teacher_variables=(t_params, {}))
+    state = jc.init_train_state(params, opt)
     step = jax.jit(jc.make_train_step(s_apply, opt, teacher=jc.Teacher(t_apply, loss)))
-    new, metrics = step(state, {"image": x, "label": y})
+    new, metrics = step(state, {"image": x, "label": y}, (t_params, {}))
 
     s_feat = np.asarray(s_raw.features["conv2"], np.float64)
     regressed = s_feat @ np.asarray(reg["kernel"], np.float64) + np.asarray(reg["bias"], np.float64)
@@ -111,9 +111,9 @@ def test_bfloat16_frozen_teacher_uses_running_stats_and_is_close_to_float32():
     t_state = jax.tree.map(lambda v: v + 0.5, t_state)
     apply = jc.linen_apply_fn(teacher)
     want = teacher.apply({"params": t_params, **t_state}, x, train=False)
-    f32, _ = frozen_apply_fn(apply)(t_params, t_state, x, train=True)
+    f32, _ = frozen_apply_fn(apply)(t_params, t_state, {"image": x}, train=True)
     np.testing.assert_allclose(np.asarray(f32), np.asarray(want), rtol=1e-6, atol=1e-6)
-    bf16, _ = frozen_apply_fn(apply, dtype=jnp.bfloat16)(t_params, t_state, x, train=True)
+    bf16, _ = frozen_apply_fn(apply, dtype=jnp.bfloat16)(t_params, t_state, {"image": x}, train=True)
     assert bf16.dtype == jnp.float32
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(bf16 - want).max()) < 0.05 * scale
@@ -123,9 +123,10 @@ def test_bfloat16_frozen_teacher_uses_running_stats_and_is_close_to_float32():
     student = MLP(features=(8,))
     s_params, _ = _init(student, x, 1)
     opt = optax.sgd(0.0)
-    state = jc.init_train_state(s_params, opt, teacher_variables=(t_params, t_state))
+    state = jc.init_train_state(s_params, opt)
     kd = jc.Teacher(frozen_apply_fn(apply), functools.partial(kd_loss, temperature=3.0))
-    _, metrics = jax.jit(jc.make_train_step(jc.linen_apply_fn(student), opt, teacher=kd))(state, {"image": x, "label": y})
+    step = jax.jit(jc.make_train_step(jc.linen_apply_fn(student), opt, teacher=kd))
+    _, metrics = step(state, {"image": x, "label": y}, (t_params, t_state))
     s_logits = student.apply({"params": s_params}, x)
     np.testing.assert_allclose(float(metrics["loss"]), float(kd_loss(s_logits, want, temperature=3.0).mean()), rtol=1e-5)
 
@@ -137,24 +138,24 @@ def test_multi_teacher_mean_logits_and_sum_of_losses():
     applies = [jc.linen_apply_fn(m) for m in teachers]
     logits = [m.apply({"params": v[0]}, x) for m, v in zip(teachers, variables)]
     tv = stack_teacher_variables(variables)
-    mean, _ = multi_teacher_apply_fn(applies)(*tv, x, train=False)
+    mean, _ = multi_teacher_apply_fn(applies)(*tv, {"image": x}, train=False)
     np.testing.assert_allclose(np.asarray(mean), (np.asarray(logits[0]) + np.asarray(logits[1])) / 2, rtol=1e-6)
 
     student = MLP(features=(4,))
     s_params, _ = _init(student, x, 5)
     s_logits = student.apply({"params": s_params}, x)
     opt = optax.sgd(0.0)
-    state = jc.init_train_state(s_params, opt, teacher_variables=tv)
+    state = jc.init_train_state(s_params, opt)
     base = functools.partial(kd_loss, temperature=2.0)
     teacher = jc.Teacher(multi_teacher_apply_fn(applies, combine="sum_losses"), sum_over_teachers(base))
-    _, metrics = jc.make_train_step(jc.linen_apply_fn(student), opt, teacher=teacher)(state, {"image": x, "label": y})
+    _, metrics = jc.make_train_step(jc.linen_apply_fn(student), opt, teacher=teacher)(state, {"image": x, "label": y}, tv)
     want = sum(float(base(s_logits, l).mean()) for l in logits)
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
 
     other = MLP(features=(4,), num_classes=7)
     bad = stack_teacher_variables([variables[0], _init(other, x, 9)])
     with pytest.raises(ValueError, match="same classes"):
-        multi_teacher_apply_fn([applies[0], jc.linen_apply_fn(other)])(*bad, x, train=False)
+        multi_teacher_apply_fn([applies[0], jc.linen_apply_fn(other)])(*bad, {"image": x}, train=False)
     with pytest.raises(ValueError, match="combine"):
         multi_teacher_apply_fn(applies, combine="max")
 
@@ -164,11 +165,11 @@ def test_teacher_and_student_with_different_class_counts_raise():
     t_params, _ = _init(MLP(features=(4,), num_classes=5), x, 0)
     s_params, _ = _init(MLP(features=(4,)), x, 1)
     opt = optax.sgd(0.1)
-    state = jc.init_train_state(s_params, opt, teacher_variables=(t_params, {}))
+    state = jc.init_train_state(s_params, opt)
     kd = jc.Teacher(jc.linen_apply_fn(MLP(features=(4,), num_classes=5)), functools.partial(kd_loss, temperature=2.0))
     step = jc.make_train_step(jc.linen_apply_fn(MLP(features=(4,))), opt, teacher=kd)
     with pytest.raises(ValueError, match="same classes"):
-        step(state, {"image": x, "label": y})
+        step(state, {"image": x, "label": y}, (t_params, {}))
 
 
 class _Linear(nn.Module):
@@ -183,7 +184,7 @@ def _linear_pair(rng):
     t_params, _ = _init(_Linear(), x, 0)
     s_params, _ = _init(_Linear(), x, 1)
     opt = optax.sgd(0.0)
-    state = jc.init_train_state(s_params, opt, rng=rng, teacher_variables=(t_params, {}))
+    state = jc.init_train_state(s_params, opt, rng=rng)
     return x, y, jc.linen_apply_fn(_Linear()), opt, t_params, s_params, state
 
 
@@ -199,7 +200,7 @@ def test_function_matching_teacher_sees_the_augmented_batch():
     loss = functools.partial(kd_loss, temperature=2.0)
     aug = compose(random_shift(1), mixup(0.4, num_classes=4))
     _, metrics = jax.jit(jc.make_train_step(apply, opt, teacher=jc.Teacher(apply, loss), augment=aug))(
-        state, {"image": x, "label": y})
+        state, {"image": x, "label": y}, (t_params, {}))
     batch = _augmented_as_in_step(state, aug, x, y)
     assert not np.allclose(np.asarray(batch["image"]), np.asarray(x))
     xa = batch["image"]
@@ -225,7 +226,7 @@ def test_mixup_soft_labels_train_with_the_default_loss_and_the_kd_hard_term():
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
     loss = functools.partial(kd_loss, temperature=2.0, ce_weight=0.5)
     _, metrics = jax.jit(jc.make_train_step(apply, opt, teacher=jc.Teacher(apply, loss), augment=aug))(
-        state, {"image": x, "label": y})
+        state, {"image": x, "label": y}, (t_params, {}))
     np.testing.assert_allclose(float(metrics["loss"]), float(loss(s, t, labels=batch["label"]).mean()), rtol=1e-5)
     np.testing.assert_allclose(float(loss(s, t, labels=batch["label"]).mean()),
                                float(kd_loss(s, t, temperature=2.0).mean()) + 0.5 * want, rtol=1e-5)
@@ -253,9 +254,9 @@ def test_cached_teacher_logits_equal_live_teacher_and_refuse_augmentation():
     kd = jc.Teacher(t_apply, functools.partial(kd_loss, temperature=2.0))
     step = jax.jit(jc.make_train_step(jc.linen_apply_fn(student), opt, teacher=kd))
     batch = next(batches_with_teacher_logits(cache, np.asarray(x), np.asarray(y), batch_size=8, seed=0))
-    live = jc.init_train_state(s_params, opt, teacher_variables=(t_params, {}))
+    live = jc.init_train_state(s_params, opt)
     cached = jc.init_train_state(s_params, opt)  # no teacher variables needed with cached logits
-    s_live, m_live = step(live, {"image": batch["image"], "label": batch["label"]})
+    s_live, m_live = step(live, {"image": batch["image"], "label": batch["label"]}, (t_params, {}))
     s_cached, m_cached = step(cached, batch)
     np.testing.assert_allclose(float(m_cached["loss"]), float(m_live["loss"]), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(s_cached.params["head"]["kernel"]),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 TESTS = Path(__file__).resolve().parent
+STEPS = 5
 
 
 def _worker(port, process_id, out):
@@ -27,17 +28,17 @@ def _worker(port, process_id, out):
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     # float64 compute, as the single-process reference (see test_parallel._run)
     with jax.enable_x64(True):
-        step, state = tp._setup(step_axis_name("shard"))
+        step, state, teacher = tp._setup(step_axis_name("shard"))
         dp = data_parallel(step, parallel="shard")  # mesh over all 8 devices of both processes
-        state = dp.put_state(state)
+        state, teacher = dp.put_state(state), dp.put_teacher(teacher)
         x, y = tp._data()
         x = x.astype(np.float64)
         mine = process_batch_slice(tp.GLOBAL_BATCH)
-        for i in range(tp.STEPS):
+        for i in range(STEPS):
             gx = x[i * tp.GLOBAL_BATCH : (i + 1) * tp.GLOBAL_BATCH]
             gy = y[i * tp.GLOBAL_BATCH : (i + 1) * tp.GLOBAL_BATCH]
             # each process reads only its own part of the global batch
-            state, metrics = dp.step(state, {"image": gx[mine], "label": gy[mine]})
+            state, metrics = dp.step(state, {"image": gx[mine], "label": gy[mine]}, teacher)
     params = jax.tree_util.tree_flatten_with_path(state.params)[0]
     arrays = {jax.tree_util.keystr(p): np.asarray(v.addressable_data(0)) for p, v in params}
     arrays["loss"] = np.asarray(metrics["loss"].addressable_data(0))
@@ -55,7 +56,7 @@ def _reference():
     sys.path.insert(0, str(TESTS))
     import test_parallel as tp
 
-    return tp._run("none", devices=1)
+    return tp._run("none", devices=1, steps=STEPS)
 
 
 def test_two_processes_equal_single_process(tmp_path, child_env):

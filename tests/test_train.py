@@ -31,11 +31,10 @@ def _batch(seed, n=16, shape=(8, 8, 1), classes=10):
             "label": rng.integers(0, classes, size=n).astype(np.int32)}
 
 
-def _setup(model, transform=None, teacher_variables=None, lr=1e-2):
+def _setup(model, transform=None, lr=1e-2):
     params, mstate = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
     opt = optax.sgd(lr)
-    state = init_train_state(params, opt, transform=transform, model_state=mstate, rng=1,
-                             teacher_variables=teacher_variables)
+    state = init_train_state(params, opt, transform=transform, model_state=mstate, rng=1)
     return state, opt
 
 
@@ -65,7 +64,7 @@ def test_plain_step_equals_manual_sgd():
     apply = linen_apply_fn(model)
 
     def loss(p):
-        logits, _ = apply(p, {}, batch["image"], train=True)
+        logits, _ = apply(p, {}, batch, train=True)
         return cross_entropy(logits, batch["label"]).mean()
 
     want = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, jax.grad(loss)(state.params))
@@ -123,11 +122,14 @@ def test_teacher_is_frozen_and_kd_loss_used():
     teacher, student = MLP(features=(32,)), MLP(features=(8,))
     t_params, _ = split_variables(teacher.init(jax.random.key(5), jnp.zeros((1, 8, 8, 1))))
     loss = functools.partial(kd_loss, temperature=3.0, kd_weight=0.7, ce_weight=0.3)
-    state, opt = _setup(student, teacher_variables=(t_params, {}))
-    step = make_train_step(linen_apply_fn(student), opt, teacher=Teacher(linen_apply_fn(teacher), loss))
+    state, opt = _setup(student)
+    step = jax.jit(make_train_step(linen_apply_fn(student), opt, teacher=Teacher(linen_apply_fn(teacher), loss)),
+                   donate_argnums=0)
     batch = _batch(0)
-    new, metrics = step(state, batch)
-    for a, b in zip(jax.tree.leaves(new.teacher_variables), jax.tree.leaves((t_params, {}))):
+    kept = jax.tree.map(np.array, t_params)
+    new, metrics = step(jax.tree.map(jnp.copy, state), batch, (t_params, {}))
+    assert not hasattr(new, "teacher_variables")
+    for a, b in zip(jax.tree.leaves(t_params), jax.tree.leaves(kept)):  # not donated, not changed
         np.testing.assert_array_equal(a, b)
     s_logits = student.apply({"params": state.params}, batch["image"])
     t_logits = teacher.apply({"params": t_params}, batch["image"])
@@ -145,7 +147,9 @@ def test_teacher_without_variables_and_class_mismatch_raise():
         step(state, _batch(0))
     t_params, _ = split_variables(teacher.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
     with pytest.raises(ValueError, match="same classes"):
-        step(state._replace(teacher_variables=(t_params, {})), _batch(0))
+        step(state, _batch(0), (t_params, {}))
+    with pytest.raises(ValueError, match="without teacher="):
+        make_train_step(linen_apply_fn(student), opt)(state, _batch(0), (t_params, {}))
 
 
 def test_pmap_step_equals_single_device_step():
@@ -181,7 +185,7 @@ def test_evaluate_pads_last_batch_without_retracing():
         return inner(*a, **k)
 
     data = _batch(0, n=25)
-    ev = evaluate(jax.jit(make_eval_step(counting)), state, data["image"], data["label"], batch_size=10)
+    ev = evaluate(jax.jit(make_eval_step(counting)), state, data, batch_size=10)
     logits = model.apply({"params": state.params}, data["image"])
     assert ev["count"] == 25
     assert len(calls) == 1
@@ -192,8 +196,14 @@ def test_evaluate_pads_last_batch_without_retracing():
 def test_bad_batch_and_optimizer_raise():
     model = MLP(features=(8,))
     state, opt = _setup(model)
-    with pytest.raises(ValueError, match="'image' and 'label'"):
+    with pytest.raises(ValueError, match="'image' entry"):
         make_train_step(linen_apply_fn(model), opt)(state, (1, 2))
+    with pytest.raises(ValueError, match="'label' entry"):
+        make_train_step(linen_apply_fn(model), opt)(state, {"image": _batch(0)["image"]})
+    with pytest.raises(ValueError, match="empty data set"):
+        evaluate(make_eval_step(linen_apply_fn(model)), state, {"image": np.zeros((0, 8, 8, 1))})
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(make_eval_step(linen_apply_fn(model)), state, _batch(0), batch_size=0)
     with pytest.raises(TypeError, match="optax"):
         init_train_state(state.params, "adam")
     with pytest.raises(TypeError, match="Transform"):
@@ -205,20 +215,83 @@ def test_augment_runs_inside_step_and_teacher_sees_augmented_batch():
     t_params, _ = split_variables(teacher.init(jax.random.key(5), jnp.zeros((1, 8, 8, 1))))
     seen = []
 
-    def recording_teacher(params, mstate, x, *, train, rng=None):
-        seen.append(x)
-        return linen_apply_fn(teacher)(params, mstate, x, train=train, rng=rng)
+    def recording_teacher(params, mstate, batch, *, train, rng=None):
+        seen.append(batch["image"])
+        return linen_apply_fn(teacher)(params, mstate, batch, train=train, rng=rng)
 
     def flip(rng, batch):
         return {**batch, "image": -batch["image"]}
 
-    state, opt = _setup(student, teacher_variables=(t_params, {}))
+    state, opt = _setup(student)
     loss = functools.partial(kd_loss, temperature=2.0)
     step = make_train_step(linen_apply_fn(student), opt, augment=flip,
                            teacher=Teacher(recording_teacher, loss))
     batch = _batch(0)
-    _, metrics = step(state, batch)
+    _, metrics = step(state, batch, (t_params, {}))
     np.testing.assert_array_equal(np.asarray(seen[0]), -batch["image"])
     s_logits = student.apply({"params": state.params}, -batch["image"])
     t_logits = teacher.apply({"params": t_params}, -batch["image"])
     np.testing.assert_allclose(metrics["loss"], loss(s_logits, t_logits).mean(), rtol=1e-5)
+
+
+def test_custom_loss_and_metrics_on_a_batch_of_another_shape():
+    # A regression batch with other keys: the loss, the metrics and the inputs are the user's.
+    model = MLP(features=(8,), num_classes=1)
+    params, _ = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 3))))
+    opt = optax.sgd(0.05)
+    apply = linen_apply_fn(model, inputs="x")
+    loss_fn = lambda out, b: (out[:, 0] - b["y"]) ** 2  # noqa: E731
+    metrics_fn = lambda out, b: {"abs_err": jnp.abs(out[:, 0] - b["y"])}  # noqa: E731
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(32, 3)).astype(np.float32), "y": rng.normal(size=32).astype(np.float32)}
+    state = init_train_state(params, opt)
+    step = jax.jit(make_train_step(apply, opt, loss_fn=loss_fn, metrics_fn=metrics_fn))
+    new, metrics = step(state, batch)
+    out = model.apply({"params": params}, batch["x"])[:, 0]
+    np.testing.assert_allclose(metrics["loss"], np.mean((out - batch["y"]) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(metrics["abs_err"], np.mean(np.abs(out - batch["y"])), rtol=1e-5)
+    ev = evaluate(jax.jit(make_eval_step(apply, loss_fn=loss_fn, metrics_fn=metrics_fn)), new, batch, batch_size=12)
+    out1 = model.apply({"params": new.params}, batch["x"])[:, 0]
+    assert ev["count"] == 32
+    np.testing.assert_allclose(ev["abs_err"], np.mean(np.abs(out1 - batch["y"])), rtol=1e-5)
+
+
+def test_init_train_state_never_aliases_the_callers_arrays():
+    model = MLP(features=(8,))
+    params, _ = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    opt = optax.sgd(0.1)
+    a = init_train_state(params, opt)
+    b = init_train_state(params, opt)
+    step = jax.jit(make_train_step(linen_apply_fn(model), opt), donate_argnums=0)
+    step(a, _batch(0))
+    step(b, _batch(1))  # would fail on deleted buffers if b shared a's arrays
+    assert np.isfinite(np.asarray(params["fc1"]["kernel"])).all()  # the caller's arrays are alive
+    with pytest.raises(TypeError, match="rng"):
+        init_train_state(params, opt, rng=0.5)
+
+
+def test_trainable_state_values_are_trained_by_the_optimizer():
+    # A toy transform with one trainable scale per kernel: view = w * s. The step must pull the
+    # view gradient back to s (ds = sum(g * w)) and update it with the user's optimizer.
+    from jaxcompress.core.transform import Trainable, Transform
+
+    def init(params):
+        return Trainable(jax.tree.map(lambda w: jnp.float32(1.0), params))
+
+    def apply(params, state):
+        return jax.tree.map(lambda w, s: w * s, params, state.value)
+
+    t = Transform(init, apply, lambda p, s, i: s)
+    model = MLP(features=(8,))
+    params, _ = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    opt = optax.sgd(0.1)
+    state = init_train_state(params, opt, transform=t)
+    batch = _batch(0)
+    new, _ = jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t))(state, batch)
+
+    def loss(p):
+        return cross_entropy(model.apply({"params": p}, batch["image"]), batch["label"]).mean()
+
+    g = jax.grad(loss)(params)
+    for s_new, w, gw in zip(jax.tree.leaves(new.compression_state.value), jax.tree.leaves(params), jax.tree.leaves(g)):
+        np.testing.assert_allclose(s_new, 1.0 - 0.1 * np.sum(np.asarray(gw) * np.asarray(w)), rtol=1e-4)

@@ -127,8 +127,10 @@ class TeacherLogitCache(NamedTuple):
     num_inputs: int
 
 
-def cache_teacher_logits(apply_fn: Callable, variables: tuple, images: np.ndarray, *, batch_size: int = 1000) -> TeacherLogitCache:
-    """Runs the frozen teacher once over ``images`` and keeps its logits.
+def cache_teacher_logits(
+    apply_fn: Callable, variables: tuple, images: np.ndarray, *, batch_size: int = 1000, inputs: str = "image"
+) -> TeacherLogitCache:
+    """Runs the frozen teacher once over ``images`` (given to it as ``batch[inputs]``) and keeps its logits.
 
     Only valid while the student sees exactly these inputs: with random augmentation the teacher
     must see each augmented view (function matching), so :func:`batches_with_teacher_logits` and
@@ -138,7 +140,7 @@ def cache_teacher_logits(apply_fn: Callable, variables: tuple, images: np.ndarra
       A :class:`TeacherLogitCache`.
     """
     params, model_state = variables
-    fn = jax.jit(lambda x: logits_of(apply_fn(params, model_state, x, train=False, rng=None)[0]))
+    fn = jax.jit(lambda x: logits_of(apply_fn(params, model_state, {inputs: x}, train=False, rng=None)[0]))
     out = [np.asarray(fn(images[i : i + batch_size]), np.float32) for i in range(0, len(images), batch_size)]
     return TeacherLogitCache(np.concatenate(out), len(images))
 

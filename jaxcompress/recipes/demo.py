@@ -13,7 +13,6 @@ import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -174,17 +173,14 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         n = len(jax.devices()) if config.devices is None else config.devices
         per_device_batch_size(config.batch_size, n)
 
-    def run_stage(name, model_apply, state, step, epochs, seed, transform: Optional[Transform] = None):
+    def run_stage(name, model_apply, state, step, epochs, seed, transform: Optional[Transform] = None, teacher=None):
         t0 = time.time()
-        if config.parallel == "none":
-            state, metrics = fit(jax.jit(step, donate_argnums=0), state, xs, ys, num_epochs=epochs, seed=seed,
-                                 desc=name, **fit_kw)
-        else:
-            dp = data_parallel(step, parallel=config.parallel, devices=config.devices)
-            state, metrics = fit(dp.step, dp.put_state(state), xs, ys, num_epochs=epochs, seed=seed,
-                                 desc=name, **fit_kw)
-            state = dp.get_state(state)
-        ev = evaluate(jax.jit(make_eval_step(model_apply, transform=transform)), state, xt, yt, batch_size=eval_bs)
+        dp = data_parallel(step, parallel=config.parallel, devices=config.devices)
+        state, metrics = fit(dp.step, dp.put_state(state), xs, ys, num_epochs=epochs, seed=seed, desc=name,
+                             teacher_variables=None if teacher is None else dp.put_teacher(teacher), **fit_kw)
+        state = dp.get_state(state)
+        ev = evaluate(jax.jit(make_eval_step(model_apply, transform=transform)), state,
+                      {"image": xt, "label": yt}, batch_size=eval_bs)
         log(f"{name}: test accuracy {ev['accuracy']:.4f} (train loss {metrics['loss']:.4f}) "
             f"in {time.time() - t0:.1f} s")
         return state, ev["accuracy"], time.time() - t0
@@ -209,11 +205,9 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
 
     def student_stage(name, params, epochs, seed, transform, lr):
         opt = optax.adam(lr)
-        # The step donates its state; copies keep the teacher usable by the next stage.
-        st = init_train_state(params, opt, transform=transform, model_state=s_mstate, rng=seed,
-                              teacher_variables=jax.tree.map(jnp.copy, teacher_variables))
+        st = init_train_state(params, opt, transform=transform, model_state=s_mstate, rng=seed)
         step = make_train_step(s_apply, opt, transform=transform, teacher=kd, axis_name=axis_name)
-        return run_stage(name, s_apply, st, step, epochs, seed, transform)
+        return run_stage(name, s_apply, st, step, epochs, seed, transform, teacher=teacher_variables)
 
     state, acc, secs = student_stage("student (distilled)", s_params, config.student_epochs,
                                      config.seed + 1, None, config.learning_rate)

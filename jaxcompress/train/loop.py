@@ -24,6 +24,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     log_every: int = 50,
+    teacher_variables=None,
 ) -> tuple[TrainState, dict]:
     """Runs a (jitted) train step over shuffled batches for ``num_epochs`` epochs.
 
@@ -37,6 +38,7 @@ def fit(
       desc: progress bar label.
       progress: show a tqdm progress bar.
       log_every: steps between reads of the metrics (each read waits for the device).
+      teacher_variables: passed to every step as its third argument (distillation).
 
     Returns:
       ``(state, last_metrics)`` with the metrics as Python floats.
@@ -49,7 +51,7 @@ def fit(
     metrics = {}
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, mininterval=1.0)
     for i, batch in zip(range(total), batches):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch) if teacher_variables is None else step(state, batch, teacher_variables)
         if (i + 1) % log_every == 0 or i + 1 == total:
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()})
         bar.update(1)

@@ -238,17 +238,43 @@ class DataParallel(NamedTuple):
       mode: ``'none'``, ``'pmap'`` or ``'shard'``.
       num_devices: devices the batch is split over.
       mesh: the ``'data'`` mesh (``'shard'``), else ``None``.
-      step: ``(device state, global batch) -> (device state, metrics)``; the batch may be NumPy.
+      step: ``(device state, global batch[, teacher_variables]) -> (device state, metrics)``; the
+        batch may be NumPy; the state is donated, the teacher's variables never are.
       put_state: a host/one-device state -> the layout ``step`` expects (replicated).
       get_state: the step's state -> one copy (on one device when running in one process).
+      put_teacher: teacher variables -> the layout ``step`` expects: on the device (``'none'``),
+        as they are (``'pmap'`` broadcasts them to every device), replicated over the mesh
+        (``'shard'``). Under ``'shard'`` a teacher too large for one device may instead be given
+        laid out by the caller (e.g. its kernels sharded with a ``NamedSharding`` on the mesh):
+        the compiled step takes the arrays' own layout.
     """
 
     mode: str
     num_devices: int
     mesh: Optional[Mesh]
-    step: Callable[[Any, Any], tuple[Any, dict]]
+    step: Callable[..., tuple[Any, dict]]
     put_state: Callable[[Any], Any]
     get_state: Callable[[Any], Any]
+    put_teacher: Callable[[Any], Any]
+
+
+def _check_step_axis(step: Callable, parallel: str, axis_name: str) -> None:
+    """Refuses a step built for another parallel mode (a step from make_train_step knows its axis)."""
+    if not hasattr(step, "axis_name"):
+        return
+    built = step.axis_name
+    if parallel == "pmap" and built != axis_name:
+        raise ValueError(
+            f"parallel='pmap' needs a step that averages over the {axis_name!r} axis, but this step was built "
+            f"with axis_name={built!r}: each device would train its own copy. Build it with "
+            f"make_train_step(..., axis_name=step_axis_name('pmap')) (= {axis_name!r})."
+        )
+    if parallel != "pmap" and built is not None:
+        raise ValueError(
+            f"parallel={parallel!r} runs on global arrays and needs a step built with axis_name=None, but this "
+            f"step was built with axis_name={built!r} (an axis only pmap binds). Build it with "
+            f"make_train_step(..., axis_name=step_axis_name({parallel!r})) (= None)."
+        )
 
 
 def data_parallel(
@@ -263,10 +289,11 @@ def data_parallel(
     """Compiles a train step for one device, ``jax.pmap``, or ``jax.jit`` over a data mesh.
 
     Build ``step`` with ``make_train_step(..., axis_name=step_axis_name(parallel))`` (and Flax
-    BatchNorm with the same ``axis_name``): only ``pmap`` averages with explicit collectives.
+    BatchNorm with the same ``axis_name``): only ``pmap`` averages with explicit collectives. A
+    step from :func:`~jaxcompress.train.step.make_train_step` built for another mode is refused.
 
     Args:
-      step: the unmapped ``(TrainState, batch) -> (TrainState, metrics)``.
+      step: the unmapped ``(TrainState, batch[, teacher_variables]) -> (TrainState, metrics)``.
       parallel: ``'none'`` (``jax.jit`` on one device), ``'pmap'``, or ``'shard'``.
       devices: ``None`` (all), a count, or a list (``'pmap'``/``'shard'`` without ``mesh``).
       mesh: for ``'shard'``, a mesh with an ``axis_name`` axis (default :func:`data_mesh`).
@@ -277,8 +304,8 @@ def data_parallel(
       A :class:`DataParallel`.
 
     Raises:
-      ValueError: unknown mode, a mesh without ``axis_name``; at call time, a global batch that
-        does not split evenly over the devices.
+      ValueError: unknown mode, a mesh without ``axis_name``, a step built for another mode; at
+        call time, a global batch that does not split evenly over the devices.
 
     Example:
       >>> import jax.numpy as jnp
@@ -288,20 +315,27 @@ def data_parallel(
       2.0
     """
     parallel = _check_mode(parallel)
+    _check_step_axis(step, parallel, axis_name)
     donate_argnums = (0,) if donate else ()
     if parallel == "none":
         device = _devices(devices)[0]
         compiled = jax.jit(step, donate_argnums=donate_argnums)
-        return DataParallel(
-            "none", 1, None, compiled, lambda s: jax.device_put(s, device), lambda s: s
-        )
+        put = lambda s: jax.device_put(s, device)  # noqa: E731
+        return DataParallel("none", 1, None, compiled, put, lambda s: s, put)
     if parallel == "pmap":
         devs = _devices(devices)
         n = len(devs)
         mapped = jax.pmap(step, axis_name=axis_name, devices=devs, donate_argnums=donate_argnums)
+        mapped_teacher = jax.pmap(
+            step, axis_name=axis_name, devices=devs, donate_argnums=donate_argnums, in_axes=(0, 0, None)
+        )
 
-        def pmap_step(state, batch):
-            state, metrics = mapped(state, split_for_pmap(batch, n))
+        def pmap_step(state, batch, teacher_variables=None):
+            batch = split_for_pmap(batch, n)
+            if teacher_variables is None:
+                state, metrics = mapped(state, batch)
+            else:
+                state, metrics = mapped_teacher(state, batch, teacher_variables)
             return state, jax.tree.map(lambda m: m[0], metrics)
 
         stacked = NamedSharding(Mesh(np.array(devs), (axis_name,)), PartitionSpec(axis_name))
@@ -316,25 +350,20 @@ def data_parallel(
         def get_state(state):
             return jax.tree.map(lambda x: jax.device_put(x[0], devs[0]), state)
 
-        return DataParallel("pmap", n, None, pmap_step, put_state, get_state)
+        return DataParallel("pmap", n, None, pmap_step, put_state, get_state, lambda t: t)
     mesh = data_mesh(devices, axis_name=axis_name) if mesh is None else check_mesh(mesh, axis_name)
     replicated = NamedSharding(mesh, PartitionSpec())
-    compiled = jax.jit(
-        step,
-        in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(axis_name))),
-        out_shardings=(replicated, replicated),
-        donate_argnums=donate_argnums,
-    )
+    # Inputs keep the layout they were given (put_state / shard_batch / put_teacher or the
+    # caller's own sharding of a large teacher); outputs are replicated.
+    compiled = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=donate_argnums)
 
-    def shard_step(state, batch):
-        return compiled(state, shard_batch(batch, mesh, axis_name))
+    def shard_step(state, batch, *teacher_variables):
+        return compiled(state, shard_batch(batch, mesh, axis_name), *teacher_variables)
 
     def get_state(state):
         if jax.process_count() > 1:
             return state
         return jax.device_put(state, mesh.devices.flat[0])
 
-    return DataParallel(
-        "shard", int(mesh.shape[axis_name]), mesh, shard_step,
-        lambda s: replicate(s, mesh), get_state,
-    )
+    put = lambda s: replicate(s, mesh)  # noqa: E731
+    return DataParallel("shard", int(mesh.shape[axis_name]), mesh, shard_step, put, get_state, put)

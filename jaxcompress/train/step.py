@@ -23,8 +23,8 @@ def classification_loss(outputs: Any, batch: dict) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> classification_loss(jnp.zeros((1, 2)), {'label': jnp.array([1])}).round(4).tolist()
-      [0.6931]
+      >>> round(float(classification_loss(jnp.zeros((1, 2)), {'label': jnp.array([1])})[0]), 4)
+      0.6931
     """
     return cross_entropy(logits_of(outputs), _field(batch, "label"))
 
@@ -75,6 +75,21 @@ class Teacher(NamedTuple):
 
 def _pmean(tree, axis_name):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _average_varying(tree, axis_name):
+    """The mean over ``axis_name`` of each leaf that differs between devices; leaves that are
+    already identical everywhere (synchronised BatchNorm statistics, calibrated ranges, counters)
+    are kept as they are, since averaging identical float32 copies can change their value."""
+    if axis_name is None:
+        return tree
+
+    def average(x):
+        same = jnp.all(jax.lax.pmax(x, axis_name) == jax.lax.pmin(x, axis_name))
+        mean = jax.lax.pmean(x.astype(jnp.float32) if not jnp.issubdtype(x.dtype, jnp.floating) else x, axis_name)
+        return jnp.where(same, x, mean.astype(x.dtype))
+
+    return jax.tree.map(average, tree)
 
 
 def _mean_metrics(metrics: dict) -> dict:
@@ -198,7 +213,7 @@ def make_train_step(
         (loss, (outputs, model_state)), view_grads = jax.value_and_grad(objective, has_aux=True)(view)
         view_grads = _pmean(view_grads, axis_name)
         grads, trainable_grads = pullback(view_grads)
-        model_state = _pmean(model_state, axis_name)
+        model_state = _average_varying(model_state, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         compression_state, compression_opt_state = state.compression_state, state.compression_opt_state
@@ -222,6 +237,7 @@ def make_train_step(
         )
         return new_state, metrics
 
+    step.axis_name = axis_name  # read by data_parallel to refuse a step built for another mode
     return step
 
 
