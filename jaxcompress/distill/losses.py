@@ -134,3 +134,26 @@ def kd_loss(
             raise ValueError(f"labels are required when ce_weight != 0 (got ce_weight={ce_weight}).")
         loss = loss + ce_weight * cross_entropy(student_logits, labels)
     return loss
+
+
+def perplexity(mean_nll) -> jax.Array:
+    """Perplexity ``exp(mean_nll)`` from a mean per-token negative log-likelihood in nats.
+
+    With byte tokens, ``mean_nll / log(2)`` is the bits per byte.
+
+    Args:
+      mean_nll: float scalar or array: the mean of :func:`cross_entropy` over the scored tokens
+        (e.g. ``sum(nll * mask) / sum(mask)``).
+
+    Returns:
+      float32 array of the same shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(perplexity(jnp.log(256.0)))  # uniform over 256 bytes: 8 bits per byte
+      256.0
+    """
+    mean_nll = jnp.asarray(mean_nll)
+    if not jnp.issubdtype(mean_nll.dtype, jnp.floating):
+        raise TypeError(f"mean_nll must be a float mean negative log-likelihood in nats, got dtype {mean_nll.dtype}.")
+    return jnp.exp(mean_nll.astype(jnp.float32))
