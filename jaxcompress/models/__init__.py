@@ -4,3 +4,4 @@ from jaxcompress.models.cnn import LeNet5 as LeNet5
 from jaxcompress.models.cnn import student_cnn as student_cnn
 from jaxcompress.models.cnn import teacher_cnn as teacher_cnn
 from jaxcompress.models.mlp import MLP as MLP
+from jaxcompress.models.transformer import TransformerLM as TransformerLM

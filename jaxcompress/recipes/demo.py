@@ -18,6 +18,7 @@ import optax
 
 from jaxcompress.core.rules import explain
 from jaxcompress.core.transform import Transform, chain
+from jaxcompress.data.batching import epochs as epoch_batches
 from jaxcompress.data.batching import num_batches
 from jaxcompress.data.mnist import DATA_DIR_ENV, Dataset, load_dataset
 from jaxcompress.distill.losses import kd_loss
@@ -164,7 +165,6 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
 
     key = jax.random.key(config.seed)
     k_teacher, k_student = jax.random.split(key)
-    fit_kw = dict(batch_size=config.batch_size, progress=config.progress)
     eval_bs = min(1000, len(yt))
     stages: list[dict] = []
 
@@ -176,8 +176,11 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     def run_stage(name, model_apply, state, step, epochs, seed, transform: Optional[Transform] = None, teacher=None):
         t0 = time.time()
         dp = data_parallel(step, parallel=config.parallel, devices=config.devices)
-        state, metrics = fit(dp.step, dp.put_state(state), xs, ys, num_epochs=epochs, seed=seed, desc=name,
-                             teacher_variables=None if teacher is None else dp.put_teacher(teacher), **fit_kw)
+        num_steps = max(int(round(epochs * num_batches(len(ys), config.batch_size))), 1)
+        batches = epoch_batches(xs, ys, config.batch_size, seed=seed, num_epochs=int(np.ceil(epochs)))
+        state, metrics = fit(dp.step, dp.put_state(state), batches, num_steps=num_steps, desc=name,
+                             teacher_variables=None if teacher is None else dp.put_teacher(teacher),
+                             progress=config.progress)
         state = dp.get_state(state)
         ev = evaluate(jax.jit(make_eval_step(model_apply, transform=transform)), state,
                       {"image": xt, "label": yt}, batch_size=eval_bs)

@@ -1,59 +1,62 @@
-"""A plain epoch loop over in-memory arrays, shared by the CLI and the experiments."""
+"""A plain training loop over any iterable of batches, shared by the CLI and the experiments."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import numbers
+from typing import Any, Callable, Iterable
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcompress.data.batching import epochs as epoch_batches
-from jaxcompress.data.batching import num_batches
 from jaxcompress.train.state import TrainState
 
 
 def fit(
     step: Callable,
     state: TrainState,
-    images: np.ndarray,
-    labels: np.ndarray,
+    batches: Iterable[dict],
     *,
-    batch_size: int,
-    num_epochs: float,
-    seed: int = 0,
+    num_steps: int,
+    teacher_variables: Any = None,
     desc: str = "train",
     progress: bool = True,
     log_every: int = 50,
-    teacher_variables=None,
 ) -> tuple[TrainState, dict]:
-    """Runs a (jitted) train step over shuffled batches for ``num_epochs`` epochs.
+    """Runs a (jitted) train step over ``num_steps`` batches.
 
     Args:
-      step: ``(state, batch) -> (state, metrics)``, e.g. ``jax.jit(make_train_step(...))``.
+      step: ``(state, batch[, teacher_variables]) -> (state, metrics)``, e.g.
+        ``jax.jit(make_train_step(...), donate_argnums=0)`` or ``data_parallel(...).step``.
       state: the initial :class:`~jaxcompress.train.state.TrainState`.
-      images, labels: the training set.
-      batch_size: examples per step.
-      num_epochs: may be fractional (e.g. ``0.5`` runs half an epoch of steps).
-      seed: shuffling seed (epoch ``e`` uses ``[seed, e]``).
+      batches: an iterable of batch dicts, e.g.
+        :func:`~jaxcompress.data.batching.epochs` (images) or
+        :func:`~jaxcompress.data.text.sample_windows` calls (tokens); at least ``num_steps`` long.
+      num_steps: steps to run.
+      teacher_variables: passed to every step as its third argument (distillation).
       desc: progress bar label.
       progress: show a tqdm progress bar.
       log_every: steps between reads of the metrics (each read waits for the device).
-      teacher_variables: passed to every step as its third argument (distillation).
 
     Returns:
       ``(state, last_metrics)`` with the metrics as Python floats.
+
+    Raises:
+      ValueError: ``num_steps < 1``, or ``batches`` ran out before ``num_steps``.
     """
-    if num_epochs <= 0:
-        raise ValueError(f"num_epochs must be > 0, got {num_epochs}.")
-    per_epoch = num_batches(len(labels), batch_size)
-    total = max(int(round(num_epochs * per_epoch)), 1)
-    batches = epoch_batches(images, labels, batch_size, seed=seed, num_epochs=int(np.ceil(num_epochs)))
-    metrics = {}
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, mininterval=1.0)
-    for i, batch in zip(range(total), batches):
-        state, metrics = step(state, batch) if teacher_variables is None else step(state, batch, teacher_variables)
-        if (i + 1) % log_every == 0 or i + 1 == total:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+    extra = () if teacher_variables is None else (teacher_variables,)
+    metrics: dict = {}
+    done = 0
+    bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, mininterval=1.0)
+    for batch in batches:
+        if done == num_steps:
+            break
+        state, metrics = step(state, batch, *extra)
+        done += 1
+        if done % log_every == 0 or done == num_steps:
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()})
         bar.update(1)
     bar.close()
+    if done < num_steps:
+        raise ValueError(f"batches ran out after {done} of num_steps={num_steps} steps; give a longer iterable.")
     return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
