@@ -37,7 +37,8 @@ def test_truncated_and_bad_label_raise():
 def test_missing_files_say_how_to_get_them(tmp_path):
     with pytest.raises(DataNotFoundError, match="cifar-10-binary.tar.gz") as err:
         load_cifar10(tmp_path, download=False)
-    assert "--data-dir" in str(err.value) and f"{DATA_DIR_ENV}=ROOT" in str(err.value) and "ROOT/cifar10" in str(err.value)
+    msg = str(err.value)
+    assert "--data-dir" in msg and f"{DATA_DIR_ENV}=ROOT" in msg and "ROOT/cifar10" in msg
 
 
 def test_wrong_checksum_is_detected(tmp_path):

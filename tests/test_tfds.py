@@ -95,7 +95,8 @@ def test_load_dataset_tfds_standardises_and_maps_labels(data_dir):
     mean, std = pixels.mean((0, 1, 2)), pixels.std((0, 1, 2))
     for split, images, labels in (("train", ds.train_images, ds.train_labels), ("test", ds.test_images, ds.test_labels)):
         ids = raw[split]["id"]  # the data source's order is the Dataset's order
-        np.testing.assert_allclose(images, (np.stack([expected_image(int(i)) for i in ids]) / 255.0 - mean) / std, atol=1e-5)
+        expected = np.stack([expected_image(int(i)) for i in ids]) / 255.0
+        np.testing.assert_allclose(images, (expected - mean) / std, atol=1e-5)
         assert [ds.class_names[c] for c in labels] == [CLASSES[i % 3] for i in ids]
     np.testing.assert_allclose(ds.train_images.mean((0, 1, 2)), 0.0, atol=1e-5)
     assert load_tfds(NAME, data_dir, train_split="train[:50%]", test_split="test").train_images.shape[0] == 5
@@ -135,7 +136,9 @@ def test_reading_does_not_import_tensorflow(data_dir, child_env):
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 

@@ -1,8 +1,10 @@
-"""Any prepared TensorFlow Datasets (tfds) data set, read by index with ``tfds.data_source``.
+"""Any prepared TensorFlow Datasets (tfds) data set, read by index through a tfds data source.
 
 The data set must have been prepared in a random-access format (``file_format='array_record'``
-or ``'parquet'``). Reading goes through tfds's data sources, which decode examples with NumPy and
-PIL: TensorFlow is not needed, and not imported, to read.
+or ``'parquet'``). It is read through the data source ``tfds.data_source`` returns (opened here as
+``tfds.builder(...).as_data_source(...)``, so that a set that is not prepared is reported, never
+downloaded). Data sources decode examples with NumPy and PIL: TensorFlow is not needed, and not
+imported, to read.
 """
 from __future__ import annotations
 
@@ -107,8 +109,9 @@ def open_tfds(name: str, split: str, data_dir: str | os.PathLike | None = None) 
         ) from err
     except ValueError as err:
         raise ValueError(
-            f"split={split!r} is not a split of tfds data set {name!r} in {builder.data_path}; use one of "
-            f"{splits}, or a slice of one such as '{splits[0] if splits else 'train'}[:90%]'."
+            f"split={split!r} does not name a split of tfds data set {name!r} in {builder.data_path} "
+            f"({err}); use one of {splits}, or a slice of one such as "
+            f"'{splits[0] if splits else 'train'}[:90%]'."
         ) from err
 
 
@@ -136,14 +139,32 @@ def _columns(source: Sequence[dict], name: str, split: str, keys: Sequence[str] 
     n = len(source)
     if n == 0:
         raise ValueError(f"split={split!r} of tfds data set {name!r} is empty; choose a split with examples.")
-    chunks = [stack_examples(source.__getitems__(list(range(i, min(i + _READ_CHUNK, n))))) for i in range(0, n, _READ_CHUNK)]
-    columns = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    if keys is None:
-        return columns
-    unknown = [k for k in keys if k not in columns]
-    if unknown:
-        raise ValueError(f"keys {unknown} are not features of tfds data set {name!r}; choose among {sorted(columns)}.")
-    return {k: columns[k] for k in keys}
+    chunks = []
+    for start in range(0, n, _READ_CHUNK):
+        chunk = stack_examples(source.__getitems__(list(range(start, min(start + _READ_CHUNK, n)))))
+        if keys is not None:
+            if unknown := [k for k in keys if k not in chunk]:
+                raise ValueError(
+                    f"keys {unknown} are not features of tfds data set {name!r}; choose among {sorted(chunk)}."
+                )
+            chunk = {k: chunk[k] for k in keys}
+        chunks.append(chunk)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of ``images / 255`` in float64, a chunk at a time to bound memory."""
+    channels = images.shape[-1]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(images), _READ_CHUNK):
+        x = images[start : start + _READ_CHUNK].reshape(-1, channels) / 255.0
+        total += x.sum(0)
+        squares += np.square(x).sum(0)
+        count += len(x)
+    mean = total / count
+    # A constant channel has std 0; 1 then leaves it centred instead of dividing by zero.
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    return mean, np.where(std > 1e-12, std, 1.0)
 
 
 def load_tfds(
@@ -184,19 +205,21 @@ def load_tfds(
     features = info.features
     for arg, key in (("image_key", image_key), ("label_key", label_key)):
         if key not in features:
-            raise ValueError(f"{arg}={key!r} is not a feature of tfds data set {name!r}; choose among {sorted(features)}.")
+            raise ValueError(
+                f"{arg}={key!r} is not a feature of tfds data set {name!r}; choose among {sorted(features)}."
+            )
     image_feature = features[image_key]
-    if np.dtype(image_feature.np_dtype) != np.uint8 or len(image_feature.shape) != 3:
+    shape = tuple(image_feature.shape)
+    if np.dtype(image_feature.np_dtype) != np.uint8 or len(shape) != 3 or None in shape:
         raise ValueError(
-            f"image_key={image_key!r} of tfds data set {name!r} is {image_feature.np_dtype} of shape "
-            f"{image_feature.shape}, not uint8 (H, W, C) images; pass the image feature as image_key, or "
-            "use read_tfds for other data."
+            f"image_key={image_key!r} of tfds data set {name!r} is {image_feature.np_dtype} of shape {shape}, "
+            "not uint8 (H, W, C) images of one size; pass the image feature as image_key, or read examples "
+            "with open_tfds and iterate_source_batches and resize them yourself."
         )
     keys = [image_key, label_key]
     train = _columns(source, name, train_split, keys)
     test = _columns(test_source, name, test_split, keys)
-    pixels = train[image_key].reshape(-1, train[image_key].shape[-1]) / 255.0
-    mean, std = pixels.mean(0), np.maximum(pixels.std(0), 1e-8)
+    mean, std = _channel_stats(train[image_key])
     names = tuple(getattr(features[label_key], "names", None) or ())
     num_classes = len(names) or int(max(train[label_key].max(), test[label_key].max())) + 1
     return Dataset(
