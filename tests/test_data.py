@@ -15,12 +15,14 @@ from jaxcompress.data import (
     DataNotFoundError,
     default_cache_dir,
     epochs,
+    iterate_source_batches,
     iterate_batches,
     load_dataset,
     load_digits,
     load_mnist,
     num_batches,
     read_idx,
+    write_atomic,
     write_idx,
 )
 from jaxcompress.data import mnist as mnist_module
@@ -90,10 +92,16 @@ def test_mnist_raw_pixels_match_standardisation(mnist):
 
 def test_mnist_env_var_is_used(monkeypatch):
     folder = _need("mnist")
-    monkeypatch.setenv(DATA_DIR_ENV, str(folder))
     monkeypatch.setattr(mnist_module, "download_bytes", _no_network)
-    ds = load_dataset("mnist", download=False)
-    assert ds.name == "mnist" and len(ds.test_labels) == 10000
+    # The data root holding a folder per data set, or the data set's folder itself.
+    for root in (folder.parent, folder):
+        monkeypatch.setenv(DATA_DIR_ENV, str(root))
+        ds = load_dataset("mnist", download=False)
+        assert ds.name == "mnist" and len(ds.test_labels) == 10000 and Path(ds.source) == folder
+    assert ds.class_names == tuple("0123456789")
+    monkeypatch.setenv(DATA_DIR_ENV, str(folder.parent))
+    if (folder.parent / "fashion_mnist").is_dir():
+        assert load_dataset("fashion_mnist", download=False).class_names[0] == "T-shirt/top"
 
 
 # --- read_idx / write_idx ---------------------------------------------------------------------
@@ -261,11 +269,26 @@ def test_bad_arguments(tmp_path):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "root"))
+    assert default_cache_dir("cifar10") == tmp_path / "root" / "cifar10"
+    monkeypatch.delenv(DATA_DIR_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir("mnist") == tmp_path / "jaxcompress" / "mnist"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir("fashion_mnist") == tmp_path / "home" / ".cache" / "jaxcompress" / "fashion_mnist"
+    for bad in ("", "a/b", "..", None):
+        with pytest.raises(ValueError, match="name must be a plain data set name"):
+            default_cache_dir(bad)
+
+
+def test_write_atomic_leaves_old_file_on_error(tmp_path):
+    path = write_atomic(tmp_path / "f.bin", b"old")
+    with pytest.raises(TypeError):
+        write_atomic(path, "not bytes")  # fails after the temporary file was created
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
 def test_fallback_to_digits(no_env, monkeypatch):
@@ -358,6 +381,22 @@ def test_iterate_batches_bad_arguments():
         iterate_batches(x, y[:9], 2)
     with pytest.raises(TypeError, match="rng"):
         iterate_batches(x, y, 2, rng="seed")
+
+
+def test_iterate_source_batches_matches_iterate_batches():
+    source = [{"image": np.full((2, 2), i), "label": i % 3, "meta": {"id": i}} for i in range(11)]
+    batches = list(iterate_source_batches(source, 4, rng=9))
+    assert [sorted(b) for b in batches] == [["image", "label", "meta/id"]] * 2
+    ids = np.arange(11)
+    reference = list(iterate_batches(ids, ids, 4, rng=9))
+    for b, r in zip(batches, reference):
+        np.testing.assert_array_equal(b["meta/id"], r["label"])
+        np.testing.assert_array_equal(b["image"][:, 0, 0], r["label"])
+        np.testing.assert_array_equal(b["label"], r["label"] % 3)
+    with pytest.raises(ValueError, match="batch_size=12"):
+        iterate_source_batches(source, 12)
+    with pytest.raises(ValueError, match=r"examples\[1\] has keys"):
+        list(iterate_source_batches([{"a": 1}, {"b": 2}], 2, shuffle=False))
 
 
 def test_num_batches_and_epochs():

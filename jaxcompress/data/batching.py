@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -75,6 +75,16 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
+def _epoch_stop(n: int, batch_size: int, drop_remainder: bool) -> int:
+    """How many of the ``n`` examples one epoch uses; raises if it would yield no batch."""
+    if drop_remainder and batch_size > n:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {n} examples, so with drop_remainder=True no "
+            "batch would be yielded; use a smaller batch_size or drop_remainder=False."
+        )
+    return num_batches(n, batch_size, drop_remainder) * batch_size
+
+
 def _generate(images, labels, batch_size, order, stop) -> Iterator[dict]:
     for start in range(0, stop, batch_size):
         if order is None:
@@ -126,13 +136,8 @@ def iterate_batches(
     batch_size = _check_batch_size(batch_size)
     images, labels = _check_arrays(images, labels)
     n = len(images)
-    if drop_remainder and batch_size > n:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than the {n} examples, so with drop_remainder=True no "
-            "batch would be yielded; use a smaller batch_size or drop_remainder=False."
-        )
+    stop = _epoch_stop(n, batch_size, drop_remainder)
     order = _as_generator(rng).permutation(n) if shuffle else None
-    stop = num_batches(n, batch_size, drop_remainder) * batch_size
     return _generate(images, labels, batch_size, order, stop)
 
 
@@ -185,5 +190,89 @@ def epochs(
             yield from iterate_batches(
                 images, labels, batch_size, rng=rng, shuffle=shuffle, drop_remainder=drop_remainder
             )
+
+    return generate()
+
+
+def _flatten(example: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in example.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def stack_examples(examples: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """Stacks example dicts into one batch dict of numpy arrays; nested features become ``'outer/inner'``.
+
+    Args:
+      examples: a non-empty sequence of dicts with the same keys (values array-like, same shape per key).
+
+    Returns:
+      ``{key: array}`` with the examples along the first axis.
+
+    Raises:
+      ValueError: if ``examples`` is empty or the examples' keys differ.
+
+    Example:
+      >>> b = stack_examples([{"image": [1, 2], "meta": {"id": 7}}, {"image": [3, 4], "meta": {"id": 8}}])
+      >>> {k: v.tolist() for k, v in b.items()}
+      {'image': [[1, 2], [3, 4]], 'meta/id': [7, 8]}
+    """
+    flat = [_flatten(e) for e in examples]
+    if not flat:
+        raise ValueError("examples must hold at least one example dict, got none.")
+    keys = list(flat[0])
+    for i, e in enumerate(flat):
+        if list(e) != keys:
+            raise ValueError(f"examples[{i}] has keys {sorted(e)}, but examples[0] has {sorted(keys)}; all must match.")
+    return {k: np.stack([np.asarray(e[k]) for e in flat]) for k in keys}
+
+
+def iterate_source_batches(
+    source: Sequence[Mapping],
+    batch_size: int,
+    *,
+    rng: np.random.Generator | int | None = None,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+) -> Iterator[dict]:
+    """Yields one epoch of batches from a random-access source of example dicts, such as a tfds data source.
+
+    Only the examples of the current batch are read, so the source need not fit in memory. The
+    order is the one ``iterate_batches`` gives for the same ``rng``.
+
+    Args:
+      source: a sequence of example dicts (``len`` and integer indexing; a ``__getitems__`` that
+        reads many indices at once is used when present).
+      batch_size: examples per batch, a positive int.
+      rng: as in ``iterate_batches``.
+      shuffle: whether to shuffle.
+      drop_remainder: drop the last batch if it is smaller than ``batch_size``.
+
+    Returns:
+      An iterator over dicts of numpy arrays, one per feature (see ``stack_examples``).
+
+    Raises:
+      TypeError: if ``batch_size`` is not an int or ``rng`` has an unsupported type.
+      ValueError: if ``batch_size`` is not positive, or ``drop_remainder`` is set and
+        ``batch_size`` exceeds the number of examples.
+
+    Example:
+      >>> source = [{"x": i, "label": i % 2} for i in range(5)]
+      >>> [b["x"].tolist() for b in iterate_source_batches(source, 2, shuffle=False, drop_remainder=False)]
+      [[0, 1], [2, 3], [4]]
+    """
+    batch_size = _check_batch_size(batch_size)
+    n = len(source)
+    stop = _epoch_stop(n, batch_size, drop_remainder)
+    order = _as_generator(rng).permutation(n) if shuffle else np.arange(n)
+    read_many = getattr(source, "__getitems__", None) or (lambda idx: [source[i] for i in idx])
+
+    def generate() -> Iterator[dict]:
+        for start in range(0, stop, batch_size):
+            yield stack_examples(read_many([int(i) for i in order[start : start + batch_size]]))
 
     return generate()

@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from .mnist import Dataset
+from .dataset import Dataset
 
 DIGITS_SOURCE = "scikit-learn bundled digits (1,797 8x8 images)"
 
