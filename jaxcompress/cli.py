@@ -18,7 +18,7 @@ def _request_host_devices(count: Optional[int]) -> None:
 def _demo(args: argparse.Namespace) -> int:
     if args.parallel != "none":
         _request_host_devices(args.devices)
-    from jaxcompress.data.mnist import DataNotFoundError
+    from jaxcompress.data import DataNotFoundError
     from jaxcompress.recipes.demo import DemoConfig, run_demo
     from jaxcompress.recipes.report import report_markdown, write_report
 

@@ -4,6 +4,7 @@ import json
 import numpy as np
 
 from jaxcompress import cli
+from jaxcompress.data import DATA_DIR_ENV
 from jaxcompress.data import mnist as mnist_module
 from jaxcompress.recipes.demo import DENSITY_MULTIPLIERS, DemoConfig, allocate_sparsity, run_demo
 
@@ -36,7 +37,7 @@ def test_demo_on_mnist_subset_writes_report(mnist_dir, tmp_path, capsys):
 
 
 def test_demo_falls_back_to_digits_offline(tmp_path, monkeypatch):
-    monkeypatch.delenv(mnist_module.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def offline(url, *, timeout):

@@ -29,3 +29,11 @@ from .mnist import load_mnist as load_mnist
 from .tfds_source import load_tfds as load_tfds
 from .tfds_source import open_tfds as open_tfds
 from .tfds_source import read_tfds as read_tfds
+from .text import SEPARATOR as SEPARATOR
+from .text import SPLITS as SPLITS
+from .text import TextCorpus as TextCorpus
+from .text import eval_windows as eval_windows
+from .text import load_python_corpus as load_python_corpus
+from .text import sample_windows as sample_windows
+from .text import source_files as source_files
+from .text import split_of as split_of

@@ -20,7 +20,7 @@ from jaxcompress.core.rules import explain
 from jaxcompress.core.transform import Transform, chain
 from jaxcompress.data.batching import epochs as epoch_batches
 from jaxcompress.data.batching import num_batches
-from jaxcompress.data.mnist import DATA_DIR_ENV, Dataset, load_dataset
+from jaxcompress.data import DATA_DIR_ENV, Dataset, load_dataset
 from jaxcompress.distill.losses import kd_loss
 from jaxcompress.export.size import size_report
 from jaxcompress.models.cnn import student_cnn, teacher_cnn
