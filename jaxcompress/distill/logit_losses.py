@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.validation import check_positive
-from jaxcompress.distill.losses import _check_labels, _check_logits, cross_entropy
+from jaxcompress.distill.losses import check_labels, check_logits, cross_entropy
 
 
 def check_weight(name: str, value) -> float:
@@ -30,8 +30,8 @@ def check_rate(name: str, value) -> float:
 
 def check_pair(student_logits, teacher_logits) -> tuple[jax.Array, jax.Array]:
     """Checks that student and teacher logits are float arrays of one shape (same classes)."""
-    s = _check_logits("student_logits", student_logits)
-    t = _check_logits("teacher_logits", teacher_logits)
+    s = check_logits("student_logits", student_logits)
+    t = check_logits("teacher_logits", teacher_logits)
     if s.shape != t.shape:
         raise ValueError(
             f"student_logits shape {s.shape} and teacher_logits shape {t.shape} differ; teacher and "
@@ -146,7 +146,7 @@ def dkd_loss(
     nckd_weight = check_weight("nckd_weight", nckd_weight)
     ce_weight = check_weight("ce_weight", ce_weight)
     s, t = check_pair(student_logits, teacher_logits)
-    labels = _check_labels(labels, s)
+    labels = check_labels(labels, s)
     if s.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got logits shape {s.shape}.")
     gt = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)

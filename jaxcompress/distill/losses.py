@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxcompress.core.validation import check_positive
 
 
-def _check_logits(name: str, logits) -> jax.Array:
+def check_logits(name: str, logits) -> jax.Array:
     logits = jnp.asarray(logits)
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"{name} must be a float array of logits, got dtype {logits.dtype}.")
@@ -18,7 +18,7 @@ def _check_logits(name: str, logits) -> jax.Array:
     return logits
 
 
-def _check_labels(labels, logits, *, soft_ok: bool = False) -> jax.Array:
+def check_labels(labels, logits, *, soft_ok: bool = False) -> jax.Array:
     labels = jnp.asarray(labels)
     if soft_ok and jnp.issubdtype(labels.dtype, jnp.floating) and labels.shape == logits.shape:
         return labels
@@ -55,8 +55,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       >>> round(float(cross_entropy(jnp.array([[0.0, 0.0]]), jnp.array([[0.5, 0.5]]))[0]), 4)
       0.6931
     """
-    logits = _check_logits("logits", logits)
-    labels = _check_labels(labels, logits, soft_ok=True)
+    logits = check_logits("logits", logits)
+    labels = check_labels(labels, logits, soft_ok=True)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     if jnp.issubdtype(labels.dtype, jnp.floating):
         return -jnp.sum(labels.astype(jnp.float32) * logp, axis=-1)
@@ -106,8 +106,8 @@ def kd_loss(
     for name, w in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ValueError(f"{name} must be a number >= 0, got {w!r}.")
-    student_logits = _check_logits("student_logits", student_logits)
-    teacher_logits = _check_logits("teacher_logits", teacher_logits)
+    student_logits = check_logits("student_logits", student_logits)
+    teacher_logits = check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits shape {student_logits.shape} and teacher_logits shape "
