@@ -3,7 +3,7 @@
 The input of every selected layer (Linen ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``;
 NNX ``Linear``, ``LinearGeneral``, ``Conv``, ``Einsum``) is fake-quantized before the layer runs.
 Weights are quantized separately by a weight transform
-(:func:`~jaxcompress.quant.qat.quantize_weights`), so W8A8 is that transform plus
+(:func:`~jaxcompress.quant.weights.weight_quantization`), so W8A8 is that transform plus
 :func:`quantize_activations` around the apply function.
 
 Where the ranges live. Dynamic ranges (the default) are the min/max of each batch and need no
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.rules import Rules, explain
-from jaxcompress.core.validation import check_bits, check_fraction, check_positive
+from jaxcompress.core.validation import check_fraction, check_int, check_positive
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 from jaxcompress.quant.lowbit import pact
 
@@ -50,7 +50,7 @@ def _layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
     value = explain({name: jax.ShapeDtypeStruct((1, 1), jnp.float32)}, rules)[0].value
     if value is None:
         return None
-    return bits if value is True else check_bits("per-rule activation bits", value, low=2)
+    return bits if value is True else check_int("per-rule activation bits", value, minimum=2, maximum=8)
 
 
 def _batch_range(x, axis_name=None):
@@ -150,7 +150,7 @@ def quantize_activations(
       >>> float(f(params, {}, x, train=False)[0][0, 0])  # inputs on the grid {0, 1, 2, 3}
       3.0
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     momentum = check_fraction("momentum", momentum)
     _layer_bits("_", rules, bits)  # validates the rules now
 
@@ -276,7 +276,7 @@ def pact_params(
       >>> {k: float(v) for k, v in p['pact_alpha'].items()}
       {'': 2.0}
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of the model's params to add {PACT_KEY!r}, got {type(params).__name__}.")
     if PACT_KEY in params:
@@ -326,7 +326,7 @@ def pact_activations(
       >>> float(f(params, {}, jnp.array([[-1.0, 0.4, 5.0]]), train=False)[0][0, 0])  # 0 + 0 + 3
       3.0
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     _layer_bits("_", rules, bits)
 
     def wrapped(params, model_state, batch, *, train: bool, rng=None):
