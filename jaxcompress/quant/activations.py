@@ -183,7 +183,7 @@ def quantize_activations(
 
 
 def _observe_inputs(apply_fn: Callable, layers: tuple, summarize: Callable) -> Callable:
-    """A jitted ``(params, model_state, x) -> {layer path: summarize(layer input)}`` (eval mode, float)."""
+    """A jitted ``(params, model_state, batch) -> {layer path: summarize(layer input)}`` (eval mode, float)."""
 
     @jax.jit
     def run(params, model_state, x):
@@ -215,7 +215,8 @@ def calibrate_activations(
     Args:
       apply_fn: the (unwrapped) Linen apply function.
       params, model_state: the trained model (eval mode is used: BatchNorm running statistics).
-      batches: an iterable of input arrays (N batches of calibration data).
+      batches: an iterable of N calibration batches, as ``apply_fn`` takes them (e.g.
+        ``{'image': x}``).
       observer: an :class:`~jaxcompress.quant.observers.Observer`; default
         :func:`~jaxcompress.quant.observers.minmax`.
       layers: the Linen layer classes observed.
@@ -254,7 +255,8 @@ def pact_params(
     Args:
       apply_fn: the (unwrapped) Linen apply function.
       params, model_state: the model's variables (``params`` must be a dict).
-      inputs: a sample batch; one eval-mode pass finds the layers and their input ranges.
+      inputs: a sample batch, as ``apply_fn`` takes it; one eval-mode pass finds the layers and
+        their input ranges.
       bits: the default bit width, only to validate ``rules`` (the same rules as
         :func:`pact_activations`).
       alpha: the initial level for every layer (the paper starts at 10); default ``None``
