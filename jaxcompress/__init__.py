@@ -11,7 +11,6 @@ from jaxcompress.export.size import size_report as size_report
 from jaxcompress.prune.magnitude import fixed_masks as fixed_masks
 from jaxcompress.prune.magnitude import magnitude_pruning as magnitude_pruning
 from jaxcompress.prune.schedules import polynomial_schedule as polynomial_schedule
-from jaxcompress.quant.fake_quant import fake_quant_symmetric as fake_quant_symmetric
 from jaxcompress.quant.weights import weight_quantization as weight_quantization
 from jaxcompress.train.state import TrainState as TrainState
 from jaxcompress.train.state import init_train_state as init_train_state
@@ -22,7 +21,6 @@ from jaxcompress.train.step import make_train_step as make_train_step
 from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
 from jaxcompress.quant.activations import quantize_activations as quantize_activations
 from jaxcompress.quant.affine import fake_quant as fake_quant
-from jaxcompress.quant.qat import quantize_weights as quantize_weights
 from jaxcompress.quant.sharing import weight_sharing as weight_sharing
 from jaxcompress.distill.logit_losses import dkd_loss as dkd_loss
 from jaxcompress.distill.logit_losses import hard_label_kd_loss as hard_label_kd_loss

@@ -26,7 +26,7 @@ from jaxcompress.quant import (
     percentile,
     quantize_activations,
     quantize_nnx_activations,
-    quantize_weights,
+    weight_quantization,
 )
 from jaxcompress.train import evaluate, init_train_state, linen_apply_fn, make_eval_step, make_train_step
 from jaxcompress.train import split_variables
@@ -55,24 +55,24 @@ def _mlp_by_hand(params, x, in_quant):
 def test_dynamic_ranges_quantize_every_layer_input():
     model, params, state, x = _mlp_setup()
     f = quantize_activations(linen_apply_fn(model), 4)
-    got, _ = f(params, state, x, train=False)
+    got, _ = f(params, state, {"image": x}, train=False)
     want = _mlp_by_hand(params, x, lambda name, a: _fq(a, a.min(), a.max(), 4))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    ref, _ = linen_apply_fn(model)(params, state, x, train=False)
+    ref, _ = linen_apply_fn(model)(params, state, {"image": x}, train=False)
     assert not np.allclose(np.asarray(got), np.asarray(ref), atol=1e-3)  # 4 bits changes the logits
 
 
 def test_rules_choose_bits_per_layer():
     model, params, state, x = _mlp_setup(1)
     f = quantize_activations(linen_apply_fn(model), 8, rules=[("head", None), (".*", 3)])
-    got, _ = f(params, state, x, train=False)
+    got, _ = f(params, state, {"image": x}, train=False)
     want = _mlp_by_hand(params, x, lambda n, a: a if n == "head" else _fq(a, a.min(), a.max(), 3))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_records_layer_input_ranges_and_static_eval():
     model, params, state, x = _mlp_setup(2)
-    batches = [x[:16], x[16:]]
+    batches = [{"image": x[:16]}, {"image": x[16:]}]
     cal = calibrate_activations(linen_apply_fn(model), params, state, batches)
     flat = np.asarray(x).reshape(32, -1).astype(np.float64)
     hidden = np.maximum(flat @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
@@ -82,13 +82,13 @@ def test_calibration_records_layer_input_ranges_and_static_eval():
     f = quantize_activations(linen_apply_fn(model), 8, momentum=0.9)
     # eval: the calibrated (not the batch) ranges are used, and nothing changes
     small = x[:4]
-    got, new_state = f(params, cal, small, train=False)
+    got, new_state = f(params, cal, {"image": small}, train=False)
     st = cal["quant_stats"]
     want = _mlp_by_hand(params, small, lambda n, a: _fq(a, st[n]["min"], st[n]["max"], 8))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(a == b), new_state, cal))
     # train: ranges follow the moving average of the batch ranges
-    _, trained = f(params, cal, small, train=True, rng=jax.random.key(0))
+    _, trained = f(params, cal, {"image": small}, train=True, rng=jax.random.key(0))
     lo = 0.9 * float(st["fc1"]["min"]) + 0.1 * float(np.asarray(small).min())
     np.testing.assert_allclose(float(trained["quant_stats"]["fc1"]["min"]), lo, rtol=1e-6)
 
@@ -137,13 +137,13 @@ def _train(apply_fn, params, model_state, transform, data, steps=300):
         idx = rng.integers(0, len(ytr), 64)
         state, _ = step(state, {"image": xtr[idx], "label": ytr[idx]})
     ev = jax.jit(make_eval_step(apply_fn, transform=transform))
-    return state, evaluate(ev, state, xte, yte, batch_size=500)["accuracy"]
+    return state, evaluate(ev, state, {"image": xte, "label": yte}, batch_size=500)["accuracy"]
 
 
 def test_linen_cnn_trains_with_w8a8(mnist_small):
     model = LeNet5()
     params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
-    w8 = quantize_weights(8)
+    w8 = weight_quantization(8)
     a8 = quantize_activations(linen_apply_fn(model), 8)
     state, acc = _train(a8, params, ms, w8, mnist_small, steps=150)
     assert acc > 0.9, acc
@@ -187,7 +187,7 @@ def test_nnx_model_trains_with_w8a8(mnist_small):
         model = NNXNet(nnx.Rngs(0))
         model = quantize_nnx_activations(model, 8) if quantized else model
         graphdef, params, ms = nnx.split(model, nnx.Param, ...)
-        t = quantize_weights(8) if quantized else None
+        t = weight_quantization(8) if quantized else None
         accs[quantized] = _train(nnx_apply_fn(graphdef), params, ms, t, mnist_small, steps=200)[1]
     assert accs[True] > 0.85 and abs(accs[True] - accs[False]) < 0.015, accs
 
@@ -195,7 +195,7 @@ def test_nnx_model_trains_with_w8a8(mnist_small):
 def test_pact_forward_and_alpha_gradient_against_hand_derivation():
     model, params, state, x = _mlp_setup(3)
     apply_fn = linen_apply_fn(model)
-    p = pact_params(apply_fn, params, state, x)
+    p = pact_params(apply_fn, params, state, {"image": x})
     flat = np.asarray(x, np.float64).reshape(32, -1)
     hidden = np.maximum(flat @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
     # default init: each alpha is the max of its layer's input, so nothing is clipped at first
@@ -204,11 +204,11 @@ def test_pact_forward_and_alpha_gradient_against_hand_derivation():
     alphas = {"fc1": jnp.float32(0.8 * flat.max()), "head": jnp.float32(0.5 * hidden.max())}
     p = {**p, PACT_KEY: alphas}
     f = pact_activations(apply_fn, 4)
-    got, _ = f(p, state, x, train=False)
+    got, _ = f(p, state, {"image": x}, train=False)
     want = _mlp_by_hand(params, x, lambda n, a: pact(a, alphas[n], 4))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     # d sum(logits) / d alpha_head = sum over inputs h_j >= alpha of sum_k W_head[j, k]
-    g = jax.grad(lambda q: f(q, state, x, train=True, rng=jax.random.key(0))[0].sum())(p)
+    g = jax.grad(lambda q: f(q, state, {"image": x}, train=True, rng=jax.random.key(0))[0].sum())(p)
     h = np.asarray(pact(jnp.asarray(flat, jnp.float32), alphas["fc1"], 4), np.float64)
     h = np.maximum(h @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
     w_rows = np.asarray(params["head"]["kernel"], np.float64).sum(axis=1)
@@ -223,15 +223,15 @@ def test_pact_bad_input():
     model, params, state, x = _mlp_setup(4)
     apply_fn = linen_apply_fn(model)
     with pytest.raises(ValueError, match="pact_alpha"):
-        pact_activations(apply_fn, 4)(params, state, x, train=False)
+        pact_activations(apply_fn, 4)(params, state, {"image": x}, train=False)
     with pytest.raises(ValueError, match="alpha must be > 0"):
-        pact_params(apply_fn, params, state, x, alpha=0.0)
-    p = pact_params(apply_fn, params, state, x, rules=[("head", None), (".*", True)])
+        pact_params(apply_fn, params, state, {"image": x}, alpha=0.0)
+    p = pact_params(apply_fn, params, state, {"image": x}, rules=[("head", None), (".*", True)])
     assert set(p[PACT_KEY]) == {"fc1"}
     with pytest.raises(ValueError, match="already hold"):
-        pact_params(apply_fn, p, state, x)
+        pact_params(apply_fn, p, state, {"image": x})
     with pytest.raises(ValueError, match="no alpha for layer 'head'"):
-        pact_activations(apply_fn, 4)(p, state, x, train=False)  # rules differ from pact_params'
+        pact_activations(apply_fn, 4)(p, state, {"image": x}, train=False)  # rules differ from pact_params'
     with pytest.raises(ValueError, match="bits"):
         pact_activations(apply_fn, 9)
 
@@ -240,8 +240,8 @@ def test_linen_cnn_trains_with_w4_and_pact_a4(mnist_small):
     model = LeNet5()
     apply_fn = linen_apply_fn(model)
     params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
-    params = pact_params(apply_fn, params, ms, mnist_small[0][:256])
-    state, acc = _train(pact_activations(apply_fn, 4), params, ms, quantize_weights(4), mnist_small, steps=150)
+    params = pact_params(apply_fn, params, ms, {"image": mnist_small[0][:256]})
+    state, acc = _train(pact_activations(apply_fn, 4), params, ms, weight_quantization(4), mnist_small, steps=150)
     assert acc > 0.9, acc
     moved = [abs(float(state.params[PACT_KEY][k]) - float(params[PACT_KEY][k])) for k in params[PACT_KEY]]
     assert max(moved) > 1e-3, moved  # the clipping levels are trained
@@ -265,7 +265,7 @@ def test_nnx_calibrated_ranges_live_in_model_state():
     assert len(stats) == 6  # min and max for conv, fc and head, in the model state
     apply_fn = nnx_apply_fn(graphdef)
     x = batches[0][:2] * 0.5  # a narrower batch: eval must still use the calibrated ranges
-    got, new_ms = apply_fn(params, ms, x, train=False)
+    got, new_ms = apply_fn(params, ms, {"image": x}, train=False)
     hooks = {n: (float(getattr(getattr(cal, n), a).min[...]), float(getattr(getattr(cal, n), a).max[...]))
              for n, a in (("conv", "conv_general_dilated"), ("fc", "dot_general"), ("head", "dot_general"))}
     h = nnx.relu(model.bn(model.conv(_fq(x, *hooks["conv"], 8)))).reshape(2, -1)
@@ -274,7 +274,7 @@ def test_nnx_calibrated_ranges_live_in_model_state():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
     assert new_ms is ms
     # training mode: the EMA of the batch ranges, returned in the new model state
-    _, trained = jax.jit(lambda p, s, x: apply_fn(p, s, x, train=True))(params, ms, x)
+    _, trained = jax.jit(lambda p, s, x: apply_fn(p, s, {"image": x}, train=True))(params, ms, x)
     lo = trained["conv"]["conv_general_dilated"]["min"][...]
     np.testing.assert_allclose(float(lo), 0.9 * hooks["conv"][0] + 0.1 * float(x.min()), rtol=1e-5)
 
@@ -294,7 +294,7 @@ def test_nnx_model_trains_with_calibrated_w8a8(mnist_small):
     cal = calibrate_nnx_activations(q, [mnist_small[0][i : i + 500] for i in range(0, 1000, 500)])
     cal.train()
     graphdef, params, ms = nnx.split(cal, nnx.Param, ...)
-    state, acc = _train(nnx_apply_fn(graphdef), params, ms, quantize_weights(8), mnist_small, steps=200)
+    state, acc = _train(nnx_apply_fn(graphdef), params, ms, weight_quantization(8), mnist_small, steps=200)
     assert acc > 0.85, acc
     before = jax.tree.leaves(nnx.filter_state(ms, QuantStat))
     after = jax.tree.leaves(nnx.filter_state(state.model_state, QuantStat))

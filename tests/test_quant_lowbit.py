@@ -6,22 +6,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxcompress.quant import binary, lsq_fake_quant, lsq_init_step, pact, quantize_weights, ternary
+from jaxcompress.quant import binarize, lsq_fake_quant, lsq_init_step, pact, ternarize, weight_quantization
 
 
-def test_binary_is_sign_times_channel_mean():
+def test_binary_is_sign_times_channel_mean_of_non_zeros():
     w = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
-    w[0, 0] = 0.0
-    alpha = np.abs(w.astype(np.float64)).mean(axis=0)
-    want = np.where(w >= 0, 1.0, -1.0) * alpha
-    np.testing.assert_allclose(np.asarray(binary(w)), want, rtol=1e-6)
-    g = jax.grad(lambda a: (binary(a) * 3.0).sum())(jnp.asarray(w))
+    w[0, 0] = 0.0  # a pruned weight: stays 0 and does not lower its channel's scale
+    a = np.abs(w.astype(np.float64))
+    alpha = a.sum(axis=0) / (a != 0).sum(axis=0)
+    want = np.sign(w) * alpha
+    np.testing.assert_allclose(np.asarray(binarize(w)), want, rtol=1e-6)
+    assert float(binarize(w)[0, 0]) == 0.0
+    g = jax.grad(lambda a: (binarize(a) * 3.0).sum())(jnp.asarray(w))
     np.testing.assert_array_equal(np.asarray(g), np.full(w.shape, 3.0))
 
 
 def test_ternary_follows_twn():
     w = np.random.default_rng(1).normal(size=(30, 3)).astype(np.float32)
-    got = np.asarray(ternary(w))
+    got = np.asarray(ternarize(w))
     for c in range(3):
         a = np.abs(w[:, c].astype(np.float64))
         delta = 0.7 * a.mean()
@@ -34,7 +36,7 @@ def test_ternary_follows_twn():
 @given(seed=st.integers(0, 2**16), scale=st.floats(1e-4, 1e4), kind=st.sampled_from(["binary", "ternary"]))
 def test_binary_ternary_value_counts(seed, scale, kind):
     w = (np.random.default_rng(seed).normal(size=(9, 4)) * scale).astype(np.float32)
-    q = np.asarray((binary if kind == "binary" else ternary)(w))
+    q = np.asarray((binarize if kind == "binary" else ternarize)(w))
     for col in q.T:
         assert len(np.unique(col)) <= (2 if kind == "binary" else 3)
 
@@ -83,23 +85,24 @@ def test_pact_values_and_gradients():
     assert float(ga) == float((x >= alpha).sum())
 
 
-def test_quantize_weights_mixed_kinds_by_rule():
+def test_weight_quantization_mixed_kinds_by_rule():
     rng = np.random.default_rng(3)
     p = {n: {"kernel": jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)} for n in ("conv1", "mid", "tern", "head")}
-    t = quantize_weights(4, rules=[("conv1|head", 8), ("tern", "ternary"), ("mid", 1), (".*", True)])
+    t = weight_quantization(4, rules=[("conv1|head", 8), ("tern", "ternary"), ("mid", 1), (".*", True)])
     v = t.apply(p, t.init(p))
     per_col = lambda a: max(len(np.unique(c)) for c in np.asarray(a).T)  # noqa: E731
     assert per_col(v["mid"]["kernel"]) == 2
     assert per_col(v["tern"]["kernel"]) == 3
     assert 15 < per_col(v["conv1"]["kernel"]) <= 255
-    np.testing.assert_allclose(np.asarray(v["mid"]["kernel"]), np.asarray(binary(p["mid"]["kernel"])))
+    np.testing.assert_allclose(np.asarray(v["mid"]["kernel"]), np.asarray(binarize(p["mid"]["kernel"])))
 
 
 def test_lsq_transform_trains_steps_in_the_train_step():
     import optax
 
+    from jaxcompress.core.transform import trainable_part, with_trainable
     from jaxcompress.models import MLP
-    from jaxcompress.quant import lsq_params, lsq_quantization
+    from jaxcompress.quant import lsq_quantization
     from jaxcompress.train import init_train_state, linen_apply_fn, make_train_step, split_variables
 
     model = MLP(features=(16,), num_classes=4)
@@ -108,23 +111,32 @@ def test_lsq_transform_trains_steps_in_the_train_step():
     y = jnp.asarray(rng.integers(0, 4, 64), jnp.int32)
     params, ms = split_variables(model.init(jax.random.key(0), x))
     t = lsq_quantization(3)
-    p0 = lsq_params(params, 3)
     opt = optax.sgd(0.05)
-    state = init_train_state(p0, opt, transform=t, model_state=ms)
+    state = init_train_state(params, opt, transform=t, model_state=ms)
+    assert jax.tree.structure(state.params) == jax.tree.structure(params)  # the params keep their type
+    s0 = state.compression_state
     step = jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t))
     # the gradient for a step size is the paper's formula applied to d loss / d (quantized weight)
     view_loss = lambda v: jnp.mean(  # noqa: E731
         optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": v}, x), y))
-    g = jax.grad(lambda p: view_loss(t.apply(p, None)))(p0)
-    up = np.asarray(jax.grad(view_loss)(t.apply(p0, None))["fc1"]["kernel"], np.float64)
-    w, s = np.asarray(params["fc1"]["kernel"], np.float64), float(p0.steps["fc1"]["kernel"])
+    g = jax.grad(lambda tr: view_loss(t.apply(params, with_trainable(s0, tr))))(trainable_part(s0))
+    up = np.asarray(jax.grad(view_loss)(t.apply(params, s0))["fc1"]["kernel"], np.float64)
+    w, s = np.asarray(params["fc1"]["kernel"], np.float64), float(s0.steps.value["fc1"]["kernel"])
     v = w / s
     ds = np.where(v <= -4, -4.0, np.where(v >= 3, 3.0, -v + np.round(v)))
-    np.testing.assert_allclose(float(g.steps["fc1"]["kernel"]), (up * ds).sum() / np.sqrt(w.size * 3), rtol=1e-4)
-    for _ in range(5):
+    want = (up * ds).sum() / np.sqrt(w.size * 3)
+    np.testing.assert_allclose(float(g.steps.value["fc1"]["kernel"]), want, rtol=1e-4)
+    # one SGD step of the train step moves the step size by -lr times that gradient
+    state1, _ = step(state, {"image": x, "label": y})
+    np.testing.assert_allclose(float(state1.compression_state.steps.value["fc1"]["kernel"]), s - 0.05 * want, rtol=1e-5)
+    state = state1
+    for _ in range(4):
         state, _ = step(state, {"image": x, "label": y})
-    assert float(state.params.steps["fc1"]["kernel"]) != pytest.approx(s)
-    view = np.asarray(t.apply(state.params, None)["fc1"]["kernel"])
-    k = view / float(state.params.steps["fc1"]["kernel"])
+    new_s = float(state.compression_state.steps.value["fc1"]["kernel"])
+    assert new_s != pytest.approx(s)
+    view = np.asarray(t.apply(state.params, state.compression_state)["fc1"]["kernel"])
+    k = view / new_s
     np.testing.assert_allclose(k, np.round(k), atol=1e-4)
     assert k.min() >= -4 and k.max() <= 3
+    spec = t.describe(state.params, state.compression_state)["fc1/kernel"]
+    assert (spec.bits, spec.scheme, float(spec.scale)) == (3, "lsq", new_s)

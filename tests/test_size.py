@@ -1,12 +1,12 @@
-"""Stored-size accounting: size_report and leaf_bits, counted by hand."""
+"""Stored-size accounting: size_report (read from a transform's description) and leaf_bits, counted by hand."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxcompress.core import chain
+from jaxcompress.core.transform import LeafSpec, Transform
 from jaxcompress.export import SizeReport, leaf_bits, size_report
-from jaxcompress.prune import fixed_masks
-from jaxcompress.quant import bit_widths, weight_quantization
+from jaxcompress.quant import weight_quantization, weight_sharing
 
 
 def _sparse(shape, nnz, values=None, seed=0):
@@ -27,13 +27,14 @@ def _tree():
     qpruned = qpruned * np.array([0.5, 0.25, 1.0, 2.0], np.float32)
     bias = np.array([0.1, -0.2, 0.3, 0.4], np.float32)
     view = {"a_dense": dense, "b_pruned": pruned, "c_qpruned": qpruned, "d_bias": bias}
-    bits = {"a_dense": None, "b_pruned": None, "c_qpruned": 4, "d_bias": None}
-    masks = {"a_dense": None, "b_pruned": pruned != 0, "c_qpruned": qpruned != 0, "d_bias": None}
-    return view, bits, masks
+    scale = np.array([[0.5, 0.25, 1.0, 2.0]], np.float32)
+    desc = {"b_pruned": LeafSpec(mask=pruned != 0),
+            "c_qpruned": LeafSpec(mask=qpruned != 0, bits=4, scheme="symmetric", channel_axis=-1, scale=scale)}
+    return view, desc
 
 
 def test_size_report_golden_hand_counted():
-    view, bits, masks = _tree()
+    view, desc = _tree()
     assert int(np.count_nonzero(view["c_qpruned"])) == 8
     # a_dense : 12 * 32                                   = 384
     # b_pruned: n=32, nnz=8, float32:
@@ -43,22 +44,35 @@ def test_size_report_golden_hand_counted():
     #           + 4 per-channel float32 scales = 128                                  -> 192
     # d_bias  : 4 * 32                                    = 128
     # total   : 384 + 288 + 192 + 128 = 992 bits = 124 bytes
-    rep = size_report(view, bits=bits, masks=masks)
+    rep = size_report(view, desc)
     assert rep == SizeReport(params=80, nonzero_params=32, bytes_float32=320, bytes_compressed=124)
     # one scale per tensor: c_qpruned costs 64 + 32 = 96 -> 896 bits = 112 bytes
-    assert size_report(view, bits=bits, masks=masks, per_channel=False).bytes_compressed == 112
+    per_tensor = {**desc, "c_qpruned": desc["c_qpruned"]._replace(scale=np.float32(1.0), channel_axis=None)}
+    assert size_report(view, per_tensor).bytes_compressed == 112
     # without masks every leaf is dense: 384 + 1024 + (128 + 128) + 128 = 1792 bits = 224 bytes
-    assert size_report(view, bits=bits).bytes_compressed == 224
+    dense = {"c_qpruned": desc["c_qpruned"]._replace(mask=None)}
+    assert size_report(view, dense).bytes_compressed == 224
     # nothing compressed: plain float32
-    assert size_report(view) == SizeReport(80, 32, 320, 320)
+    assert size_report(view) == SizeReport(80, 32, 320, 320) == size_report(view, {})
 
 
 def test_size_report_rounds_bits_up_to_bytes():
     # 3 values at 3 bits = 9 bits + 3 per-channel scales (96) = 105 bits -> 14 bytes
-    rep = size_report({"k": np.array([[1.0, -3.0, 2.0]], np.float32)}, bits={"k": 3})
+    k = {"k": np.array([[1.0, -3.0, 2.0]], np.float32)}
+    rep = size_report(k, {"k": LeafSpec(bits=3, scale=np.ones((1, 3), np.float32))})
     assert rep == SizeReport(3, 3, 12, 14)
     # per tensor: 9 + 32 = 41 bits -> 6 bytes
-    assert size_report({"k": np.array([[1.0, -3.0, 2.0]], np.float32)}, bits={"k": 3}, per_channel=False).bytes_compressed == 6
+    assert size_report(k, {"k": LeafSpec(bits=3, scale=np.ones((1, 1)))}).bytes_compressed == 6
+
+
+def _fixed_masks(masks):
+    """Applies fixed masks and describes them."""
+    return Transform(
+        init=lambda p: masks,
+        apply=lambda p, m: {k: {n: w if m[k].get(n) is None else w * m[k][n] for n, w in v.items()} for k, v in p.items()},
+        update=lambda p, m, i: m,
+        describe=lambda p, m: {f"{k}/{n}": LeafSpec(mask=x) for k, v in m.items() for n, x in v.items() if x is not None},
+    )
 
 
 def test_size_report_with_real_transforms():
@@ -68,21 +82,47 @@ def test_size_report_with_real_transforms():
     keep = np.ones((16, 8), bool)
     keep[:, :6] = False  # 96 of 128 pruned, 32 kept
     masks = {"Dense_0": {"kernel": jnp.asarray(keep), "bias": None}}
-    t = chain(fixed_masks(masks), weight_quantization(8))
-    view = t.apply(params, t.init(params))
-    widths = bit_widths(params, None, 8)
-    rep = size_report(view, bits=widths, masks=masks)
+    t = chain(_fixed_masks(masks), weight_quantization(8))
+    s = t.init(params)
+    view = t.apply(params, s)
+    rep = size_report(view, t.describe(params, s))
     nnz = int(np.count_nonzero(np.asarray(view["Dense_0"]["kernel"])))
     assert nnz == 32  # max-abs 8-bit keeps every kept weight non-zero here
     # kernel: dense 128*8 = 1024, bitmask 128 + 32*8 = 384, indices 32*(7 + 8) = 480 -> 384
     #         + 8 scales * 32 = 256 -> 640; bias: 8 * 32 = 256; total 896 bits = 112 bytes
     assert rep == SizeReport(params=136, nonzero_params=40, bytes_float32=544, bytes_compressed=112)
+    # affine: 8 int8 zero points more (64 bits) -> 960 bits = 120 bytes
+    t = chain(_fixed_masks(masks), weight_quantization(8, symmetric=False))
+    s = t.init(params)
+    assert size_report(t.apply(params, s), t.describe(params, s)).bytes_compressed == 120
+    # a 4-entry codebook: 2-bit indices; kernel bitmask 128 + 32*2 = 192 + 4 * 32 codebook = 320;
+    # bias 256 -> 576 bits = 72 bytes
+    t = chain(_fixed_masks(masks), weight_sharing(4))
+    s = t.init(params)
+    assert size_report(t.apply(params, s), t.describe(params, s)).bytes_compressed == 72
 
 
-def test_size_report_leaf_count_mismatch():
-    view, bits, masks = _tree()
-    with pytest.raises(ValueError, match=r"one entry per leaf of view \(4\), got 3 and 4"):
-        size_report(view, bits={"a": None, "b": 4, "c": None}, masks=masks)
+def test_size_report_binary_zeros_are_not_a_sign():
+    # a sign code has no zero: 2 bits a value, or positions plus 1-bit signs, whichever is smaller
+    spec = LeafSpec(bits=1, scheme="binary", scale=np.ones((1, 1), np.float32))
+    w = {"k": np.array([[1.0, 0.0, -1.0, 1.0]], np.float32)}
+    # n=4, nnz=3: 2 bits * 4 = 8, bitmask 4 + 3 = 7, indices 3 * (2 + 1) = 9 -> 7, + 32 -> 39 bits
+    assert size_report(w, {"k": spec}).bytes_compressed == 5
+    assert size_report(w, {"k": spec._replace(mask=w["k"] != 0)}).bytes_compressed == 5
+    # no zero: 1 bit a value, 64 values + 32 = 96 bits
+    assert size_report({"k": np.ones((8, 8), np.float32)}, {"k": spec}).bytes_compressed == 12
+    # n=64 with 8 non-zeros: 2 * 64 = 128, bitmask 64 + 8 = 72, indices 8 * 7 = 56 -> 56 + 32 = 88 bits
+    z = np.zeros((8, 8), np.float32)
+    z[0] = 1.0
+    assert size_report({"k": z}, {"k": spec}).bytes_compressed == 11
+
+
+def test_size_report_bad_description():
+    view, desc = _tree()
+    with pytest.raises(ValueError, match=r"description names leaves that view does not have: \['zz'\]"):
+        size_report(view, {**desc, "zz": LeafSpec(bits=4)})
+    with pytest.raises(TypeError, match="description must be the"):
+        size_report(view, {"c_qpruned": 4})
 
 
 def test_leaf_bits_picks_cheapest_encoding():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
@@ -22,22 +22,44 @@ def check_fraction(name: str, value: Any, *, allow_one: bool = False) -> float:
     return value
 
 
-def check_bits(name: str, value: Any, *, low: int = 1, high: int = 8) -> int:
-    """Checks that ``value`` is an int bit width in ``[low, high]``."""
+def check_int(name: str, value: Any, *, minimum: int = 0, maximum: Optional[int] = None) -> int:
+    """Checks that ``value`` is an int in ``[minimum, maximum]`` (no upper bound when ``None``).
+
+    The one integer check: counts, steps, bit widths (``check_int('bits', b, minimum=2, maximum=8)``).
+
+    Example:
+      >>> check_int('bits', 4, minimum=2, maximum=8)
+      4
+    """
+    want = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int in {low}..{high}, got {type(value).__name__}: {value!r}.")
-    if not low <= int(value) <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}. Use e.g. {name}=8 for int8.")
+        raise TypeError(f"{name} must be an int {want}, got {type(value).__name__}: {value!r}.")
+    if int(value) < minimum or (maximum is not None and int(value) > maximum):
+        raise ValueError(f"{name} must be {want}, got {value}.")
     return int(value)
 
 
-def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
-    """Checks that ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}: {value!r}.")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
+def check_axis(name: str, axis: Any, ndim: int) -> Optional[int]:
+    """Normalises ``axis`` of an array with ``ndim`` dimensions to ``0..ndim-1`` (``None`` passes).
+
+    Raises:
+      TypeError: when ``axis`` is not an int or ``None``.
+      ValueError: when the axis does not exist, naming the valid range.
+
+    Example:
+      >>> check_axis('channel_axis', -1, 2), check_axis('channel_axis', None, 2)
+      (1, None)
+    """
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(axis).__name__}: {axis!r}.")
+    if not -ndim <= int(axis) < ndim:
+        raise ValueError(
+            f"{name}={axis} does not exist for an array with {ndim} dimensions; use an axis in "
+            f"[{-ndim}, {ndim - 1}] or None for one scale per tensor."
+        )
+    return int(axis) % ndim
 
 
 def check_positive(name: str, value: Any) -> float:

@@ -1,9 +1,12 @@
-"""An honest estimate of the stored size of a compressed model.
+"""An honest estimate of the stored size of a compressed model, read from its self-description.
 
-Until weights are packed to files, the size is estimated from what a packed file must hold:
-for each compressed leaf, the non-zero values at their bit width, the positions of the
-non-zeros (a bitmask, or a list of indices when that is smaller), and one float32 scale per
-quantization channel; every other leaf is stored as float32.
+Until weights are packed to files, the size is estimated from what a packed file must hold,
+as the transform describes each leaf (``transform.describe(params, state)``, a
+``{path: LeafSpec}`` dict): the values at the leaf's bit width; for a pruned leaf (a ``mask``)
+only the non-zero values plus their positions (a bitmask, or a list of indices when that is
+smaller); every scale it has as float32 (one per tensor, channel or group: the size of its
+``scale``), every zero point at the leaf's bit width, and a codebook's entries as float32.
+Leaves the description does not name are stored as float32.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import numpy as np
 
-from jaxcompress.core.rules import is_none
+from jaxcompress.core.paths import path_name
+from jaxcompress.core.transform import LeafSpec
 
 
 class SizeReport(NamedTuple):
@@ -57,32 +61,72 @@ def leaf_bits(values: np.ndarray, *, bits: Optional[int], sparse: bool, num_scal
     return best + 32 * num_scales
 
 
-def size_report(view: Any, *, bits: Any = None, masks: Any = None, per_channel: bool = True) -> SizeReport:
-    """Counts params, non-zeros and estimated bytes of a compressed view.
+def _sign_code_bits(x: np.ndarray) -> int:
+    """Bits of a binary leaf that holds zeros: a sign code has no zero, so either 2 bits a value
+    or the positions of the non-zeros (bitmask or index list) and their 1-bit signs."""
+    n, nnz = int(x.size), int(np.count_nonzero(x))
+    index_bits = max(1, math.ceil(math.log2(n)))
+    return min(2 * n, n + nnz, nnz * (index_bits + 1))
+
+
+def _spec_bits(x: np.ndarray, spec: LeafSpec) -> int:
+    mask = None if spec.mask is None else np.asarray(spec.mask, bool)
+    if mask is not None:
+        x = np.where(mask, x, 0)  # a latent leaf counts as its pruned view
+    extra = 0
+    if spec.zero_point is not None:
+        extra += int(np.size(spec.zero_point)) * (32 if spec.bits is None else int(spec.bits))
+    if spec.codebook is not None:
+        extra += 32 * int(np.size(spec.codebook))
+    num_scales = 0 if spec.scale is None else int(np.size(spec.scale))
+    if spec.scheme == "binary" and x.size and np.any(x == 0):
+        return _sign_code_bits(x) + 32 * num_scales + extra
+    return leaf_bits(x, bits=spec.bits, sparse=mask is not None, num_scales=num_scales) + extra
+
+
+def size_report(view: Any, description: Optional[dict] = None) -> SizeReport:
+    """Counts params, non-zeros and estimated stored bytes, as the transform describes each leaf.
 
     Args:
-      view: the params as the model runs them (``transform.apply(params, state)``).
-      bits: a pytree shaped like ``view`` with an int bit width at quantized leaves and ``None``
-        elsewhere (see :func:`~jaxcompress.quant.weights.bit_widths`), or ``None``.
-      masks: a pytree with a mask at pruned leaves and ``None`` elsewhere, or ``None``.
-      per_channel: quantized leaves carry one scale per output channel (last axis) if true, else one.
+      view: the params as the model runs them (``transform.apply(params, state)``), or the latent
+        params (pruned leaves then count by their mask).
+      description: ``transform.describe(params, state)``: ``{path: LeafSpec}`` for the leaves the
+        transform compressed; ``None`` or ``{}`` for an uncompressed model.
 
     Returns:
       A :class:`SizeReport`.
+
+    Raises:
+      TypeError: when ``description`` is not a dict of ``LeafSpec``.
+      ValueError: when it names a leaf that ``view`` does not have.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxcompress.quant import weight_quantization
+      >>> p = {'w': jnp.ones((4, 2))}
+      >>> t = weight_quantization(8)
+      >>> s = t.init(p)
+      >>> size_report(t.apply(p, s), t.describe(p, s))  # 8 int8 values + 2 float32 scales
+      SizeReport(params=8, nonzero_params=8, bytes_float32=32, bytes_compressed=16)
     """
-    leaves = [np.asarray(x) for x in jax.tree.leaves(view)]
-    n_leaves = len(leaves)
-    bit_leaves = jax.tree.leaves(bits, is_leaf=is_none) if bits is not None else [None] * n_leaves
-    mask_leaves = jax.tree.leaves(masks, is_leaf=is_none) if masks is not None else [None] * n_leaves
-    if len(bit_leaves) != n_leaves or len(mask_leaves) != n_leaves:
+    description = {} if description is None else description
+    if not isinstance(description, dict) or not all(isinstance(v, LeafSpec) for v in description.values()):
+        raise TypeError(
+            f"description must be the {{path: LeafSpec}} dict of transform.describe(params, state), "
+            f"got {type(description).__name__}."
+        )
+    leaves = {path_name(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(view)}
+    unknown = sorted(set(description) - set(leaves))
+    if unknown:
         raise ValueError(
-            f"bits/masks must have one entry per leaf of view ({n_leaves}), got "
-            f"{len(bit_leaves)} and {len(mask_leaves)}."
+            f"description names leaves that view does not have: {unknown[:5]} (view has "
+            f"{sorted(leaves)[:5]}...). Describe the same params: transform.describe(params, state)."
         )
     total = nonzero = bits_total = 0
-    for x, b, m in zip(leaves, bit_leaves, mask_leaves):
+    for name, x in leaves.items():
+        spec = description.get(name)
         total += x.size
-        nonzero += int(np.count_nonzero(x))
-        scales = 0 if b is None else (x.shape[-1] if per_channel and x.ndim else 1)
-        bits_total += leaf_bits(x, bits=b, sparse=m is not None, num_scales=scales)
+        counted = x if spec is None or spec.mask is None else np.where(np.asarray(spec.mask, bool), x, 0)
+        nonzero += int(np.count_nonzero(counted))
+        bits_total += leaf_bits(x, bits=None, sparse=False, num_scales=0) if spec is None else _spec_bits(x, spec)
     return SizeReport(total, nonzero, 4 * total, math.ceil(bits_total / 8))

@@ -3,7 +3,7 @@
 The input of every selected layer (Linen ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``;
 NNX ``Linear``, ``LinearGeneral``, ``Conv``, ``Einsum``) is fake-quantized before the layer runs.
 Weights are quantized separately by a weight transform
-(:func:`~jaxcompress.quant.qat.quantize_weights`), so W8A8 is that transform plus
+(:func:`~jaxcompress.quant.weights.weight_quantization`), so W8A8 is that transform plus
 :func:`quantize_activations` around the apply function.
 
 Where the ranges live. Dynamic ranges (the default) are the min/max of each batch and need no
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.rules import Rules, explain
-from jaxcompress.core.validation import check_bits, check_fraction, check_positive
+from jaxcompress.core.validation import check_fraction, check_int, check_positive
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 from jaxcompress.quant.lowbit import pact
 
@@ -50,7 +50,7 @@ def _layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
     value = explain({name: jax.ShapeDtypeStruct((1, 1), jnp.float32)}, rules)[0].value
     if value is None:
         return None
-    return bits if value is True else check_bits("per-rule activation bits", value, low=2)
+    return bits if value is True else check_int("per-rule activation bits", value, minimum=2, maximum=8)
 
 
 def _batch_range(x, axis_name=None):
@@ -150,7 +150,7 @@ def quantize_activations(
       >>> float(f(params, {}, x, train=False)[0][0, 0])  # inputs on the grid {0, 1, 2, 3}
       3.0
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     momentum = check_fraction("momentum", momentum)
     _layer_bits("_", rules, bits)  # validates the rules now
 
@@ -183,7 +183,7 @@ def quantize_activations(
 
 
 def _observe_inputs(apply_fn: Callable, layers: tuple, summarize: Callable) -> Callable:
-    """A jitted ``(params, model_state, x) -> {layer path: summarize(layer input)}`` (eval mode, float)."""
+    """A jitted ``(params, model_state, batch) -> {layer path: summarize(layer input)}`` (eval mode, float)."""
 
     @jax.jit
     def run(params, model_state, x):
@@ -215,7 +215,8 @@ def calibrate_activations(
     Args:
       apply_fn: the (unwrapped) Linen apply function.
       params, model_state: the trained model (eval mode is used: BatchNorm running statistics).
-      batches: an iterable of input arrays (N batches of calibration data).
+      batches: an iterable of N calibration batches, as ``apply_fn`` takes them (e.g.
+        ``{'image': x}``).
       observer: an :class:`~jaxcompress.quant.observers.Observer`; default
         :func:`~jaxcompress.quant.observers.minmax`.
       layers: the Linen layer classes observed.
@@ -254,7 +255,8 @@ def pact_params(
     Args:
       apply_fn: the (unwrapped) Linen apply function.
       params, model_state: the model's variables (``params`` must be a dict).
-      inputs: a sample batch; one eval-mode pass finds the layers and their input ranges.
+      inputs: a sample batch, as ``apply_fn`` takes it; one eval-mode pass finds the layers and
+        their input ranges.
       bits: the default bit width, only to validate ``rules`` (the same rules as
         :func:`pact_activations`).
       alpha: the initial level for every layer (the paper starts at 10); default ``None``
@@ -276,7 +278,7 @@ def pact_params(
       >>> {k: float(v) for k, v in p['pact_alpha'].items()}
       {'': 2.0}
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of the model's params to add {PACT_KEY!r}, got {type(params).__name__}.")
     if PACT_KEY in params:
@@ -326,7 +328,7 @@ def pact_activations(
       >>> float(f(params, {}, jnp.array([[-1.0, 0.4, 5.0]]), train=False)[0][0, 0])  # 0 + 0 + 3
       3.0
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     _layer_bits("_", rules, bits)
 
     def wrapped(params, model_state, batch, *, train: bool, rng=None):

@@ -20,15 +20,16 @@ and ``+-inf`` clip to the grid ends. Use :func:`check_finite` outside jit to fai
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.core.validation import check_bits, check_int
+from jaxcompress.core.validation import check_axis, check_int
 
-_EPS = 1e-8
+#: The smallest scale or step of every quantizer: a zero or constant range gives no NaN.
+EPS = 1e-8
 _STE = ("clipped", "identity")
 
 
@@ -45,7 +46,7 @@ def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tupl
       >>> quant_range(8), quant_range(8, narrow=True), quant_range(4, signed=False)
       ((-128, 127), (-127, 127), (0, 15))
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return (lo + 1 if narrow else lo), hi
 
@@ -54,24 +55,6 @@ def _check_ste(ste: str) -> str:
     if ste not in _STE:
         raise ValueError(f"ste must be one of {_STE}, got {ste!r}.")
     return ste
-
-
-def check_axis(name: str, axis: Optional[int], ndim: int) -> Optional[int]:
-    """Normalises ``axis`` for an array of ``ndim`` dimensions (``None`` passes through).
-
-    Raises:
-      ValueError: when the axis does not exist, naming the valid range.
-    """
-    if axis is None:
-        return None
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{name} must be an int or None, got {type(axis).__name__}: {axis!r}.")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{name}={axis} does not exist for an array with {ndim} dimensions; use an axis in "
-            f"[{-ndim}, {ndim - 1}] or None for one scale per tensor."
-        )
-    return int(axis) % ndim
 
 
 def check_finite(name: str, x) -> None:
@@ -142,7 +125,7 @@ def fake_quant_affine(
     x = jnp.asarray(x)
     if not int(quant_min) < int(quant_max):
         raise ValueError(f"quant_min={quant_min} must be < quant_max={quant_max}.")
-    scale = jnp.maximum(jnp.asarray(scale, jnp.float32), _EPS)
+    scale = jnp.maximum(jnp.asarray(scale, jnp.float32), EPS)
     zero_point = jnp.asarray(zero_point, jnp.float32)
     ax = check_axis("axis", axis, x.ndim)
     if ax is not None:
@@ -192,16 +175,34 @@ def affine_qparams(
     lo = jnp.minimum(jnp.asarray(x_min, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(x_max, jnp.float32), 0.0)
     if symmetric:
-        scale = jnp.maximum(jnp.maximum(-lo, hi) / ((qmax - qmin) / 2.0), _EPS)
+        scale = jnp.maximum(jnp.maximum(-lo, hi) / ((qmax - qmin) / 2.0), EPS)
         zp = jnp.full_like(scale, 0.0 if signed else float((qmin + qmax + 1) // 2))
     else:
-        scale = jnp.maximum((hi - lo) / float(qmax - qmin), _EPS)
+        scale = jnp.maximum((hi - lo) / float(qmax - qmin), EPS)
         zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
     return scale, zp, qmin, qmax
 
 
-def _reduce_axes(x: jax.Array, channel_axis, group_size, group_axis):
-    """Reshapes ``x`` so one min/max per channel/group is a reduction over ``axes``."""
+class QuantParams(NamedTuple):
+    """The grid a tensor was quantized on: ``view = scale * (clip(q, quant_min, quant_max) - zero_point)``.
+
+    Attributes:
+      scale: float32, one per tensor, channel or group (see :func:`tensor_qparams`).
+      zero_point: float32 holding integers, shaped like ``scale``.
+      quant_min, quant_max: the integer range.
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array
+    quant_min: int
+    quant_max: int
+
+
+def _grouped(x: jax.Array, channel_axis, group_size, group_axis):
+    """``x`` reshaped so that one range per tensor/channel/group is a reduction over ``axes``.
+
+    Returns ``(reshaped x, axes, group axis in the reshaped x or None)``.
+    """
     if group_size is None:
         ax = check_axis("channel_axis", channel_axis, x.ndim)
         axes = None if ax is None else tuple(i for i in range(x.ndim) if i != ax)
@@ -215,7 +216,49 @@ def _reduce_axes(x: jax.Array, channel_axis, group_size, group_axis):
             f"divisor of {n}."
         )
     shape = x.shape[:gax] + (n // group_size, group_size) + x.shape[gax + 1 :]
-    return x.reshape(shape), (gax + 1,), x.shape
+    return x.reshape(shape), (gax + 1,), gax
+
+
+def _qparams(xr, axes, bits, symmetric, narrow) -> QuantParams:
+    xs = jax.lax.stop_gradient(xr)
+    x_min = jnp.min(xs, axis=axes, keepdims=True)
+    x_max = jnp.max(xs, axis=axes, keepdims=True)
+    return QuantParams(*affine_qparams(x_min, x_max, bits, symmetric=symmetric, narrow=narrow and symmetric))
+
+
+def tensor_qparams(
+    x: jax.Array,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    narrow: bool = True,
+    channel_axis: Optional[int] = None,
+    group_size: Optional[int] = None,
+    group_axis: int = -2,
+) -> QuantParams:
+    """The grid :func:`fake_quant` puts ``x`` on: min/max of each tensor, channel or group.
+
+    Args: as :func:`fake_quant`.
+
+    Returns:
+      :class:`QuantParams`. Per tensor or channel, ``scale`` keeps ``x``'s dimensions and
+      broadcasts against it; per group it has ``x.shape[group_axis] // group_size`` entries along
+      ``group_axis`` (``jnp.repeat(scale, group_size, group_axis)`` broadcasts against ``x``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> qp = tensor_qparams(jnp.array([[0.7, -1.4], [0.1, 0.2]]), 4, channel_axis=-1)
+      >>> qp.scale.tolist(), qp.quant_min, qp.quant_max
+      ([[0.10000000149011612, 0.20000000298023224]], -7, 7)
+    """
+    bits = check_int("bits", bits, minimum=2, maximum=8)
+    x = jnp.asarray(x)
+    xr, axes, gax = _grouped(x, channel_axis, group_size, group_axis)
+    qp = _qparams(xr, axes, bits, symmetric, narrow)
+    if gax is None:
+        return qp
+    squeeze = lambda a: jnp.squeeze(a, gax + 1)  # noqa: E731
+    return qp._replace(scale=squeeze(qp.scale), zero_point=squeeze(qp.zero_point))
 
 
 def fake_quant(
@@ -231,13 +274,17 @@ def fake_quant(
 ) -> jax.Array:
     """Fake quantization with the range taken from ``x`` itself (min/max, no gradient to it).
 
+    The grid is :func:`tensor_qparams`'s and the arithmetic :func:`fake_quant_affine`'s
+    (PyTorch's). Zero is always on the grid, so zeros (pruned weights) stay exactly zero.
+
     Args:
       x: float array (weights, or activations with a dynamic per-batch range).
       bits: ``2..8``.
       symmetric: symmetric (zero point 0) or affine (min/max mapped onto ``[0, 2^b - 1]``).
-      narrow: narrow signed range for the symmetric scheme (``[-127, 127]``; zeros stay zero and
-        the grid is symmetric, the convention for weights).
-      channel_axis: ``None`` per tensor, else one range per slice along this axis.
+      narrow: narrow signed range for the symmetric scheme (``[-127, 127]``; the grid is
+        symmetric, the convention for weights).
+      channel_axis: ``None`` per tensor, else one range per slice along this axis (``-1``: the
+        output channel of Flax ``Dense`` and ``Conv`` kernels).
       group_size: one range per group of this many consecutive elements along ``group_axis``
         (the contraction dimension: ``-2`` is the input axis of Dense ``(in, out)`` and Conv
         ``(h, w, in, out)`` kernels), separately for every other index. Overrides ``channel_axis``.
@@ -256,14 +303,10 @@ def fake_quant(
       >>> fake_quant(jnp.array([[0.1, -1.0], [0.5, 2.0]]), 2, channel_axis=-1).tolist()
       [[0.0, 0.0], [0.5, 2.0]]
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
+    _check_ste(ste)
     x = jnp.asarray(x)
-    xr, axes, orig_shape = _reduce_axes(x, channel_axis, group_size, group_axis)
-    xs = jax.lax.stop_gradient(xr)
-    x_min = jnp.min(xs, axis=axes, keepdims=True)
-    x_max = jnp.max(xs, axis=axes, keepdims=True)
-    scale, zp, qmin, qmax = affine_qparams(
-        x_min, x_max, bits, symmetric=symmetric, narrow=narrow and symmetric
-    )
+    xr, axes, gax = _grouped(x, channel_axis, group_size, group_axis)
+    scale, zp, qmin, qmax = _qparams(xr, axes, bits, symmetric, narrow)
     out = fake_quant_affine(xr, scale, zp, qmin, qmax, ste=ste)
-    return out if orig_shape is None else out.reshape(orig_shape)
+    return out if gax is None else out.reshape(x.shape)

@@ -1,10 +1,12 @@
 """Binary and ternary weights, learned step size (LSQ) and PACT activation clipping.
 
-- :func:`binary`: ``sign(w) * mean|w|`` per output channel (XNOR-Net, Rastegari et al. 2016; the
-  scale is the L2-optimal one for a sign code; BinaryConnect, Courbariaux et al. 2015, is the
-  unscaled special case). ``sign(0) = +1``.
-- :func:`ternary`: Ternary Weight Networks (Li et al. 2016): threshold ``0.7 * mean|w|``, scale the
-  mean ``|w|`` above the threshold, per output channel.
+- :func:`binarize`: ``sign(w) * alpha`` per output channel with ``alpha`` the mean ``|w|`` (XNOR-Net,
+  Rastegari et al. 2016; the L2-optimal scale for a sign code; BinaryConnect, Courbariaux et al.
+  2015, is the unscaled special case). Zeros stay zero: ``sign(0) = 0`` and ``alpha`` is the mean
+  over the non-zero weights, so after pruning the kept weights are ``+-alpha`` and the pruned
+  ones 0 (a mask plus a 1-bit code, the mean that is L2-optimal for the kept weights).
+- :func:`ternarize`: Ternary Weight Networks (Li et al. 2016): threshold ``0.7 * mean|w|``, scale the
+  mean ``|w|`` above the threshold, per output channel; means over the non-zero weights, as above.
 - :func:`lsq_fake_quant`: Learned Step Size Quantization (Esser et al. 2019): the step ``s`` is a
   trained parameter, initialised at ``2 mean|w| / sqrt(Qp)`` (:func:`lsq_init_step`) and its gradient
   scaled by ``1 / sqrt(N * Qp)``.
@@ -21,10 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.validation import check_bits, check_positive
-from jaxcompress.quant.affine import check_axis
-
-_EPS = 1e-8
+from jaxcompress.core.validation import check_axis, check_int, check_positive
+from jaxcompress.quant.affine import EPS
 
 
 def _ste(x, q):
@@ -32,41 +32,63 @@ def _ste(x, q):
     return jax.lax.stop_gradient(q) + (x - jax.lax.stop_gradient(x))
 
 
-def _channel_mean(v, channel_axis, ndim):
-    ax = check_axis("channel_axis", channel_axis, ndim)
-    axes = None if ax is None else tuple(i for i in range(ndim) if i != ax)
-    return axes, (lambda a: jnp.mean(a, axis=axes, keepdims=True)), ax
+def _nonzero_mean(a, channel_axis):
+    """Mean of ``a`` over its non-zero entries per slice along ``channel_axis`` (0 where none), keepdims."""
+    ax = check_axis("channel_axis", channel_axis, a.ndim)
+    axes = None if ax is None else tuple(i for i in range(a.ndim) if i != ax)
+    count = jnp.sum(a != 0, axis=axes, keepdims=True)
+    return jnp.sum(a, axis=axes, keepdims=True) / jnp.maximum(count, 1), axes
 
 
-def binary(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
-    """``sign(w) * mean|w|`` per channel (XNOR-Net) with a straight-through gradient.
+def binary_scale(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
+    """The scale ``alpha`` of :func:`binarize`: mean ``|w|`` over the non-zero weights, keepdims, float32."""
+    w = jax.lax.stop_gradient(jnp.asarray(w))
+    return _nonzero_mean(jnp.abs(w).astype(jnp.float32), channel_axis)[0]
+
+
+def binarize(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
+    """``sign(w) * alpha`` per channel (XNOR-Net) with a straight-through gradient; zeros stay zero.
 
     Args:
       w: float weights.
       channel_axis: axis with its own scale (``-1``: output channel of Dense/Conv); ``None`` for one.
 
     Returns:
-      An array like ``w`` with two values per channel, ``+-alpha``.
+      An array like ``w`` with values ``+-alpha`` per channel (:func:`binary_scale`), and 0
+      where ``w`` is 0.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> binary(jnp.array([[0.5, -2.0], [-1.5, 1.0]])).tolist()
+      >>> binarize(jnp.array([[0.5, -2.0], [-1.5, 1.0]])).tolist()
       [[1.0, -1.5], [-1.0, 1.5]]
+      >>> binarize(jnp.array([0.0, -1.0, 3.0]), channel_axis=None).tolist()  # a pruned zero
+      [0.0, -2.0, 2.0]
     """
     w = jnp.asarray(w)
-    _, mean, _ = _channel_mean(w, channel_axis, w.ndim)
-    ws = jax.lax.stop_gradient(w)
-    alpha = mean(jnp.abs(ws))  # no division by it, so an all-zero channel stays zero
-    return _ste(w, jnp.where(ws >= 0, alpha, -alpha).astype(w.dtype))
+    alpha = binary_scale(w, channel_axis=channel_axis)
+    return _ste(w, (jnp.sign(jax.lax.stop_gradient(w)) * alpha).astype(w.dtype))
 
 
-def ternary(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: float = 0.7) -> jax.Array:
+def ternary_scale(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: float = 0.7):
+    """``(alpha, keep)`` of :func:`ternarize`: the scale (keepdims, float32) and the mask of weights
+    above ``threshold`` times the mean non-zero ``|w|``."""
+    threshold = check_positive("threshold", threshold)
+    a = jnp.abs(jax.lax.stop_gradient(jnp.asarray(w))).astype(jnp.float32)
+    mean, axes = _nonzero_mean(a, channel_axis)
+    keep = a > threshold * mean
+    alpha = jnp.sum(jnp.where(keep, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(
+        jnp.sum(keep, axis=axes, keepdims=True), 1
+    )
+    return alpha, keep
+
+
+def ternarize(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: float = 0.7) -> jax.Array:
     """Ternary Weight Networks: ``alpha * sign(w)`` where ``|w| > threshold * mean|w|``, else 0.
 
     Args:
       w: float weights.
       channel_axis: axis with its own threshold and scale; ``None`` for one per tensor.
-      threshold: the factor of ``mean|w|`` below which weights become 0 (TWN's 0.7).
+      threshold: the factor of the mean non-zero ``|w|`` below which weights become 0 (TWN's 0.7).
 
     Returns:
       An array like ``w`` with values in ``{-alpha, 0, +alpha}`` per channel, where ``alpha`` is the
@@ -74,30 +96,24 @@ def ternary(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: float 
 
     Example:
       >>> import jax.numpy as jnp
-      >>> ternary(jnp.array([0.1, -1.0, 2.0, 0.3]), channel_axis=None).tolist()
+      >>> ternarize(jnp.array([0.1, -1.0, 2.0, 0.3]), channel_axis=None).tolist()
       [0.0, -1.5, 1.5, 0.0]
     """
-    threshold = check_positive("threshold", threshold)
     w = jnp.asarray(w)
-    axes, mean, _ = _channel_mean(w, channel_axis, w.ndim)
-    a = jnp.abs(jax.lax.stop_gradient(w))
-    delta = threshold * mean(a)
-    keep = a > delta
-    n_keep = jnp.sum(keep, axis=axes, keepdims=True)
-    alpha = jnp.sum(jnp.where(keep, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(n_keep, 1)
+    alpha, keep = ternary_scale(w, channel_axis=channel_axis, threshold=threshold)
     q = jnp.where(keep, jnp.sign(jax.lax.stop_gradient(w)) * alpha, 0.0).astype(w.dtype)
     return _ste(w, q)
 
 
 def _lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def lsq_init_step(x: jax.Array, bits: int, *, signed: bool = True) -> jax.Array:
     """LSQ's initial step: ``2 * mean|x| / sqrt(Qp)`` (a float32 scalar, ``>= 1e-8``)."""
     _, qp = _lsq_levels(bits, signed)
-    return jnp.maximum(2.0 * jnp.mean(jnp.abs(jnp.asarray(x, jnp.float32))) / jnp.sqrt(qp), _EPS)
+    return jnp.maximum(2.0 * jnp.mean(jnp.abs(jnp.asarray(x, jnp.float32))) / jnp.sqrt(qp), EPS)
 
 
 def _scale_grad(v, g):
@@ -140,7 +156,7 @@ def lsq_fake_quant(
     x = jnp.asarray(x)
     g = 1.0 / jnp.sqrt(x.size * qp) if grad_scale is None else grad_scale
     # a step at or below 1e-8 is clamped there (no NaN from x / 0; no gradient below the clamp)
-    s = _scale_grad(jnp.maximum(jnp.asarray(step, x.dtype), _EPS), g)
+    s = _scale_grad(jnp.maximum(jnp.asarray(step, x.dtype), EPS), g)
     v = jnp.clip(x / s, -qn, qp)
     return _ste(v, jnp.round(v)) * s
 
@@ -164,7 +180,7 @@ def pact(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
       >>> pact(jnp.array([-1.0, 0.4, 5.0]), jnp.float32(3.0), 2).tolist()
       [0.0, 0.0, 3.0]
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     x = jnp.asarray(x)
     alpha = jnp.asarray(alpha, x.dtype)
     levels = 2**bits - 1

@@ -1,112 +1,94 @@
 """Learned step size quantization (LSQ) of weights as a transform: steps trained with the weights.
 
-A learned step needs a gradient and an optimizer, so it must live in the trained pytree, not in
-the transform state (which only ``update`` changes). :func:`lsq_params` wraps the model's params
-as ``LSQParams(model, steps)``; the optimizer then trains both, and the transform's ``apply``
-maps ``LSQParams`` to the model's quantized params, so the train step and the model stay as they
-are: pass ``lsq_params(params)`` to ``init_train_state`` and ``lsq_quantization()`` as the
-transform.
+The step sizes live in the transform's state as a
+:class:`~jaxcompress.core.transform.Trainable`: the params stay the model's own pytree, and the
+train step (:func:`~jaxcompress.train.step.make_train_step`) differentiates the view with respect
+to the steps and updates them with the user's optimizer, next to the weights.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.paths import path_name
 from jaxcompress.core.rules import Rules, is_none, select_values
-from jaxcompress.core.transform import Transform, UpdateInfo
-from jaxcompress.core.validation import check_bits
+from jaxcompress.core.transform import LeafSpec, Trainable, Transform, UpdateInfo
+from jaxcompress.core.validation import check_int
+from jaxcompress.quant.affine import EPS
 from jaxcompress.quant.lowbit import lsq_fake_quant, lsq_init_step
-from jaxcompress.quant.weights import QuantState
+from jaxcompress.quant.weights import warn_unused_rules
 
 
-class LSQParams(NamedTuple):
-    """Trainable params for LSQ.
+class LSQState(NamedTuple):
+    """State of :func:`lsq_quantization`.
 
     Attributes:
-      model: the model's latent float params.
-      steps: a float32 scalar step per quantized leaf (``None`` for leaves kept in float).
+      count: int32, number of ``update`` calls so far.
+      steps: ``Trainable`` of a pytree like the params: a float32 scalar step per quantized leaf,
+        ``None`` for leaves kept in float. Trained by the optimizer through the train step.
     """
 
-    model: Any
-    steps: Any
-
-
-def _widths(params, rules, bits):
-    return select_values(params, rules, bits, lambda v: check_bits("per-rule bits", v, low=2))
-
-
-def lsq_params(params: Any, bits: int = 4, *, rules: Optional[Rules] = None) -> LSQParams:
-    """Wraps ``params`` with LSQ steps initialised at ``2 mean|w| / sqrt(Qp)``.
-
-    Args:
-      params: the model's params.
-      bits: default weight bit width ``2..8``; rules use the same values as
-        :func:`lsq_quantization` (and must be the same rules).
-      rules: ``(regex, value)`` rules (``True`` -> ``bits``, an int overrides, ``None`` = float).
-
-    Returns:
-      :class:`LSQParams` to train in place of ``params``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> p = lsq_params({'k': jnp.array([[1.0, -1.0], [3.0, -3.0]])}, 2)
-      >>> float(p.steps['k'])  # 2 * mean|w| / sqrt(1)
-      4.0
-    """
-    bits = check_bits("bits", bits, low=2)
-    steps = jax.tree.map(
-        lambda b, w: None if b is None else lsq_init_step(w, b), _widths(params, rules, bits), params, is_leaf=is_none
-    )
-    return LSQParams(params, steps)
+    count: jax.Array
+    steps: Trainable
 
 
 def lsq_quantization(bits: int = 4, *, rules: Optional[Rules] = None) -> Transform:
-    """LSQ (Esser et al. 2019) on the selected weights; the view is the model's quantized params.
+    """LSQ (Esser et al. 2019) on the selected weights, one learned step per leaf.
+
+    ``init`` sets each step to ``2 mean|w| / sqrt(Qp)``; ``apply`` is
+    :func:`~jaxcompress.quant.lowbit.lsq_fake_quant` on the signed grid
+    ``[-2^(b-1), 2^(b-1) - 1]``, so zeros (pruned weights) stay zero. ``describe`` gives each
+    quantized leaf's bits, ``scheme='lsq'`` and its step as ``scale``.
 
     Args:
-      bits: default bit width ``2..8`` (signed grid ``[-2^(b-1), 2^(b-1) - 1]``).
-      rules: as for :func:`lsq_params`.
+      bits: default bit width ``2..8``.
+      rules: ``(regex, value)`` rules (``True`` -> ``bits``, an int overrides, ``None`` = float);
+        default every float leaf with ``ndim >= 2``.
 
     Returns:
-      A :class:`~jaxcompress.core.transform.Transform` over :class:`LSQParams`.
-
-    Raises:
-      TypeError: when the params are not :class:`LSQParams`.
+      A :class:`~jaxcompress.core.transform.Transform` with :class:`LSQState`.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> p = lsq_params({'k': jnp.array([[1.0, -1.0], [3.0, -3.0]])}, 2)
+      >>> p = {'k': jnp.array([[1.0, -1.0], [3.0, -3.0]])}
       >>> t = lsq_quantization(2)
-      >>> t.apply(p, t.init(p))['k'].tolist()  # grid {-2, -1, 0, 1} * 4
+      >>> s = t.init(p)
+      >>> float(s.steps.value['k'])  # 2 * mean|w| / sqrt(1)
+      4.0
+      >>> t.apply(p, s)['k'].tolist()  # grid {-2, -1, 0, 1} * 4
       [[0.0, 0.0], [4.0, -4.0]]
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
 
-    def check(params):
-        if not isinstance(params, LSQParams):
-            raise TypeError(
-                f"lsq_quantization needs LSQParams(model, steps), got {type(params).__name__}; "
-                "wrap the model's params with lsq_params(params) before init_train_state."
-            )
+    def widths(params):
+        return select_values(params, rules, bits, lambda v: check_int("per-rule bits", v, minimum=2, maximum=8))
 
     def init(params):
-        check(params)
-        return QuantState(count=jnp.zeros((), jnp.int32))
+        warn_unused_rules(params, rules, "lsq_quantization rules")
+        steps = jax.tree.map(
+            lambda b, w: None if b is None else lsq_init_step(w, b), widths(params), params, is_leaf=is_none
+        )
+        return LSQState(count=jnp.zeros((), jnp.int32), steps=Trainable(steps))
 
     def apply(params, state):
-        del state
-        check(params)
-        widths = _widths(params.model, rules, bits)
-
         def quant(b, s, w):
             return w if b is None else lsq_fake_quant(w, s, b)
 
-        return jax.tree.map(quant, widths, params.steps, params.model, is_leaf=is_none)
+        return jax.tree.map(quant, widths(params), state.steps.value, params, is_leaf=is_none)
 
     def update(params, state, info: UpdateInfo):
         del params, info
-        return QuantState(count=state.count + 1)
+        return state._replace(count=state.count + 1)
 
-    return Transform(init, apply, update)
+    def describe(params, state):
+        flat = jax.tree.leaves_with_path(widths(params), is_leaf=is_none)
+        steps = jax.tree.leaves(state.steps.value, is_leaf=is_none)
+        return {
+            path_name(p): LeafSpec(bits=b, scheme="lsq", scale=jnp.maximum(s, EPS))
+            for (p, b), s in zip(flat, steps)
+            if b is not None
+        }
+
+    return Transform(init, apply, update, describe)

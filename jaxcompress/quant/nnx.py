@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.rules import Rules
-from jaxcompress.core.validation import check_bits, check_fraction
+from jaxcompress.core.validation import check_fraction, check_int
 from jaxcompress.quant.activations import _layer_bits, _layer_range, _observed_ranges, _quant
 from jaxcompress.quant.observers import Observer, minmax
 
@@ -165,7 +165,7 @@ def quantize_nnx_activations(
       >>> float(q(jnp.array([[0.0, 0.4, 3.0]]))[0, 0]), float(lin(jnp.array([[0.0, 0.4, 3.0]]))[0, 0])
       (3.0, 3.4000000953674316)
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     momentum = check_fraction("momentum", momentum)
     model = nnx.clone(model)
     if _hooks(model):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.core.validation import check_bits, check_fraction, check_int, check_positive
+from jaxcompress.core.validation import check_fraction, check_int, check_positive
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 
 
@@ -97,7 +97,7 @@ def mse(bits: int = 8, *, symmetric: bool = False, grid: int = 64) -> Observer:
       >>> bool(float(hi) < 40.0)  # the outlier is clipped
       True
     """
-    bits = check_bits("bits", bits, low=2)
+    bits = check_int("bits", bits, minimum=2, maximum=8)
     grid = check_int("grid", grid, minimum=1)
     alphas = jnp.linspace(1.0 / grid, 1.0, grid)
 
