@@ -18,7 +18,7 @@ from jaxcompress.core import (
 )
 from jaxcompress.core.rules import is_none
 from jaxcompress.prune import magnitude_pruning
-from jaxcompress.quant import fake_quant_symmetric, weight_quantization
+from jaxcompress.quant import fake_quant, weight_quantization
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,5 +348,5 @@ def test_fake_quant_in_chain_is_exact_composition():
     t = chain(weight_quantization(4), identity())
     view = t.apply(p, t.init(p))
     np.testing.assert_array_equal(
-        view["Dense_1"]["kernel"], fake_quant_symmetric(p["Dense_1"]["kernel"], 4, channel_axis=-1)
+        view["Dense_1"]["kernel"], fake_quant(p["Dense_1"]["kernel"], 4, channel_axis=-1)
     )

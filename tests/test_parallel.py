@@ -14,7 +14,7 @@ from jaxcompress.models.cnn import CNN
 from jaxcompress.prune.magnitude import magnitude_pruning
 from jaxcompress.prune.schedules import polynomial_schedule
 from jaxcompress.quant.activations import calibrate_activations, quantize_activations
-from jaxcompress.quant.fake_quant import fake_quant_symmetric
+from jaxcompress.quant.affine import fake_quant_affine
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train import (
     Teacher, data_mesh, data_parallel, init_train_state, linen_apply_fn, make_train_step,
@@ -32,7 +32,7 @@ def _static_a8(apply_fn, scale=4.0 / 127):
     def wrapped(params, model_state, batch, *, train, rng=None):
         def interceptor(next_fun, args, kwargs, context):
             if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
-                args = (fake_quant_symmetric(args[0], 8, scale=jnp.float32(scale)),) + args[1:]
+                args = (fake_quant_affine(args[0], jnp.float32(scale), 0, -127, 127),) + args[1:]
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):

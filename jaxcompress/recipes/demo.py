@@ -26,7 +26,7 @@ from jaxcompress.export.size import size_report
 from jaxcompress.models.cnn import student_cnn, teacher_cnn
 from jaxcompress.prune.magnitude import fixed_masks, magnitude_pruning
 from jaxcompress.prune.schedules import polynomial_schedule
-from jaxcompress.quant.weights import bit_widths, weight_quantization
+from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train.loop import fit
 from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
@@ -82,8 +82,8 @@ def _load(config: DemoConfig, log: Callable[[str], None]) -> Dataset:
     return load_dataset(name, config.data_dir, download=True, fallback_to_digits=not explicit, log=log)
 
 
-def _stage_record(name, accuracy, view, seconds, *, bits=None, masks=None, weight_bits=32):
-    size = size_report(view, bits=bits, masks=masks)
+def _stage_record(name, accuracy, view, seconds, *, description=None, weight_bits=32):
+    size = size_report(view, description)
     return {
         "name": name,
         "test_accuracy": accuracy,
@@ -228,7 +228,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
                                      config.seed + 2, pruner, config.learning_rate / 2)
     masks = state.compression_state.masks
     view = pruner.apply(state.params, state.compression_state)
-    record = _stage_record(f"student pruned {config.sparsity:.0%}", acc, view, secs, masks=masks)
+    record = _stage_record(f"student pruned {config.sparsity:.0%}", acc, view, secs,
+                           description=pruner.describe(state.params, state.compression_state))
     record["sparsity"] = _prunable_sparsity(view, masks)
     stages.append(record)
 
@@ -237,9 +238,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     state, acc, secs = student_stage(f"student pruned + int{config.bits} QAT", view, config.qat_epochs,
                                      config.seed + 3, qat, config.learning_rate / 4)
     view = qat.apply(state.params, state.compression_state)
-    bits = bit_widths(view, None, config.bits)
     record = _stage_record(f"student pruned {config.sparsity:.0%} + int{config.bits}", acc, view, secs,
-                           bits=bits, masks=masks, weight_bits=config.bits)
+                           description=qat.describe(state.params, state.compression_state), weight_bits=config.bits)
     record["sparsity"] = _prunable_sparsity(view, masks)
     stages.append(record)
     return {
