@@ -381,7 +381,7 @@ def test_masks_monotone_when_a_kept_latent_weight_is_exactly_zero():
 
 
 # ---------------------------------------------------------------------------------------------
-# apply_masks / fixed_masks / sparsity_of
+# apply_masks / fixed_masks / sparsity_report / describe
 # ---------------------------------------------------------------------------------------------
 
 
