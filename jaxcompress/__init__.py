@@ -8,8 +8,7 @@ from jaxcompress.core.transform import identity as identity
 from jaxcompress.distill.losses import cross_entropy as cross_entropy
 from jaxcompress.distill.losses import kd_loss as kd_loss
 from jaxcompress.export.size import size_report as size_report
-from jaxcompress.prune.magnitude import fixed_masks as fixed_masks
-from jaxcompress.prune.magnitude import magnitude_pruning as magnitude_pruning
+from jaxcompress.prune.pruner import fixed_masks as fixed_masks
 from jaxcompress.prune.schedules import polynomial_schedule as polynomial_schedule
 from jaxcompress.quant.weights import weight_quantization as weight_quantization
 from jaxcompress.train.state import TrainState as TrainState

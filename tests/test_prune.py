@@ -1,4 +1,4 @@
-"""Pruning: exact-count magnitude masks, the Zhu & Gupta schedule and the pruning transforms."""
+"""Pruning: exact-count magnitude masks, the Zhu & Gupta schedule and magnitude pruning with `pruning`."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +13,10 @@ from jaxcompress.prune import (
     apply_masks,
     fixed_masks,
     magnitude_mask,
-    magnitude_pruning,
     one_shot_schedule,
     polynomial_schedule,
-    sparsity_of,
+    pruning,
+    sparsity_report,
 )
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None)
@@ -123,7 +123,7 @@ def test_num_pruned_matches_python_round_near_half(sparsity, n):
     assert int(jnp.sum(~keep)) == round(sparsity * n)
 
 
-def test_magnitude_pruning_matches_torch_at_half_boundary():
+def test_pruning_matches_torch_at_half_boundary():
     torch = pytest.importorskip("torch")
     prune = pytest.importorskip("torch.nn.utils.prune")
     w = np.random.default_rng(7).normal(size=(10, 15)).astype(np.float32)
@@ -131,7 +131,7 @@ def test_magnitude_pruning_matches_torch_at_half_boundary():
     lin.weight.data = torch.tensor(w.T.copy())  # torch (out, in) = our kernel transposed
     prune.l1_unstructured(lin, "weight", amount=0.07)
     assert int((lin.weight_mask == 0).sum()) == 11
-    t = magnitude_pruning(0.07)
+    t = pruning(0.07)
     p = {"kernel": jnp.asarray(w)}
     mask = np.asarray(t.init(p).masks["kernel"])
     np.testing.assert_array_equal(mask, lin.weight_mask.numpy().T.astype(bool))
@@ -152,13 +152,13 @@ def test_magnitude_mask_traced_sparsity_under_jit():
 
 
 # ---------------------------------------------------------------------------------------------
-# magnitude_pruning: one-shot
+# pruning (magnitude, layer-wise): one-shot
 # ---------------------------------------------------------------------------------------------
 
 
 def test_one_shot_per_layer_exact_sparsity_biases_untouched():
     p = _params(0)
-    t = magnitude_pruning(0.6)
+    t = pruning(0.6)
     s = t.init(p)
     assert int(s.count) == 0
     view = t.apply(p, s)
@@ -170,9 +170,11 @@ def test_one_shot_per_layer_exact_sparsity_biases_untouched():
         np.testing.assert_array_equal(view[name]["bias"], p[name]["bias"])
         assert s.masks[name]["bias"] is None
     # each layer on its own (layer-wise, not global): the 60% smallest in every kernel
-    assert sparsity_of(view, s.masks) == pytest.approx(
+    rows, total = sparsity_report(view, s.masks)
+    assert {r.path: r.sparsity for r in rows} == pytest.approx(
         {"conv/kernel": 43 / 72, "dense/kernel": 72 / 120, "head/kernel": 50 / 84}, abs=1e-7
     )
+    assert total.zeros == 43 + 72 + 50
     # the mask is fixed after init: updates with new weights do not change it
     p2 = jax.tree.map(lambda x: -x * 3.0 + 1.0, p)
     s2 = t.update(p2, s, update_info(1))
@@ -183,7 +185,7 @@ def test_one_shot_per_layer_exact_sparsity_biases_untouched():
 
 def test_per_rule_float_sparsity_overrides():
     p = _params(1)
-    t = magnitude_pruning(0.5, rules=[("^head/", 0.25), ("^conv/", None), ("kernel", True)])
+    t = pruning(0.5, rules=[("^head/", 0.25), ("^conv/", None), ("kernel", True)])
     s = t.init(p)
     view = t.apply(p, s)
     assert _zeros(view["head"]["kernel"]) == 21  # round(0.25 * 84)
@@ -191,12 +193,12 @@ def test_per_rule_float_sparsity_overrides():
     assert _zeros(view["conv"]["kernel"]) == 0
     assert s.masks["conv"]["kernel"] is None
     with pytest.raises(ValueError, match="per-rule sparsity must be in"):
-        magnitude_pruning(0.5, rules=[("head", 1.5)]).init(p)
+        pruning(0.5, rules=[("head", 1.5)]).init(p)
 
 
 def test_gradient_of_view_is_the_mask():
     p = _params(2)
-    t = magnitude_pruning(0.7)
+    t = pruning(0.7)
     s = t.init(p)
     grads = jax.grad(lambda q: sum(jnp.sum(x) for x in jax.tree.leaves(t.apply(q, s))))(p)
     for name in ("conv", "dense", "head"):
@@ -276,18 +278,18 @@ def test_schedule_errors():
 
 @pytest.mark.parametrize("bad,exc", [(1.0, ValueError), (1.5, ValueError), (-0.1, ValueError),
                                      ("0.5", TypeError), (None, TypeError), (True, TypeError)])
-def test_final_sparsity_errors_name_argument(bad, exc):
-    with pytest.raises(exc, match="final_sparsity"):
-        magnitude_pruning(bad)
+def test_sparsity_errors_name_argument(bad, exc):
+    with pytest.raises(exc, match="^sparsity must be"):
+        pruning(bad)
 
 
 def test_schedule_type_error():
-    with pytest.raises(TypeError, match="schedule must be a PolynomialSchedule"):
-        magnitude_pruning(0.5, schedule={"end_step": 10})
+    with pytest.raises(TypeError, match=r"schedule must come from polynomial_schedule\(...\)"):
+        pruning(0.5, schedule={"end_step": 10})
 
 
 # ---------------------------------------------------------------------------------------------
-# magnitude_pruning: gradual
+# pruning (magnitude, layer-wise): gradual
 # ---------------------------------------------------------------------------------------------
 
 
@@ -302,7 +304,7 @@ def test_gradual_pruning_step_by_step_matches_schedule_and_is_monotone():
             frac = (_zhu_gupta(t, s_i, s_f, t0, t_end) * n) % 1.0
             assert abs(frac - 0.5) > 1e-3
 
-    tr = magnitude_pruning(s_f, schedule=sched)
+    tr = pruning(s_f, schedule=sched)
     update = jax.jit(tr.update)  # one compile for all steps (eager == jit: test_gradual_update_under_jit_matches_eager)
     rng = np.random.default_rng(11)
     params = _params(3)
@@ -339,7 +341,7 @@ def test_gradual_pruning_step_by_step_matches_schedule_and_is_monotone():
 
 def test_gradual_update_under_jit_matches_eager():
     sched = polynomial_schedule(begin_step=0, end_step=6, frequency=2, initial_sparsity=0.2)
-    tr = magnitude_pruning(0.75, schedule=sched)
+    tr = pruning(0.75, schedule=sched)
     rng = np.random.default_rng(5)
     params = _params(4)
     s_eager = s_jit = tr.init(params)
@@ -355,7 +357,7 @@ def test_gradual_update_under_jit_matches_eager():
 
 
 def test_one_shot_at_later_step():
-    tr = magnitude_pruning(0.5, schedule=one_shot_schedule(3))
+    tr = pruning(0.5, schedule=one_shot_schedule(3))
     p = _params(5)
     s = tr.init(p)
     for step in (1, 2):
@@ -371,7 +373,7 @@ def test_one_shot_at_later_step():
 # kept zero instead and bring the pruned weight back, although the docs promise masks only shrink.
 def test_masks_monotone_when_a_kept_latent_weight_is_exactly_zero():
     sched = polynomial_schedule(begin_step=0, end_step=2, frequency=1, initial_sparsity=0.25)
-    tr = magnitude_pruning(0.25, schedule=sched)
+    tr = pruning(0.25, schedule=sched)
     s = tr.init({"k": jnp.array([[5.0, 0.1], [2.0, 3.0]])})
     assert s.masks["k"].tolist() == [[True, False], [True, True]]
     s = tr.update({"k": jnp.array([[0.0, 0.1], [2.0, 3.0]])}, s, update_info(1))
@@ -379,7 +381,7 @@ def test_masks_monotone_when_a_kept_latent_weight_is_exactly_zero():
 
 
 # ---------------------------------------------------------------------------------------------
-# apply_masks / fixed_masks / sparsity_of
+# apply_masks / fixed_masks / sparsity_report / describe
 # ---------------------------------------------------------------------------------------------
 
 
@@ -416,10 +418,31 @@ def test_fixed_masks_validates_at_init_and_keeps_masks():
         fixed_masks({"k": jnp.ones((2, 2), bool)}).init(p)
 
 
-def test_sparsity_of():
+def test_sparsity_report_counts_zeros_of_masked_leaves_only():
     tree = {"a": jnp.array([0.0, 1.0, 0.0, 2.0]), "b": jnp.array([[0.0, 3.0, 4.0]])}
-    assert sparsity_of(tree) == pytest.approx({"a": 0.5, "b": 1 / 3})
-    assert sparsity_of(tree, {"a": None, "b": jnp.ones((1, 3), bool)}) == pytest.approx({"b": 1 / 3})
+    rows, total = sparsity_report(tree)
+    assert [(r.path, r.zeros, r.size) for r in rows] == [("a", 2, 4), ("b", 1, 3)]
+    assert total.sparsity == pytest.approx(3 / 7)
+    rows, total = sparsity_report(tree, {"a": None, "b": jnp.ones((1, 3), bool)})
+    assert [r.path for r in rows] == ["b"] and total.sparsity == pytest.approx(1 / 3)
     masks = {"a": jnp.ones(4, bool), "b": None}
-    assert list(sparsity_of(tree, masks)) == ["a"]
+    assert [r.path for r in sparsity_report(tree, masks)[0]] == ["a"]
     assert jax.tree.structure(masks, is_leaf=is_none).num_leaves == 2
+
+
+def test_describe_gives_each_pruned_leaf_its_mask_and_structure():
+    from jaxcompress.prune import NM, Unstructured, straight_through
+
+    p = _params(6)
+    t = pruning(0.5, rules=[("^conv/", None), (".*", True)])
+    s = t.init(p)
+    d = t.describe(p, s)
+    assert sorted(d) == ["dense/kernel", "head/kernel"]
+    for k in ("dense", "head"):
+        np.testing.assert_array_equal(d[f"{k}/kernel"].mask, s.masks[k]["kernel"])
+        assert d[f"{k}/kernel"].structure == Unstructured() and d[f"{k}/kernel"].bits is None
+    nm = straight_through(pruning(0.5, structure=NM(2, 4, axis=1), rules=[("^dense/", True), (".*", None)]))
+    assert {k: v.structure for k, v in nm.describe(p, nm.init(p)).items()} == {"dense/kernel": NM(2, 4, axis=1)}
+    fixed = fixed_masks(s.masks, structure=Unstructured())
+    fd = fixed.describe(p, fixed.init(p))
+    assert sorted(fd) == sorted(d) and all(np.array_equal(fd[k].mask, d[k].mask) for k in d)

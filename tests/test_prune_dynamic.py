@@ -1,4 +1,4 @@
-"""ERK, RigL/SET, the optax adapter (moment resets for any optimizer) and lottery-ticket rewinding."""
+"""ERK, RigL/SET through the train step and the optax adapter (same masks), moment resets, rewinding."""
 import math
 
 import jax
@@ -20,7 +20,7 @@ from jaxcompress.prune import (
     set_pruning,
     sparse_optimizer,
 )
-from jaxcompress.train import split_variables
+from jaxcompress.train import TrainState, split_variables
 
 
 def test_erk_matches_formula():
@@ -52,6 +52,23 @@ def test_erk_caps_dense_layers():
     assert got["big/kernel"] == pytest.approx(1 - (0.5 * 1_000_008 - 8) / 1_000_000)
 
 
+def test_erk_rule_values_are_density_multipliers():
+    """power=0 with multipliers: density proportional to the multiplier, capped at 1 (the demo's allocation)."""
+    shapes = {"conv1": (3, 3, 1, 8), "conv2": (3, 3, 8, 16), "fc1": (784, 64), "head": (64, 10)}
+    params = {k: {"kernel": jnp.zeros(s), "bias": jnp.zeros(s[-1])} for k, s in shapes.items()}
+    rules = [("^conv1/", 50.0), ("^conv2/", 2.0), ("^head/", 3.0), (".*", True)]
+    got = erk_sparsities(params, 0.9, rules=rules, power=0.0)
+    n = {k: math.prod(s) for k, s in shapes.items()}
+    assert got["conv1/kernel"] == 0.0  # 50 x the base density exceeds 1: kept dense
+    eps = (0.1 * sum(n.values()) - n["conv1"]) / (2 * n["conv2"] + n["fc1"] + 3 * n["head"])
+    for k, m in (("conv2", 2.0), ("fc1", 1.0), ("head", 3.0)):
+        assert got[f"{k}/kernel"] == pytest.approx(1 - eps * m, abs=1e-12)
+    kept = sum((1 - got[f"{k}/kernel"]) * n[k] for k in shapes)
+    assert kept == pytest.approx(0.1 * sum(n.values()), rel=1e-12)
+    with pytest.raises(ValueError, match="ERK density multiplier"):
+        erk_sparsities(params, 0.9, rules=[("^head/", -1.0), (".*", True)])
+
+
 def test_drop_fraction_cosine():
     assert float(drop_fraction_at(0, 0.3, 100)) == pytest.approx(0.3)
     assert float(drop_fraction_at(50, 0.3, 100)) == pytest.approx(0.15)
@@ -79,34 +96,126 @@ def _active_sets(masks):
     return {k: np.asarray(v["kernel"]).copy() for k, v in masks.items()}
 
 
-@pytest.mark.parametrize("make", [rigl, set_pruning])
-def test_rigl_set_keep_sparsity_while_active_set_changes(make):
-    module, batch, params = _mlp_setup()
-    pruner = make(0.8, end_step=30, update_every=5, drop_fraction=0.5, distribution="erk")
-    opt = sparse_optimizer(optax.adam(1e-2), pruner)
-    params = pruner.apply(params, pruner.init(params))
-    state = jc.init_train_state(params, opt)
-    step = jax.jit(jc.make_train_step(jc.linen_apply_fn(module), opt))
-    first = _active_sets(state.opt_state.pruner.masks)
-    counts = {k: int(v.sum()) for k, v in first.items()}
-    changed = False
-    for i in range(12):
-        before = _active_sets(state.opt_state.pruner.masks)
+def _step_path(module, batch, params, pruner, steps):
+    """RigL/SET as the step's transform; yields (masks, view) after every step."""
+    opt = optax.sgd(0.05)
+    state = jc.init_train_state(params, opt, transform=pruner)
+    step = jax.jit(jc.make_train_step(jc.linen_apply_fn(module), opt, transform=pruner))
+    yield state.compression_state.masks, pruner.apply(state.params, state.compression_state)
+    for _ in range(steps):
         state, _ = step(state, batch)
-        masks = state.opt_state.pruner.masks
+        yield state.compression_state.masks, pruner.apply(state.params, state.compression_state), state
+
+
+def _adapter_path(module, batch, params, pruner, steps):
+    """The same pruner through sparse_optimizer (params kept sparse); yields (masks, params)."""
+    opt = sparse_optimizer(optax.sgd(0.05), pruner)
+    params = pruner.apply(params, pruner.init(params))
+    # Built by hand: the step needs no compression state here (no transform).
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt.init(params), jc.identity().init(params), None, {},
+                       jax.random.key(0))
+    step = jax.jit(jc.make_train_step(jc.linen_apply_fn(module), opt))
+    yield state.opt_state.pruner.masks, state.params
+    for _ in range(steps):
+        state, _ = step(state, batch)
+        yield state.opt_state.pruner.masks, state.params
+
+
+@pytest.mark.parametrize("make", [rigl, set_pruning])
+def test_rigl_set_through_the_step_equal_the_adapter_path(make):
+    module, batch, params = _mlp_setup()
+    pruner = make(0.8, end_step=30, update_every=3, drop_fraction=0.5, distribution="erk", seed=4)
+    steps = 12
+    first = None
+    changed_updates, stale_regrown = 0, 0
+    for i, (a, b) in enumerate(zip(_step_path(module, batch, params, pruner, steps),
+                                   _adapter_path(module, batch, params, pruner, steps))):
+        masks, view = a[0], a[1]
+        a_masks, a_params = b
+        if first is None:
+            first = {k: np.asarray(masks[k]["kernel"]) for k in masks}
+            counts = {k: int(v.sum()) for k, v in first.items()}
+            prev = first
         for k in counts:
             m = np.asarray(masks[k]["kernel"])
+            np.testing.assert_array_equal(m, np.asarray(a_masks[k]["kernel"]), err_msg=f"step {i} {k}")
+            np.testing.assert_allclose(np.asarray(view[k]["kernel"]), np.asarray(a_params[k]["kernel"]),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"step {i} {k}")
+            np.testing.assert_allclose(np.asarray(view[k]["bias"]), np.asarray(a_params[k]["bias"]),
+                                       rtol=1e-5, atol=1e-6)
             assert int(m.sum()) == counts[k]  # constant per layer, so constant overall
-            w = np.asarray(state.params[k]["kernel"])
-            assert np.all(w[~m] == 0)  # sparsity holds after every update, no extra call
-            grown = m & ~before[k]
-            assert np.all(w[grown] == 0)  # grown weights start at zero
-            changed |= bool(np.any(grown))
-        if (i + 1) % 5 == 0:
-            assert any(np.any(np.asarray(masks[k]["kernel"]) != before[k]) for k in counts)
-    assert changed
+            v = np.asarray(view[k]["kernel"])
+            assert np.all(v[~m] == 0)
+            grown = m & ~prev[k]
+            assert np.all(v[grown] == 0)  # grown weights start at zero in the view
+            if i > 0 and grown.any():
+                latent = np.asarray(a[2].params[k]["kernel"])
+                stale_regrown += int(np.sum(latent[grown] != 0))  # without offsets the view would be stale
+        if i > 0 and i % 3 == 0:
+            changed_updates += any(np.any(np.asarray(masks[k]["kernel"]) != prev[k]) for k in counts)
+        elif i > 0:
+            assert all(np.array_equal(np.asarray(masks[k]["kernel"]), prev[k]) for k in counts)
+        prev = {k: np.asarray(masks[k]["kernel"]) for k in masks}
+    assert changed_updates == 4  # every mask update (steps 3, 6, 9, 12) swapped weights
+    assert stale_regrown > 0
     total = sum(np.prod(v.shape) for v in first.values())
     assert abs(sum(counts.values()) / total - 0.2) < 0.01
+
+
+def test_rigl_through_the_step_grows_by_dense_gradient_numpy():
+    """One RigL update inside make_train_step against a float64 NumPy re-derivation."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    y = rng.normal(size=(16, 5)).astype(np.float32)
+    w0 = rng.normal(size=(6, 5)).astype(np.float32)
+    apply_fn = lambda p, ms, batch, *, train, rng: (batch["x"] @ p["w"], ms)  # noqa: E731
+    loss_fn = lambda out, batch: jnp.sum((out - batch["y"]) ** 2, -1)  # noqa: E731
+    lr, end_step, drop_fraction = 0.1, 10, 0.8
+    pruner = rigl(0.6, end_step=end_step, update_every=1, drop_fraction=drop_fraction, distribution="uniform", seed=1)
+    opt = optax.sgd(lr)
+    state = jc.init_train_state({"w": jnp.asarray(w0)}, opt, transform=pruner)
+    step = jax.jit(jc.make_train_step(apply_fn, opt, loss_fn=loss_fn, metrics_fn=None, transform=pruner))
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    mask = np.asarray(state.compression_state.masks["w"])
+    latent = w0.astype(np.float64)
+    offset = np.zeros_like(latent)
+    for t in (1, 2):
+        view = np.where(mask, latent - offset, 0.0)
+        g = 2.0 * x.astype(np.float64).T @ (x @ view - y) / len(x)  # dense gradient at the view
+        latent = latent - lr * g * mask
+        w = latent - offset  # the weights the model sees where active
+        k = math.floor(drop_fraction / 2 * (1 + math.cos(math.pi * t / end_step)) * mask.sum())
+        assert k >= 2
+        active = np.flatnonzero(mask)
+        dropped = active[np.argsort(np.abs(w.ravel()[active]), kind="stable")[:k]]
+        kept = mask.ravel().copy()
+        kept[dropped] = False
+        candidates = np.flatnonzero(~kept)
+        grown = candidates[np.argsort(-np.abs(g.ravel()[candidates]), kind="stable")[:k]]
+        new = kept.copy()
+        new[grown] = True
+        new = new.reshape(mask.shape)
+        offset = np.where(new & ~mask, latent, offset)
+        state, _ = step(state, batch)
+        got = np.asarray(state.compression_state.masks["w"])
+        np.testing.assert_array_equal(got, new, err_msg=f"update {t}")
+        assert np.any(new & ~mask)  # something was grown ...
+        assert not np.all(np.isin(grown, dropped))  # ... and not only the dropped weights back
+        np.testing.assert_allclose(np.asarray(state.params["w"]), latent, rtol=1e-5, atol=1e-6)
+        view = np.asarray(pruner.apply(state.params, state.compression_state)["w"])
+        np.testing.assert_allclose(view, np.where(new, latent - offset, 0.0), rtol=1e-5, atol=1e-6)
+        assert np.all(view[new & ~mask] == 0)
+        mask = new
+
+
+def test_rigl_set_describe_their_masks():
+    p = {"a": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}, "b": {"kernel": jnp.ones((8, 4))}}
+    for make in (rigl, set_pruning):
+        t = make(0.5, end_step=10, rules=[("^b/", None), (".*", True)])
+        s = t.init(p)
+        d = t.describe(p, s)
+        assert list(d) == ["a/kernel"] and d["a/kernel"].structure == jc.prune.Unstructured()
+        np.testing.assert_array_equal(d["a/kernel"].mask, s.masks["a"]["kernel"])
 
 
 def test_rigl_grows_largest_dense_gradient():
@@ -159,7 +268,7 @@ def test_adapter_resets_moments_of_grown_weights_for_any_optimizer(name):
         assert any(np.any(b != 0) for b in biases)  # dense leaves keep their moments
 
 
-def test_adapter_with_magnitude_pruning_and_lottery_rewind():
+def test_adapter_with_pruning_and_lottery_rewind():
     p0 = {"k": jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32), "b": jnp.zeros(4)}
     pruner = pruning(0.5, schedule=one_shot_schedule(3))  # prune once, at update 3
     opt = sparse_optimizer(optax.sgd(0.1), pruner, rewind_step=1)

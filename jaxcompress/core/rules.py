@@ -13,6 +13,7 @@ picks the kernels of dense and convolutional layers and leaves biases and norm s
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -161,3 +162,71 @@ def select_values(params: Any, rules: Optional[Rules], default: Any, check) -> A
         return default if value is True else check(value)
 
     return jax.tree.map(setting, select(params, rules), is_leaf=is_none)
+
+
+def warn_unused_rules(params: Any, rules: Optional[Rules], what: str, *, min_ndim: int = 2) -> None:
+    """Warns (``UserWarning``) listing the rules that select no candidate leaf of ``params``.
+
+    A rule that matches nothing is usually a misspelt layer name. A trailing catch-all (``'.*'``
+    or ``''``) is a default, not a guess at a name, and is never reported.
+
+    Args:
+      params: the params pytree the rules are meant for.
+      rules: ``(regex, value)`` pairs, or ``None`` (nothing to check).
+      what: what the rules choose leaves for, used in the message (``'pruning'``, ``'quantization'``).
+      min_ndim: as in :func:`explain`.
+
+    Example:
+      >>> import warnings, jax.numpy as jnp
+      >>> with warnings.catch_warnings(record=True) as w:
+      ...     warnings.simplefilter('always')
+      ...     warn_unused_rules({'fc': {'kernel': jnp.ones((2, 2))}}, [('^conv', True)], 'pruning')
+      >>> print(w[0].message)
+      these pruning rules match no float leaf with ndim >= 2: ["0: '^conv'"]. Check the names with jaxcompress.explain(params, rules).
+    """
+    if rules is None:
+        return
+    used = {d.rule for d in explain(params, rules, min_ndim=min_ndim) if d.rule is not None}
+    unused = [f"{i}: {r[0]!r}" for i, r in enumerate(rules) if i not in used and r[0] not in (".*", "")]
+    if unused:
+        warnings.warn(
+            f"these {what} rules match no float leaf with ndim >= {min_ndim}: {unused}. "
+            "Check the names with jaxcompress.explain(params, rules).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_float_targets(params: Any, rules: Optional[Rules], what: str) -> None:
+    """Raises ``TypeError`` when a rule explicitly selects a leaf that is not floating point.
+
+    First match wins, so an earlier rule giving the leaf ``None`` (or ``False``) is fine; a
+    catch-all (``'.*'`` or ``''``) skips such leaves silently.
+
+    Args:
+      params: the params pytree.
+      rules: ``(regex, value)`` pairs, or ``None``.
+      what: the transform's action for the message (``'pruned'``, ``'quantized'``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> check_float_targets({'ids': jnp.ones((2, 2), jnp.int32)}, [('ids', True)], 'pruned')
+      Traceback (most recent call last):
+        ...
+      TypeError: rule 'ids' selects 'ids' of dtype int32, which is not floating and cannot be pruned; exclude it or give it the value None.
+    """
+    if rules is None:
+        return
+    compiled = _compile(rules)
+    for d in explain(params, DEFAULT_RULES, min_ndim=0):
+        if d.reason != "not floating":
+            continue
+        for pattern, value in compiled:
+            if not pattern.search(d.path):
+                continue
+            if pattern.pattern not in (".*", "") and value not in (None, False):
+                raise TypeError(
+                    f"rule {pattern.pattern!r} selects {d.path!r} of dtype {d.dtype}, which is not floating and "
+                    f"cannot be {what}; exclude it or give it the value None."
+                )
+            break

@@ -1,37 +1,41 @@
-"""Per-layer sparsity: uniform, Erdos-Renyi-Kernel (ERK), and per-leaf targets as rules."""
+"""Per-layer sparsity: the Erdos-Renyi-Kernel (ERK) allocation, and per-leaf targets as rules."""
 from __future__ import annotations
 
 import math
 import re
 from typing import Any, Mapping, Optional
 
-from jaxcompress.core.rules import Rules, explain
-from jaxcompress.core.validation import check_fraction
+import jax
 
-
-def selected_shapes(params: Any, rules: Optional[Rules] = None) -> dict[str, tuple]:
-    """``{leaf name: shape}`` of the leaves ``rules`` select (any value other than ``None``)."""
-    return {d.path: d.shape for d in explain(params, rules) if d.value is not None}
+from jaxcompress.core.paths import path_name
+from jaxcompress.core.rules import Rules, is_none, select_values
+from jaxcompress.core.validation import check_fraction, check_positive
 
 
 def erk_sparsities(params: Any, sparsity: float, *, rules: Optional[Rules] = None, power: float = 1.0) -> dict[str, float]:
     """Per-layer sparsities of the Erdos-Renyi-Kernel distribution (Evci et al. 2020, RigL).
 
-    The density of a layer with shape ``(d_1, ..., d_k)`` is ``eps * (sum d_i / prod d_i) ** power``,
-    with ``eps`` chosen so that the selected layers together keep ``(1 - sparsity)`` of their
-    weights; a layer whose density would exceed 1 is kept dense and ``eps`` is solved again.
+    The density of a selected layer with shape ``(d_1, ..., d_k)`` is
+    ``eps * m * (sum d_i / prod d_i) ** power``, with ``m`` the layer's multiplier (its rule value;
+    ``True`` means 1) and ``eps`` chosen so that the selected layers together keep
+    ``(1 - sparsity)`` of their weights; a layer whose density would exceed 1 is kept dense and
+    ``eps`` is solved again. ``power=0`` with multipliers allocates density in proportion to the
+    multipliers alone (e.g. keep the first and last layers denser).
 
     Args:
       params: the params pytree.
       sparsity: overall sparsity of the selected leaves, in ``[0, 1)``.
-      rules: which leaves are pruned (default: every float leaf with ``ndim >= 2``).
+      rules: ``(regex, value)`` rules choosing the leaves (default: every float leaf with
+        ``ndim >= 2``); a number value is that leaf's density multiplier (``> 0``).
       power: exponent on the ERK ratio (``erk_power_scale`` in the RigL code; 0 gives uniform).
 
     Returns:
-      ``{leaf name: sparsity}`` for the selected leaves.
+      ``{leaf name: sparsity}`` for the selected leaves (exact, not rounded to whole weights;
+      the pruners prune ``round(s * size)``).
 
     Raises:
-      ValueError: if ``sparsity`` is outside ``[0, 1)`` or nothing is selected.
+      ValueError: if ``sparsity`` is outside ``[0, 1)``, ``power < 0``, a multiplier is not
+        positive, or nothing is selected.
 
     Example:
       >>> import jax.numpy as jnp
@@ -39,16 +43,23 @@ def erk_sparsities(params: Any, sparsity: float, *, rules: Optional[Rules] = Non
       >>> s = erk_sparsities(p, 0.9)
       >>> round(s['a/kernel'], 4), round(s['b/kernel'], 4)
       (0.929, 0.6097)
+      >>> s = erk_sparsities(p, 0.9, rules=[('^b/', 4.0), ('.*', True)], power=0.0)
+      >>> round((1 - s['b/kernel']) / (1 - s['a/kernel']), 6)
+      4.0
     """
     sparsity = check_fraction("sparsity", sparsity)
     power = float(power)
     if power < 0:
         raise ValueError(f"power must be >= 0, got {power}.")
-    shapes = selected_shapes(params, rules)
+    mult = select_values(params, rules, 1.0, lambda v: check_positive("ERK density multiplier (rule value)", v))
+    shapes, scale = {}, {}
+    for (path, w), m in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(mult, is_leaf=is_none)):
+        if m is not None:
+            shapes[path_name(path)], scale[path_name(path)] = tuple(w.shape), m
     if not shapes:
         raise ValueError("erk_sparsities: the rules select no leaf; check them with jaxcompress.explain(params, rules).")
     sizes = {k: math.prod(s) for k, s in shapes.items()}
-    raw = {k: (sum(s) / math.prod(s)) ** power for k, s in shapes.items()}
+    raw = {k: scale[k] * (sum(s) / math.prod(s)) ** power for k, s in shapes.items()}
     total_keep = (1.0 - sparsity) * sum(sizes.values())
     dense: set[str] = set()
     while True:
@@ -60,12 +71,6 @@ def erk_sparsities(params: Any, sparsity: float, *, rules: Optional[Rules] = Non
             break
         dense.add(max(over, key=lambda k: raw[k]))
     return {k: 0.0 if k in dense else 1.0 - eps * raw[k] for k in shapes}
-
-
-def uniform_sparsities(params: Any, sparsity: float, *, rules: Optional[Rules] = None) -> dict[str, float]:
-    """``{leaf name: sparsity}``: the same sparsity for every selected leaf."""
-    sparsity = check_fraction("sparsity", sparsity)
-    return {k: sparsity for k in selected_shapes(params, rules)}
 
 
 def sparsity_rules(per_leaf: Mapping[str, float]) -> list[tuple[str, Any]]:
@@ -81,11 +86,3 @@ def sparsity_rules(per_leaf: Mapping[str, float]) -> list[tuple[str, Any]]:
     for name, s in per_leaf.items():
         out.append((f"^{re.escape(name)}$", check_fraction(f"sparsity of {name!r}", s)))
     return out + [(".*", None)]
-
-
-def overall_sparsity(params: Any, per_leaf: Mapping[str, float]) -> float:
-    """The fraction of the named leaves' weights that ``per_leaf`` sparsities remove."""
-    sizes = {d.path: math.prod(d.shape) for d in explain(params, [(".*", True)], min_ndim=0)}
-    total = sum(sizes[k] for k in per_leaf)
-    return sum(per_leaf[k] * sizes[k] for k in per_leaf) / max(total, 1)
-

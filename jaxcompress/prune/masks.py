@@ -1,4 +1,4 @@
-"""Pruning masks: exact-count magnitude masks and applying masks to params."""
+"""Pruning masks: exact-count magnitude masks, applying masks to params, and describing them."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +6,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.paths import path_name
 from jaxcompress.core.rules import is_none
+from jaxcompress.core.transform import LeafSpec
 from jaxcompress.core.validation import check_fraction, check_same_structure
 
 
@@ -75,6 +77,28 @@ def magnitude_mask(scores: jax.Array, sparsity) -> jax.Array:
     return mask_from_count(scores, num_pruned(jnp.size(scores), sparsity))
 
 
+def global_mask_from_count(scores: list, num_remove, *, normalize: bool = False) -> list:
+    """Keep-masks for several score arrays with one threshold: ``num_remove`` lowest entries overall.
+
+    Args:
+      scores: a list of score arrays (``-inf`` marks entries already removed).
+      num_remove: how many entries to remove over all arrays together (may be traced).
+      normalize: divide each array by the L2 norm of its finite scores first, so arrays of
+        different scale compete fairly.
+
+    Returns:
+      A list of bool keep-masks shaped like ``scores``.
+    """
+    if normalize:
+        scores = [s / (jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(s), s * s, 0.0))) + 1e-12) for s in scores]
+    keep = mask_from_count(jnp.concatenate([jnp.ravel(s) for s in scores]), num_remove)
+    out, offset = [], 0
+    for s in scores:
+        out.append(keep[offset : offset + s.size].reshape(s.shape))
+        offset += s.size
+    return out
+
+
 def apply_masks(params: Any, masks: Any) -> Any:
     """Multiplies each param by its mask; leaves whose mask is ``None`` pass through.
 
@@ -101,17 +125,21 @@ def apply_masks(params: Any, masks: Any) -> Any:
     )
 
 
-def sparsity_of(tree: Any, masks: Any = None) -> dict[str, float]:
-    """Fraction of zeros per leaf of ``tree`` (only leaves with a mask when ``masks`` is given)."""
-    from jaxcompress.core.paths import path_name
+def describe_masks(params: Any, masks: Any, structure: Any = None) -> dict:
+    """The ``describe`` of a masking transform: ``{path: LeafSpec(mask, structure)}`` per masked leaf.
 
-    out = {}
-    mask_leaves = (
-        jax.tree.leaves(masks, is_leaf=is_none) if masks is not None else [True] * len(jax.tree.leaves(tree))
-    )
-    for (path, leaf), m in zip(jax.tree.leaves_with_path(tree), mask_leaves):
-        if m is None:
-            continue
-        leaf = jnp.asarray(leaf)
-        out[path_name(path)] = float(jnp.mean(leaf == 0)) if leaf.size else 0.0
-    return out
+    Args:
+      params: the params (for the leaf paths).
+      masks: a pytree like ``params`` with a bool mask at pruned leaves, ``None`` elsewhere.
+      structure: the masks' structure (e.g. ``Unstructured()``), or ``None``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> d = describe_masks({'a': {'kernel': jnp.ones(2)}, 'b': jnp.ones(1)},
+      ...                    {'a': {'kernel': jnp.array([True, False])}, 'b': None})
+      >>> list(d), d['a/kernel'].mask.tolist()
+      (['a/kernel'], [True, False])
+    """
+    check_same_structure("masks", masks, params)
+    leaves = jax.tree.leaves_with_path(masks, is_leaf=is_none)
+    return {path_name(p): LeafSpec(mask=m, structure=structure) for p, m in leaves if m is not None}

@@ -60,7 +60,7 @@ def sparse_optimizer(
 
     Args:
       optimizer: any optax optimizer.
-      pruner: a pruning transform whose state has ``masks`` (``pruning``, ``magnitude_pruning``,
+      pruner: a pruning transform whose state has ``masks`` (``pruning``,
         ``rigl``, ``set_pruning``, ``fixed_masks``).
       rewind_step: optional step ``k >= 0`` to rewind to (0: the initial params, pruned).
 

@@ -1,17 +1,15 @@
-"""The general pruning transform: a criterion, a structure, a scope and a schedule."""
+"""The pruning transforms whose masks only shrink: :func:`pruning`, :func:`fixed_masks`, :func:`straight_through`."""
 from __future__ import annotations
 
-import re
-import warnings
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.rules import Rules, explain, is_none, select
+from jaxcompress.core.rules import Rules, check_float_targets, is_none, select_values, warn_unused_rules
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_fraction
-from jaxcompress.prune.masks import apply_masks, num_pruned
+from jaxcompress.prune.masks import apply_masks, describe_masks, global_mask_from_count, num_pruned
 from jaxcompress.prune.schedules import IterativeSchedule, PolynomialSchedule, one_shot_schedule
 from jaxcompress.prune.structures import NM, Structure, Unstructured, group_count, mask_for_count, validate
 
@@ -21,63 +19,25 @@ CRITERIA = ("magnitude", "random", "saliency", "movement")
 Schedule = Union[PolynomialSchedule, IterativeSchedule]
 
 
-class PrunerState(NamedTuple):
-    """State of :func:`pruning`.
+class PruneState(NamedTuple):
+    """State of :func:`pruning` and :func:`fixed_masks`.
 
     Attributes:
       count: int32, ``update`` calls so far (the schedule's step).
       masks: bool keep-mask at each pruned leaf, ``None`` elsewhere.
-      scores: movement scores (float, like the masks) for ``criterion='movement'``; ``None`` leaves otherwise.
-      rng: PRNG key for ``criterion='random'``.
+      scores: movement scores (float, like the masks) for ``criterion='movement'``; ``None`` otherwise.
+      rng: PRNG key for ``criterion='random'``; ``None`` otherwise.
     """
 
     count: jax.Array
     masks: Any
-    scores: Any
-    rng: jax.Array
-
-
-def warn_unused_rules(params: Any, rules: Optional[Rules]) -> None:
-    """Warns (``UserWarning``) listing the rules that matched no candidate leaf."""
-    if rules is None:
-        return
-    used = {d.rule for d in explain(params, rules) if d.rule is not None}
-    # A trailing catch-all ('.*', ...) is a default, not a user's guess at a name.
-    unused = [f"{i}: {r[0]!r}" for i, r in enumerate(rules) if i not in used and r[0] not in (".*", "")]
-    if unused:
-        warnings.warn(
-            f"these pruning rules match no float leaf with ndim >= 2: {unused}. "
-            "Check the names with jaxcompress.explain(params, rules).",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def check_candidates(params: Any, rules: Optional[Rules]) -> None:
-    """Raises TypeError when a rule names a non-float leaf (first match wins; catch-alls skip them)."""
-    if rules is None:
-        return
-    for d in explain(params, [(".*", True)], min_ndim=0):
-        if d.reason != "not floating":
-            continue
-        for pattern, value in rules:
-            if not re.search(pattern, d.path):
-                continue
-            if pattern not in (".*", "") and value not in (None, False):
-                raise TypeError(
-                    f"rule {pattern!r} selects {d.path!r} of dtype {d.dtype}, which is not floating and cannot "
-                    "be pruned; exclude it or give it the value None."
-                )
-            break
+    scores: Any = None
+    rng: Optional[jax.Array] = None
 
 
 def _targets(params, rules, sparsity, structure):
-    def target(value):
-        if value is None:
-            return None
-        return sparsity if value is True else check_fraction("per-rule sparsity", value)
-
-    targets = jax.tree.map(target, select(params, rules), is_leaf=is_none)
+    """Per-leaf final sparsity (``True`` takes ``sparsity``, a float overrides it), structure-checked."""
+    targets = select_values(params, rules, sparsity, lambda v: check_fraction("per-rule sparsity", v))
     for t, w in zip(jax.tree.leaves(targets, is_leaf=is_none), jax.tree.leaves(params)):
         if t is not None:
             validate(structure, jnp.shape(w))
@@ -95,18 +55,26 @@ def pruning(
     rules: Optional[Rules] = None,
     seed: int = 0,
 ) -> Transform:
-    """Pruning with any criterion, structure, scope and schedule.
+    """Pruning with any criterion, structure, scope and schedule; masks only shrink.
 
     On each of the schedule's update steps (inside ``jit``, under ``lax.cond``; other steps only
     count) every selected leaf gets a new keep-mask removing ``round(s_t * groups)`` of its
-    lowest-scoring groups; pruned groups score lowest, so masks only shrink.
+    lowest-scoring groups; pruned groups score lowest, so masks only shrink. The count is Python's
+    ``round`` in double precision at the final sparsity, so unstructured magnitude pruning removes
+    exactly the weights ``torch.nn.utils.prune.l1_unstructured`` removes (and ``Channels`` those of
+    ``ln_structured``). With :func:`~jaxcompress.prune.schedules.polynomial_schedule` this is the
+    gradual pruning of Zhu & Gupta (2017). The latent params are never changed; ``apply``
+    multiplies by the masks.
 
     Args:
       sparsity: final sparsity of each selected leaf (``scope='layer'``) or of all of them together
         (``scope='global'``), in ``[0, 1)``. Ignored by :class:`~jaxcompress.prune.structures.NM`
         (sparsity ``1 - n/m`` from the first update step).
-      criterion: one of :data:`CRITERIA`. ``'saliency'`` and ``'movement'`` read the gradients in
-        ``UpdateInfo.grads``; at ``init`` (no gradients) they fall back to magnitude.
+      criterion: one of :data:`CRITERIA`. ``'saliency'`` and ``'movement'`` read ``UpdateInfo.grads``,
+        the gradient at the pruned view, dense (inside the train step): ``|w * g|`` is the
+        first-order estimate of the loss change when ``w`` is removed from the view, and ``-w * g``
+        is Sanh et al.'s movement score (their straight-through gradient). At ``init`` (no
+        gradients) both fall back to magnitude.
       structure: ``Unstructured()``, ``Channels(axis, ord)``, ``Blocks(shape)`` or ``NM(n, m, axis)``.
       scope: ``'layer'`` (each leaf its own sparsity; rule values may override it) or ``'global'``
         (one threshold over all selected leaves, unstructured only, like ``global_unstructured``).
@@ -118,7 +86,8 @@ def pruning(
       seed: seed of ``criterion='random'``.
 
     Returns:
-      A :class:`~jaxcompress.core.transform.Transform` with :class:`PrunerState`.
+      A :class:`~jaxcompress.core.transform.Transform` with :class:`PruneState`; its ``describe``
+      gives ``LeafSpec(mask=..., structure=structure)`` per pruned leaf.
 
     Raises:
       ValueError / TypeError: bad sparsity, criterion, scope, structure (e.g. an axis the tensor
@@ -128,6 +97,13 @@ def pruning(
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxcompress.prune.structures import Channels
+      >>> t = pruning(0.5)
+      >>> p = {'kernel': jnp.array([[1., -4.], [0.5, 3.]]), 'bias': jnp.array([0.1, 0.2])}
+      >>> s = t.init(p)
+      >>> t.apply(p, s)['kernel'].tolist()
+      [[0.0, -4.0], [0.0, 3.0]]
+      >>> list(t.describe(p, s)), t.describe(p, s)['kernel'].structure
+      (['kernel'], Unstructured())
       >>> t = pruning(0.5, structure=Channels(axis=-1))
       >>> p = {'kernel': jnp.array([[1., -4.], [0.5, 3.]])}
       >>> t.apply(p, t.init(p))['kernel'].tolist()
@@ -146,7 +122,7 @@ def pruning(
     if not isinstance(schedule, (PolynomialSchedule, IterativeSchedule)):
         raise TypeError(
             "schedule must come from polynomial_schedule(...), iterative_schedule(...) or one_shot_schedule(), "
-            f"got {type(schedule).__name__}."
+            f"got {type(schedule).__name__}: {schedule!r}."
         )
 
     def leaf_scores(w, g, mv, key):
@@ -168,14 +144,14 @@ def pruning(
         flat_w = treedef.flatten_up_to(params)
         flat_m = treedef.flatten_up_to(state.masks)
         flat_g = [None] * len(flat_w) if grads is None else treedef.flatten_up_to(grads)
-        flat_mv = treedef.flatten_up_to(state.scores)
-        key = jax.random.fold_in(state.rng, step)
+        flat_mv = [None] * len(flat_w) if state.scores is None else treedef.flatten_up_to(state.scores)
+        key = None if state.rng is None else jax.random.fold_in(state.rng, step)
         scores = []
         for i, (t, w, m, g, mv) in enumerate(zip(flat_t, flat_w, flat_m, flat_g, flat_mv)):
             if t is None:
                 scores.append(None)
                 continue
-            s = leaf_scores(w, g, mv, jax.random.fold_in(key, i))
+            s = leaf_scores(w, g, mv, None if key is None else jax.random.fold_in(key, i))
             if isinstance(structure, (Unstructured, NM)):
                 s = jnp.where(m, s, -jnp.inf)
             else:
@@ -187,23 +163,17 @@ def pruning(
                 for t, s in zip(flat_t, scores)
             ]
             return jax.tree.unflatten(treedef, new)
-        live = [s for s in scores if s is not None]
-        if normalize:
-            live = [s / (jnp.sqrt(jnp.sum(jnp.where(jnp.isfinite(s), s * s, 0.0))) + 1e-12) for s in live]
-        flat = jnp.concatenate([jnp.ravel(s) for s in live])
-        keep = mask_for_count(flat, count_for(flat.size, sparsity, step))
-        new, offset = [], 0
-        for s in scores:
-            if s is None:
-                new.append(None)
-                continue
-            new.append(keep[offset : offset + s.size].reshape(s.shape))
-            offset += s.size
-        return jax.tree.unflatten(treedef, new)
+        live = global_mask_from_count(
+            [s for s in scores if s is not None],
+            count_for(sum(s.size for s in scores if s is not None), sparsity, step),
+            normalize=normalize,
+        )
+        it = iter(live)
+        return jax.tree.unflatten(treedef, [None if s is None else next(it) for s in scores])
 
     def init(params):
-        warn_unused_rules(params, rules)
-        check_candidates(params, rules)
+        warn_unused_rules(params, rules, "pruning")
+        check_float_targets(params, rules, "pruned")
         targets = _targets(params, rules, sparsity, structure)
         if scope == "global" and any(
             t not in (None, sparsity) for t in jax.tree.leaves(targets, is_leaf=is_none)
@@ -213,9 +183,12 @@ def pruning(
             lambda t, w: None if t is None else jnp.ones(jnp.shape(w), dtype), targets, params, is_leaf=is_none
         )
         scores = jax.tree.map(lambda m: None if m is None else m * 0, like(jnp.float32), is_leaf=is_none)
-        if criterion != "movement":
-            scores = jax.tree.map(lambda _: None, targets, is_leaf=is_none)
-        state = PrunerState(jnp.zeros((), jnp.int32), like(bool), scores, jax.random.key(seed))
+        state = PruneState(
+            count=jnp.zeros((), jnp.int32),
+            masks=like(bool),
+            scores=scores if criterion == "movement" else None,
+            rng=jax.random.key(seed) if criterion == "random" else None,
+        )
         masks = jax.lax.cond(
             schedule.is_update_step(state.count),
             lambda: compute(params, state, None, state.count),
@@ -242,7 +215,54 @@ def pruning(
         )
         return state._replace(count=count, masks=masks)
 
-    return Transform(init, apply, update)
+    def describe(params, state):
+        return describe_masks(params, state.masks, structure)
+
+    return Transform(init, apply, update, describe)
+
+
+def fixed_masks(masks: Any, *, structure: Optional[Structure] = None) -> Transform:
+    """A transform that applies given masks and never changes them.
+
+    Use it to keep the masks of a finished pruning run (or of :func:`~jaxcompress.prune.saliency.snip_masks`)
+    while training on, e.g. during quantization-aware training:
+    ``chain(fixed_masks(masks), weight_quantization(8))``.
+
+    Args:
+      masks: a pytree shaped like the params with a bool mask at pruned leaves, ``None`` elsewhere.
+      structure: the structure the masks have (e.g. ``NM(2, 4)``), reported by ``describe`` for
+        export; default ``None`` (any pattern).
+
+    Returns:
+      A :class:`~jaxcompress.core.transform.Transform` with :class:`PruneState`.
+
+    Raises:
+      ValueError: at ``init``, if ``masks`` and the params differ in structure or shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = fixed_masks({'k': jnp.array([True, False]), 'b': None})
+      >>> p = {'k': jnp.array([3., 4.]), 'b': jnp.array([1.])}
+      >>> s = t.init(p)
+      >>> t.apply(p, s)['k'].tolist(), t.describe(p, s)['k'].mask.tolist()
+      ([3.0, 0.0], [True, False])
+    """
+
+    def init(params):
+        apply_masks(params, masks)  # validates structure and shapes
+        return PruneState(count=jnp.zeros((), jnp.int32), masks=masks)
+
+    def apply(params, state):
+        return apply_masks(params, state.masks)
+
+    def update(params, state, info):
+        del params, info
+        return state._replace(count=state.count + 1)
+
+    def describe(params, state):
+        return describe_masks(params, state.masks, structure)
+
+    return Transform(init, apply, update, describe)
 
 
 def straight_through(transform: Transform) -> Transform:
@@ -255,7 +275,7 @@ def straight_through(transform: Transform) -> Transform:
       transform: any transform, e.g. ``pruning(0.9)`` or ``pruning(0.5, structure=NM(2, 4))``.
 
     Returns:
-      A :class:`~jaxcompress.core.transform.Transform` with the same state.
+      A :class:`~jaxcompress.core.transform.Transform` with the same state and description.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -272,4 +292,4 @@ def straight_through(transform: Transform) -> Transform:
         view = transform.apply(params, state)
         return jax.tree.map(lambda w, v: w + jax.lax.stop_gradient(v - w), params, view)
 
-    return Transform(transform.init, apply, transform.update)
+    return Transform(transform.init, apply, transform.update, transform.describe)

@@ -6,10 +6,9 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.rules import Rules, is_none, select
+from jaxcompress.core.rules import Rules, is_none, select, warn_unused_rules
 from jaxcompress.core.validation import check_fraction
-from jaxcompress.prune.masks import mask_from_count, num_pruned
-from jaxcompress.prune.pruner import warn_unused_rules
+from jaxcompress.prune.masks import global_mask_from_count, num_pruned
 
 
 def global_masks(scores: Any, sparsity: float, *, normalize: bool = False) -> Any:
@@ -37,19 +36,8 @@ def global_masks(scores: Any, sparsity: float, *, normalize: bool = False) -> An
     live = [jnp.asarray(s, jnp.float32) for s in flat_s if s is not None]
     if not live:
         raise ValueError("global_masks: no scores given (every leaf is None).")
-    if normalize:
-        live = [s / (jnp.linalg.norm(jnp.ravel(s)) + 1e-12) for s in live]
-    flat = jnp.concatenate([jnp.ravel(s) for s in live])
-    keep = mask_from_count(flat, num_pruned(flat.size, sparsity))
-    out, offset, it = [], 0, iter(live)
-    for s in flat_s:
-        if s is None:
-            out.append(None)
-            continue
-        s = next(it)
-        out.append(keep[offset : offset + s.size].reshape(s.shape))
-        offset += s.size
-    return jax.tree.unflatten(treedef, out)
+    it = iter(global_mask_from_count(live, num_pruned(sum(s.size for s in live), sparsity), normalize=normalize))
+    return jax.tree.unflatten(treedef, [None if s is None else next(it) for s in flat_s])
 
 
 def snip_scores(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batches: Iterable[Any], *,
@@ -69,7 +57,7 @@ def snip_scores(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batches: 
       ValueError: if ``batches`` is empty.
     """
     selected = select(params, rules)
-    warn_unused_rules(params, rules)
+    warn_unused_rules(params, rules, "pruning")
     grad_fn = jax.jit(jax.grad(loss_fn))
     total, n = None, 0
     for batch in batches:
@@ -87,7 +75,7 @@ def snip_masks(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batches: I
                rules: Optional[Rules] = None) -> Any:
     """SNIP masks: prune, before training, the globally least sensitive ``sparsity`` of the weights.
 
-    Train with them through :func:`~jaxcompress.prune.magnitude.fixed_masks`.
+    Train with them through :func:`~jaxcompress.prune.pruner.fixed_masks`.
 
     Args:
       loss_fn, params, batches, rules: as :func:`snip_scores`.
