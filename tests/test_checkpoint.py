@@ -23,7 +23,7 @@ def _job_parts():
 
     from jaxcompress.core.transform import chain
     from jaxcompress.models.mlp import MLP
-    from jaxcompress.prune.magnitude import magnitude_pruning
+    from jaxcompress.prune import pruning
     from jaxcompress.prune.schedules import polynomial_schedule
     from jaxcompress.quant.weights import weight_quantization
     from jaxcompress.train import init_train_state, linen_apply_fn, make_train_step, split_variables
@@ -32,7 +32,7 @@ def _job_parts():
     model = MLP(features=(32, 16), num_classes=10, dropout_rate=0.2)  # dropout: the rng matters
     params, mstate = split_variables(model.init(jax.random.key(0), jnp.zeros((1, 64))))
     transform = chain(
-        magnitude_pruning(0.8, schedule=polynomial_schedule(begin_step=0, end_step=24, frequency=4)),
+        pruning(0.8, schedule=polynomial_schedule(begin_step=0, end_step=24, frequency=4)),
         weight_quantization(8),
     )
     opt = optax.adamw(1e-2)

@@ -17,7 +17,7 @@ from jaxcompress.core import (
     update_info,
 )
 from jaxcompress.core.rules import is_none
-from jaxcompress.prune import magnitude_pruning
+from jaxcompress.prune import pruning
 from jaxcompress.quant import fake_quant, weight_quantization
 
 
@@ -122,7 +122,7 @@ def test_chain_init_and_update_see_previous_view():
 
 def test_chain_prune_then_quantize_equals_by_hand_and_keeps_zeros():
     p = _rng_params(1)
-    prune, quant = magnitude_pruning(0.5), weight_quantization(2)
+    prune, quant = pruning(0.5), weight_quantization(2)
     t = chain(prune, quant)
     s = t.init(p)
     view = t.apply(p, s)
@@ -193,7 +193,7 @@ def test_chain_empty_is_identity():
 
 def test_chain_is_jittable():
     p = _rng_params(3)
-    t = chain(magnitude_pruning(0.5), weight_quantization(4))
+    t = chain(pruning(0.5), weight_quantization(4))
     s = t.init(p)
     eager = t.apply(p, s)
     jitted = jax.jit(t.apply)(p, s)
@@ -307,7 +307,7 @@ def test_rules_on_flax_linen_params():
         ("params/LayerNorm_0/scale", (8,), None, None, "ndim 1 < 2"),
     ]
     # and a transform driven by these rules touches exactly Dense_0/kernel
-    t = magnitude_pruning(0.5, rules=[("Dense_1/", None), ("kernel$", True)])
+    t = pruning(0.5, rules=[("Dense_1/", None), ("kernel$", True)])
     view = t.apply(variables, t.init(variables))
     assert int(np.sum(np.asarray(view["params"]["Dense_0"]["kernel"]) == 0)) == 20
     np.testing.assert_array_equal(view["params"]["Dense_1"]["kernel"], variables["params"]["Dense_1"]["kernel"])

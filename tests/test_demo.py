@@ -6,7 +6,8 @@ import numpy as np
 from jaxcompress import cli
 from jaxcompress.data import DATA_DIR_ENV
 from jaxcompress.data import mnist as mnist_module
-from jaxcompress.recipes.demo import DENSITY_MULTIPLIERS, DemoConfig, allocate_sparsity, run_demo
+from jaxcompress.prune import erk_sparsities
+from jaxcompress.recipes.demo import DENSITY_RULES, DemoConfig, run_demo
 
 KEYS = {"name", "test_accuracy", "params", "nonzero_params", "weight_bits", "bytes_float32", "bytes_compressed", "seconds"}
 
@@ -65,19 +66,18 @@ def test_demo_with_data_dir_missing_files_fails_clearly(tmp_path, capsys):
     assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
 
 
-def test_allocate_sparsity_meets_target_and_favours_sensitive_layers():
+def test_demo_density_rules_meet_target_and_favour_sensitive_layers():
     import jax
     import jax.numpy as jnp
 
     from jaxcompress.models import student_cnn
 
     params = student_cnn().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    rules = dict(allocate_sparsity(params, 0.9, DENSITY_MULTIPLIERS))
+    per_leaf = erk_sparsities(params, 0.9, rules=DENSITY_RULES, power=0.0)
     sizes = {"conv1": 288, "conv2": 18432, "fc1": 200704, "head": 640}
-    zeros = sum(round(rules[f"^{k}/kernel$"] * n) for k, n in sizes.items())
-    assert zeros / sum(sizes.values()) >= 0.9
-    assert zeros / sum(sizes.values()) < 0.9 + 1e-3
-    # density ratio conv1 : fc1 is the multiplier ratio 5 : 1 (up to flooring).
-    d = {k: 1 - rules[f"^{k}/kernel$"] for k in sizes}
+    zeros = sum(round(per_leaf[f"{k}/kernel"] * n) for k, n in sizes.items())
+    assert abs(zeros / sum(sizes.values()) - 0.9) < 1e-4
+    # density ratios are the multiplier ratios 5 : 2 : 1
+    d = {k: 1 - per_leaf[f"{k}/kernel"] for k in sizes}
     np.testing.assert_allclose(d["conv1"] / d["fc1"], 5.0, rtol=0.02)
     np.testing.assert_allclose(d["conv2"] / d["fc1"], 2.0, rtol=0.01)

@@ -11,7 +11,7 @@ import pytest
 from jaxcompress.core.transform import chain
 from jaxcompress.distill.losses import kd_loss
 from jaxcompress.models.cnn import CNN
-from jaxcompress.prune.magnitude import magnitude_pruning
+from jaxcompress.prune import pruning
 from jaxcompress.prune.schedules import polynomial_schedule
 from jaxcompress.quant.activations import calibrate_activations, quantize_activations
 from jaxcompress.quant.affine import fake_quant_affine
@@ -64,7 +64,7 @@ def _setup(axis_name, activations="calibrated"):
         s_state = calibrate_activations(linen_apply_fn(student.clone(axis_name=None)), s_params, s_state,
                                         [{"image": x[:64]}, {"image": x[64:128]}])
     transform = chain(
-        magnitude_pruning(0.75, schedule=polynomial_schedule(begin_step=0, end_step=4, frequency=1)),
+        pruning(0.75, schedule=polynomial_schedule(begin_step=0, end_step=4, frequency=1)),
         weight_quantization(8),
     )
     # SGD, not Adam: the conv biases before BatchNorm get gradients that are exactly zero in exact

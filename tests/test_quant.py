@@ -427,10 +427,10 @@ def test_weight_quantization_channel_axis_0():
 
 
 def test_quantization_after_pruning_keeps_zeros_exact():
-    from jaxcompress.prune import magnitude_pruning
+    from jaxcompress.prune import pruning
 
     p = _params(3)
-    t = chain(magnitude_pruning(0.75), weight_quantization(3))
+    t = chain(pruning(0.75), weight_quantization(3))
     s = t.init(p)
     view = t.apply(p, s)
     for name in p:

@@ -11,7 +11,7 @@ import pytest
 from jaxcompress.core.transform import chain
 from jaxcompress.distill.losses import cross_entropy, kd_loss
 from jaxcompress.models import CNN, MLP
-from jaxcompress.prune.magnitude import magnitude_pruning
+from jaxcompress.prune import pruning
 from jaxcompress.prune.schedules import polynomial_schedule
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train import (
@@ -47,7 +47,7 @@ def test_step_traces_once_over_three_steps():
         traces.append(1)
         return inner(*args, **kwargs)
 
-    t = chain(magnitude_pruning(0.5, schedule=polynomial_schedule(end_step=2, frequency=1)), weight_quantization(8))
+    t = chain(pruning(0.5, schedule=polynomial_schedule(end_step=2, frequency=1)), weight_quantization(8))
     state, opt = _setup(model, t)
     step = jax.jit(make_train_step(counting_apply, opt, transform=t), donate_argnums=0)
     for i in range(3):
@@ -76,7 +76,7 @@ def test_plain_step_equals_manual_sgd():
 
 def test_pruned_weights_stay_zero_and_get_no_update():
     model = MLP(features=(32,))
-    t = magnitude_pruning(0.75)
+    t = pruning(0.75)
     state, opt = _setup(model, t)
     masks = state.compression_state.masks
     before = state.params
@@ -155,7 +155,7 @@ def test_teacher_without_variables_and_class_mismatch_raise():
 def test_pmap_step_equals_single_device_step():
     n = jax.local_device_count()
     model = MLP(features=(16,))
-    t = chain(magnitude_pruning(0.5), weight_quantization(8))
+    t = chain(pruning(0.5), weight_quantization(8))
     state, opt = _setup(model, t, lr=0.1)
     batch = _batch(0, n=8 * n)
     single = jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t))

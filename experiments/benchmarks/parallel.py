@@ -47,7 +47,7 @@ def build(parallel, devices, x):
     teacher, student = teacher_cnn(), student_cnn()
     t_params, _ = split_variables(teacher.init(jax.random.key(0), x[:1]))
     s_params, _ = split_variables(student.init(jax.random.key(1), x[:1]))
-    transform = jc.chain(jc.magnitude_pruning(0.9, schedule=one_shot_schedule()), jc.weight_quantization(8))
+    transform = jc.chain(jc.pruning(0.9, schedule=one_shot_schedule()), jc.weight_quantization(8))
     opt = optax.adam(1e-3)
     kd = jc.Teacher(jc.linen_apply_fn(teacher),
                     functools.partial(jc.kd_loss, temperature=4.0, kd_weight=0.9, ce_weight=0.1))

@@ -1,6 +1,6 @@
 """Overhead of magnitude pruning in the train step, and the cost of one mask update.
 
-Candidate: LeNet-5, batch 128, Adam, ``magnitude_pruning(0.9)`` with masks recomputed every 100
+Candidate: LeNet-5, batch 128, Adam, ``pruning(0.9)`` with masks recomputed every 100
 steps (``polynomial_schedule(frequency=100)``, inside the jitted step under ``lax.cond``).
 Baseline: the same step without a transform. Both are timed interleaved in one process: after a
 warm-up, blocks of 100 consecutive steps (so every candidate block contains exactly one mask
@@ -70,7 +70,7 @@ def time_train_steps(quick: bool):
     apply_fn = jc.linen_apply_fn(module)
     # Constant 90% (initial = final sparsity), masks recomputed every BLOCK steps.
     schedule = polynomial_schedule(begin_step=0, end_step=10**9, frequency=BLOCK, initial_sparsity=0.9)
-    prune = jc.magnitude_pruning(0.9, schedule=schedule)
+    prune = jc.pruning(0.9, schedule=schedule)
     runs = {}
     for name, transform in (("baseline", None), ("candidate", prune)):
         state = jc.init_train_state(jax.tree.map(jnp.copy, params), optimizer, transform=transform)
@@ -110,7 +110,7 @@ def time_train_steps(quick: bool):
 def time_mask_update(depth: int, reps: int):
     params = resnet_kernels(depth)
     schedule = polynomial_schedule(begin_step=1, end_step=10**9, frequency=BLOCK, initial_sparsity=0.9)
-    t = jc.magnitude_pruning(0.9, schedule=schedule)
+    t = jc.pruning(0.9, schedule=schedule)
     state = t.init(params)  # begin_step=1: no masks computed at init
     update = jax.jit(t.update)
     out = {}

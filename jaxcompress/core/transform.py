@@ -209,7 +209,7 @@ def chain(*transforms: Transform) -> Transform:
         if not isinstance(t, Transform):
             raise TypeError(
                 f"chain: argument {i} is a {type(t).__name__}, expected a jaxcompress Transform "
-                "(build one with e.g. magnitude_pruning(...) or weight_quantization(...))."
+                "(build one with e.g. pruning(...) or weight_quantization(...))."
             )
 
     def check(state):

@@ -43,7 +43,7 @@ LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
 PACT_KEY = "pact_alpha"
 
 
-def _layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
+def layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
     """Bits for a layer's input by the rules on its path (``True`` -> ``bits``, ``None`` -> float)."""
     if rules is None:
         return bits
@@ -63,7 +63,7 @@ def _batch_range(x, axis_name=None):
     return lo, hi
 
 
-def _layer_range(x, stored, train: bool, momentum: float, axis_name=None):
+def layer_range(x, stored, train: bool, momentum: float, axis_name=None):
     """The range a layer input is quantized with: the batch's without ``stored`` ``(min, max)``;
     with it, fixed in evaluation and its EMA towards the batch's in training."""
     if stored is not None and not train:
@@ -74,7 +74,7 @@ def _layer_range(x, stored, train: bool, momentum: float, axis_name=None):
     return momentum * stored[0] + (1 - momentum) * lo, momentum * stored[1] + (1 - momentum) * hi
 
 
-def _observed_ranges(observer, summarize: Callable, batches) -> dict:
+def observed_ranges(observer, summarize: Callable, batches) -> dict:
     """Folds ``observer`` over ``summarize(x)`` (``{layer: summary}``) for ``x`` in ``batches``:
     ``{layer: {'min': f32, 'max': f32}}``."""
     acc = None
@@ -90,7 +90,7 @@ def _observed_ranges(observer, summarize: Callable, batches) -> dict:
     return ranges
 
 
-def _quant(x, lo, hi, bits, symmetric):
+def fake_quant_input(x, lo, hi, bits, symmetric):
     scale, zp, qmin, qmax = affine_qparams(lo, hi, bits, symmetric=symmetric)
     return fake_quant_affine(x, scale, zp, qmin, qmax)
 
@@ -102,7 +102,7 @@ def _input_interceptor(layers: tuple, rules: Optional[Rules], bits: int, quantiz
         if context.method_name != "__call__" or not isinstance(context.module, layers) or not args:
             return next_fun(*args, **kwargs)
         name = "/".join(context.module.path)
-        b = _layer_bits(name, rules, bits)
+        b = layer_bits(name, rules, bits)
         if b is None:
             return next_fun(*args, **kwargs)
         return next_fun(quantize(name, b, args[0]), *args[1:], **kwargs)
@@ -152,7 +152,7 @@ def quantize_activations(
     """
     bits = check_int("bits", bits, minimum=2, maximum=8)
     momentum = check_fraction("momentum", momentum)
-    _layer_bits("_", rules, bits)  # validates the rules now
+    layer_bits("_", rules, bits)  # validates the rules now
 
     def wrapped(params, model_state, batch, *, train: bool, rng=None):
         model_state = dict(model_state)
@@ -168,10 +168,10 @@ def quantize_activations(
                         f"{sorted(stats)}); calibrate with the same model and rules."
                     )
                 stored = (stats[name]["min"], stats[name]["max"])
-            lo, hi = _layer_range(x, stored, train, momentum, axis_name)
+            lo, hi = layer_range(x, stored, train, momentum, axis_name)
             if stored is not None and train:
                 new_stats[name] = {"min": lo, "max": hi}
-            return _quant(x, lo, hi, b, symmetric)
+            return fake_quant_input(x, lo, hi, b, symmetric)
 
         with nn.intercept_methods(_input_interceptor(layers, rules, bits, quantize)):
             logits, new_state = apply_fn(params, model_state, batch, train=train, rng=rng)
@@ -235,7 +235,7 @@ def calibrate_activations(
     model_state.pop(COLLECTION, None)
 
     summarize = _observe_inputs(apply_fn, layers, observer.summarize)
-    ranges = _observed_ranges(observer, lambda x: summarize(params, model_state, x), batches)
+    ranges = observed_ranges(observer, lambda x: summarize(params, model_state, x), batches)
     return {**model_state, COLLECTION: ranges}
 
 
@@ -288,7 +288,7 @@ def pact_params(
     seen = jax.device_get(_observe_inputs(apply_fn, layers, jnp.max)(params, model_state, inputs))
     alphas = {}
     for name, hi in seen.items():
-        if _layer_bits(name, rules, bits) is None:
+        if layer_bits(name, rules, bits) is None:
             continue
         alphas[name] = jnp.float32(max(float(hi), 1e-3) if alpha is None else alpha)
     if not alphas:
@@ -329,7 +329,7 @@ def pact_activations(
       3.0
     """
     bits = check_int("bits", bits, minimum=2, maximum=8)
-    _layer_bits("_", rules, bits)
+    layer_bits("_", rules, bits)
 
     def wrapped(params, model_state, batch, *, train: bool, rng=None):
         if not isinstance(params, dict) or PACT_KEY not in params:

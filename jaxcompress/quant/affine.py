@@ -51,7 +51,7 @@ def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tupl
     return (lo + 1 if narrow else lo), hi
 
 
-def _check_ste(ste: str) -> str:
+def check_ste(ste: str) -> str:
     if ste not in _STE:
         raise ValueError(f"ste must be one of {_STE}, got {ste!r}.")
     return ste
@@ -121,7 +121,7 @@ def fake_quant_affine(
       >>> fake_quant_affine(jnp.array([-1.0, 0.26, 3.0]), 0.5, 1, 0, 3).tolist()
       [-0.5, 0.5, 1.0]
     """
-    _check_ste(ste)
+    check_ste(ste)
     x = jnp.asarray(x)
     if not int(quant_min) < int(quant_max):
         raise ValueError(f"quant_min={quant_min} must be < quant_max={quant_max}.")
@@ -304,7 +304,7 @@ def fake_quant(
       [[0.0, 0.0], [0.5, 2.0]]
     """
     bits = check_int("bits", bits, minimum=2, maximum=8)
-    _check_ste(ste)
+    check_ste(ste)
     x = jnp.asarray(x)
     xr, axes, gax = _grouped(x, channel_axis, group_size, group_axis)
     scale, zp, qmin, qmax = _qparams(xr, axes, bits, symmetric, narrow)

@@ -18,7 +18,7 @@ from jaxcompress.core.transform import LeafSpec, Trainable, Transform, UpdateInf
 from jaxcompress.core.validation import check_int
 from jaxcompress.quant.affine import EPS
 from jaxcompress.quant.lowbit import lsq_fake_quant, lsq_init_step
-from jaxcompress.quant.weights import warn_unused_rules
+from jaxcompress.core.rules import warn_unused_rules
 
 
 class LSQState(NamedTuple):
@@ -66,7 +66,7 @@ def lsq_quantization(bits: int = 4, *, rules: Optional[Rules] = None) -> Transfo
         return select_values(params, rules, bits, lambda v: check_int("per-rule bits", v, minimum=2, maximum=8))
 
     def init(params):
-        warn_unused_rules(params, rules, "lsq_quantization rules")
+        warn_unused_rules(params, rules, "lsq_quantization")
         steps = jax.tree.map(
             lambda b, w: None if b is None else lsq_init_step(w, b), widths(params), params, is_leaf=is_none
         )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxcompress.core.rules import Rules
 from jaxcompress.core.validation import check_fraction, check_int
-from jaxcompress.quant.activations import _layer_bits, _layer_range, _observed_ranges, _quant
+from jaxcompress.quant.activations import layer_bits, layer_range, observed_ranges, fake_quant_input
 from jaxcompress.quant.observers import Observer, minmax
 
 
@@ -120,10 +120,10 @@ class InputQuant(nnx.Module):
             return self.op(*args, **kwargs)
         stored = None if self.min is None else (self.min[...], self.max[...])
         train = not self.use_running_average
-        lo, hi = _layer_range(x, stored, train, self.momentum, self.axis_name)
+        lo, hi = layer_range(x, stored, train, self.momentum, self.axis_name)
         if stored is not None and train:
             self.min[...], self.max[...] = lo, hi
-        args[self.input_pos] = _quant(x, lo, hi, self.bits, self.symmetric)
+        args[self.input_pos] = fake_quant_input(x, lo, hi, self.bits, self.symmetric)
         return self.op(*args, **kwargs)
 
 
@@ -173,7 +173,7 @@ def quantize_nnx_activations(
     count = 0
     for path, module in list(nnx.iter_graph(model)):
         name = "/".join(str(p) for p in path)
-        b = _layer_bits(name, rules, bits)
+        b = layer_bits(name, rules, bits)
         if b is None:
             continue
         hook = functools.partial(InputQuant, name=name, bits=b, symmetric=symmetric, momentum=momentum,
@@ -235,7 +235,7 @@ def calibrate_nnx_activations(model: nnx.Module, batches, *, observer: Optional[
             nnx.merge(graphdef, state, copy=True)(x)
         return seen
 
-    ranges = _observed_ranges(observer, lambda x: summarize(state, x), batches)
+    ranges = observed_ranges(observer, lambda x: summarize(state, x), batches)
     for name, hook in hooks.items():
         if name not in ranges:
             raise ValueError(f"layer {name!r} was not called by the model on the calibration batches.")

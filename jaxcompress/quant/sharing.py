@@ -21,7 +21,7 @@ from jaxcompress.core.paths import path_name
 from jaxcompress.core.rules import Rules, is_none, select
 from jaxcompress.core.transform import LeafSpec, Trainable, Transform, UpdateInfo
 from jaxcompress.core.validation import check_int
-from jaxcompress.quant.weights import warn_unused_rules
+from jaxcompress.core.rules import warn_unused_rules
 
 
 class SharingState(NamedTuple):
@@ -110,7 +110,7 @@ def weight_sharing(clusters: int = 16, *, iters: int = 30, rules: Optional[Rules
         )
 
     def init(params):
-        warn_unused_rules(params, rules, "weight_sharing rules")
+        warn_unused_rules(params, rules, "weight_sharing")
         pairs = jax.tree.map(
             lambda k, w: None if k is None else kmeans_1d(w, k, iters=iters), sizes(params), params, is_leaf=is_none
         )

@@ -13,17 +13,16 @@ an integer, as in PyTorch), and binary and ternary codes keep 0 at 0 (see
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.paths import path_name
-from jaxcompress.core.rules import Rules, explain, is_none, select
+from jaxcompress.core.rules import Rules, is_none, select, warn_unused_rules
 from jaxcompress.core.transform import LeafSpec, Transform, UpdateInfo
 from jaxcompress.core.validation import check_int
-from jaxcompress.quant.affine import _check_ste, fake_quant, tensor_qparams
+from jaxcompress.quant.affine import check_ste, fake_quant, tensor_qparams
 from jaxcompress.quant.lowbit import binarize, binary_scale, ternarize, ternary_scale
 
 _NAMED = ("binary", "ternary")
@@ -37,22 +36,6 @@ class QuantState(NamedTuple):
     """
 
     count: jax.Array
-
-
-def warn_unused_rules(params: Any, rules: Optional[Rules], what: str = "rules") -> None:
-    """Warns (``UserWarning``) listing the rules that matched no candidate leaf of ``params``."""
-    if rules is None:
-        return
-    used = {d.rule for d in explain(params, rules) if d.rule is not None}
-    # A trailing catch-all ('.*', ...) is a default, not a user's guess at a name.
-    unused = [f"{i}: {r[0]!r}" for i, r in enumerate(rules) if i not in used and r[0] not in (".*", "")]
-    if unused:
-        warnings.warn(
-            f"these {what} match no float leaf with ndim >= 2: {unused}. "
-            "Check the names with jaxcompress.explain(params, rules).",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _check_kind(name: str, value: Any):
@@ -124,7 +107,7 @@ def weight_quantization(
       (4, 'symmetric', 0.1429)
     """
     default = _check_kind("bits", bits)
-    _check_ste(ste)
+    check_ste(ste)
     if not isinstance(symmetric, bool) or not isinstance(narrow, bool):
         raise TypeError(f"symmetric and narrow must be bools, got {symmetric!r} and {narrow!r}.")
     grid = dict(symmetric=symmetric, narrow=narrow, channel_axis=channel_axis,
@@ -166,7 +149,7 @@ def weight_quantization(
         )
 
     def init(params):
-        warn_unused_rules(params, rules, "weight_quantization rules")
+        warn_unused_rules(params, rules, "weight_quantization")
         widths = kinds(params)  # validates rule values and axes now, not at the first step
         jax.eval_shape(lambda p: jax.tree.map(quantize, widths, p, is_leaf=is_none), params)
         return QuantState(count=jnp.zeros((), jnp.int32))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 import time
 from typing import Callable, Optional
 
@@ -16,7 +15,6 @@ import jax
 import numpy as np
 import optax
 
-from jaxcompress.core.rules import explain
 from jaxcompress.core.transform import Transform, chain
 from jaxcompress.data.batching import epochs as epoch_batches
 from jaxcompress.data.batching import num_batches
@@ -24,7 +22,7 @@ from jaxcompress.data import DATA_DIR_ENV, Dataset, load_dataset
 from jaxcompress.distill.losses import kd_loss
 from jaxcompress.export.size import size_report
 from jaxcompress.models.cnn import student_cnn, teacher_cnn
-from jaxcompress.prune.magnitude import fixed_masks, magnitude_pruning
+from jaxcompress.prune import erk_sparsities, fixed_masks, pruning, sparsity_report, sparsity_rules
 from jaxcompress.prune.schedules import polynomial_schedule
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train.loop import fit
@@ -96,48 +94,9 @@ def _stage_record(name, accuracy, view, seconds, *, description=None, weight_bit
     }
 
 
-#: Relative density of the small, sensitive layers (first and last layers keep more weights),
+#: Density multipliers of the small, sensitive layers (first and last layers keep more weights),
 #: a per-layer allocation by sensitivity in the spirit of Han et al. (2015); other layers: 1.
-DENSITY_MULTIPLIERS = {"conv1": 5.0, "conv2": 2.0, "head": 3.0}
-
-
-def allocate_sparsity(params, target: float, multipliers: dict[str, float]) -> list[tuple[str, float]]:
-    """Per-layer sparsity rules whose overall fraction of zeros is at least ``target``.
-
-    Layer ``i`` keeps a density ``min(1, eps * m_i)`` with ``m_i = multipliers.get(layer, 1)``,
-    and ``eps`` is chosen so that the prunable weights as a whole reach ``target`` (capped layers
-    are fixed at density 1 and ``eps`` re-solved, as in ERK's allocation).
-
-    Returns:
-      ``(regex, sparsity)`` rules for :func:`~jaxcompress.prune.magnitude.magnitude_pruning`.
-    """
-    sizes = {d.path: int(np.prod(d.shape)) for d in explain(params) if d.value is not None}
-    mult = {p: float(multipliers.get(p.split("/")[0], 1.0)) for p in sizes}
-    keep = (1.0 - target) * sum(sizes.values())
-    dense: set[str] = set()
-    while True:
-        free = [p for p in sizes if p not in dense]
-        eps = (keep - sum(sizes[p] for p in dense)) / sum(mult[p] * sizes[p] for p in free)
-        capped = {p for p in free if eps * mult[p] > 1.0}
-        if not capped:
-            break
-        dense |= capped
-    rules = []
-    for p in sizes:
-        density = 1.0 if p in dense else eps * mult[p]
-        # floor the kept count so rounding never lands below the target
-        sparsity = 1.0 - np.floor(density * sizes[p]) / sizes[p]
-        rules.append((f"^{re.escape(p)}$", float(min(sparsity, 0.999))))
-    return rules
-
-
-def _prunable_sparsity(view, masks) -> float:
-    total = zeros = 0
-    for m, w in zip(jax.tree.leaves(masks, is_leaf=lambda x: x is None), jax.tree.leaves(view)):
-        if m is not None:
-            total += w.size
-            zeros += int(np.sum(np.asarray(w) == 0))
-    return zeros / max(total, 1)
+DENSITY_RULES = [("^conv1/", 5.0), ("^conv2/", 2.0), ("^head/", 3.0), (".*", True)]
 
 
 def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> dict:
@@ -219,8 +178,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     # 3. Gradual magnitude pruning (Zhu & Gupta 2017) while fine-tuning with the teacher.
     steps = max(int(round(config.prune_epochs * num_batches(len(ys), config.batch_size))), 1)
     end = max(int(0.6 * steps), 1)
-    rules = allocate_sparsity(state.params, config.sparsity, DENSITY_MULTIPLIERS)
-    pruner = magnitude_pruning(
+    rules = sparsity_rules(erk_sparsities(state.params, config.sparsity, rules=DENSITY_RULES, power=0.0))
+    pruner = pruning(
         config.sparsity, schedule=polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1)),
         rules=rules,
     )
@@ -230,7 +189,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     view = pruner.apply(state.params, state.compression_state)
     record = _stage_record(f"student pruned {config.sparsity:.0%}", acc, view, secs,
                            description=pruner.describe(state.params, state.compression_state))
-    record["sparsity"] = _prunable_sparsity(view, masks)
+    record["sparsity"] = sparsity_report(view, masks)[1].sparsity
     stages.append(record)
 
     # 4. int8 (or config.bits) weight QAT, keeping the masks.
@@ -240,7 +199,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     view = qat.apply(state.params, state.compression_state)
     record = _stage_record(f"student pruned {config.sparsity:.0%} + int{config.bits}", acc, view, secs,
                            description=qat.describe(state.params, state.compression_state), weight_bits=config.bits)
-    record["sparsity"] = _prunable_sparsity(view, masks)
+    record["sparsity"] = sparsity_report(view, masks)[1].sparsity
     stages.append(record)
     return {
         "dataset": data.name,

@@ -23,3 +23,6 @@ from jaxcompress.train.parallel import step_axis_name as step_axis_name
 from jaxcompress.train.checkpoint import Checkpointer as Checkpointer
 from jaxcompress.train.checkpoint import Restored as Restored
 from jaxcompress.train.parallel import replicate as replicate
+from jaxcompress.train.loop import fit as fit
+from jaxcompress.train.step import classification_loss as classification_loss
+from jaxcompress.train.step import classification_metrics as classification_metrics

@@ -75,10 +75,16 @@ def init_train_state(
         params=params,
         opt_state=optimizer.init(params),
         compression_state=compression_state,
-        compression_opt_state=optimizer.init(trainable_part(compression_state)),
+        compression_opt_state=_init_trainable_opt(optimizer, compression_state),
         model_state={} if model_state is None else jax.tree.map(jnp.array, model_state),
         rng=key,
     )
+
+
+def _init_trainable_opt(optimizer, compression_state):
+    """The optimizer's state for the transform's trainable values (``None`` when it has none)."""
+    trainable = trainable_part(compression_state)
+    return optimizer.init(trainable) if jax.tree.leaves(trainable) else None
 
 
 def _is_key(x) -> bool:
