@@ -25,6 +25,7 @@ from jaxcompress.data import load_cifar10
 from jaxcompress.distill import dkd_loss, kd_loss
 from jaxcompress.models import student_cnn, teacher_cnn
 from jaxcompress.train import evaluate, split_variables
+from jaxcompress.data import epochs as epoch_batches
 from jaxcompress.train.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +49,18 @@ def train(module, data, *, epochs, train_size=None, batch_size, lr, seed, teache
     params, model_state = split_variables(module.init(jax.random.key(seed), data.train_images[:1]))
     steps = max(int(epochs * ((train_size or len(data.train_labels)) // batch_size)), 1)
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
-    state = jc.init_train_state(params, optimizer, model_state=model_state, rng=seed,
-                                teacher_variables=None if teacher is None else (jax.tree.map(np.array, teacher_params), {}))
+    state = jc.init_train_state(params, optimizer, model_state=model_state, rng=seed)
+    teacher_variables = None if teacher is None else (teacher_params, {})
     step = jax.jit(jc.make_train_step(jc.linen_apply_fn(module), optimizer, teacher=teacher), donate_argnums=0)
     t0 = time.time()
     n = len(data.train_labels) if train_size is None else train_size
-    state, _ = fit(step, state, data.train_images[:n], data.train_labels[:n], batch_size=batch_size,
-                   num_epochs=epochs, seed=seed, desc=desc, progress=False)
+    batches = epoch_batches(data.train_images[:n], data.train_labels[:n], batch_size, seed=seed,
+                            num_epochs=int(np.ceil(epochs)))
+    state, _ = fit(step, state, batches, num_steps=steps, teacher_variables=teacher_variables, desc=desc,
+                   progress=False)
     seconds = time.time() - t0
-    ev = evaluate(jax.jit(jc.make_eval_step(jc.linen_apply_fn(module))), state, data.test_images, data.test_labels)
+    ev = evaluate(jax.jit(jc.make_eval_step(jc.linen_apply_fn(module))), state,
+                  {"image": data.test_images, "label": data.test_labels})
     print(f"{desc}: test accuracy {ev['accuracy']:.4f} ({seconds:.0f}s)", flush=True)
     return state.params, {"test_accuracy": ev["accuracy"], "epochs": epochs, "train_seconds": round(seconds, 1)}
 

@@ -30,6 +30,7 @@ from jaxcompress.data import load_mnist
 from jaxcompress.distill import compose, input_dropout, mixup, random_shift
 from jaxcompress.models import MLP
 from jaxcompress.train import evaluate, split_variables
+from jaxcompress.data import epochs as epoch_batches
 from jaxcompress.train.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,15 +74,17 @@ def train(module, data, *, epochs, batch_size, lr, seed, teacher=None, teacher_p
     params, model_state = split_variables(module.init(jax.random.key(seed), x0))
     steps = int(epochs * (len(data.train_labels) // batch_size))
     optimizer = make_optimizer(optimizer, lr, steps, clip_norm)
-    state = jc.init_train_state(params, optimizer, model_state=model_state, rng=seed,
-                                teacher_variables=None if teacher is None else (jax.tree.map(np.array, teacher_params), {}))
+    state = jc.init_train_state(params, optimizer, model_state=model_state, rng=seed)
+    teacher_variables = None if teacher is None else (teacher_params, {})
     step = jax.jit(jc.make_train_step(jc.linen_apply_fn(module), optimizer, teacher=teacher, augment=augment),
                    donate_argnums=0)
     t0 = time.time()
-    state, _ = fit(step, state, data.train_images, data.train_labels, batch_size=batch_size,
-                   num_epochs=epochs, seed=seed, desc=desc)
+    batches = epoch_batches(data.train_images, data.train_labels, batch_size, seed=seed,
+                            num_epochs=int(np.ceil(epochs)))
+    state, _ = fit(step, state, batches, num_steps=steps, teacher_variables=teacher_variables, desc=desc)
     seconds = time.time() - t0
-    ev = evaluate(jax.jit(jc.make_eval_step(jc.linen_apply_fn(module))), state, data.test_images, data.test_labels)
+    ev = evaluate(jax.jit(jc.make_eval_step(jc.linen_apply_fn(module))), state,
+                  {"image": data.test_images, "label": data.test_labels})
     errors = int(round((1.0 - ev["accuracy"]) * ev["count"]))
     print(f"{desc}: {errors} test errors ({ev['accuracy']:.4f}) in {seconds:.0f}s", flush=True)
     return state.params, {"test_errors": errors, "test_accuracy": ev["accuracy"], "epochs": epochs,

@@ -50,6 +50,7 @@ from jaxcompress.prune import (
     sparsity_rules,
 )
 from jaxcompress.train import evaluate, split_variables
+from jaxcompress.data import epochs as epoch_batches
 from jaxcompress.train.loop import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +87,11 @@ def main():
         state = jc.init_train_state(params, optimizer, transform=transform, rng=args.seed)
         step = jax.jit(jc.make_train_step(apply_fn, optimizer, transform=transform), donate_argnums=0)
         t0 = time.time()
-        state, _ = fit(step, state, x_train, y_train, batch_size=args.batch_size, num_epochs=epochs,
-                       seed=args.seed, desc=desc, progress=False)
+        batches = epoch_batches(x_train, y_train, args.batch_size, seed=args.seed, num_epochs=int(np.ceil(epochs)))
+        state, _ = fit(step, state, batches, num_steps=int(epochs * per_epoch), desc=desc, progress=False)
         seconds = time.time() - t0
         eval_step = jax.jit(jc.make_eval_step(apply_fn, transform=transform))
-        test = evaluate(eval_step, state, data.test_images, data.test_labels)
+        test = evaluate(eval_step, state, {"image": data.test_images, "label": data.test_labels})
         view = state.params if transform is None else transform.apply(state.params, state.compression_state)
         print(f"{desc}: test error {100 * (1 - test['accuracy']):.2f}% in {seconds:.0f}s", flush=True)
         return state, view, test, seconds

@@ -27,9 +27,10 @@ import optax
 from jaxcompress.core.paths import path_name
 from jaxcompress.data import load_cifar10, load_mnist
 from jaxcompress.models import LeNet5, teacher_cnn
-from jaxcompress.quant import calibrate_activations, quantize_activations, quantize_weights
+from jaxcompress.quant import calibrate_activations, quantize_activations, weight_quantization
 from jaxcompress.train import evaluate, init_train_state, linen_apply_fn, make_eval_step, make_train_step
 from jaxcompress.train import split_variables
+from jaxcompress.data import epochs as epoch_batches
 from jaxcompress.train.loop import fit
 
 ROOT = Path(__file__).resolve().parent
@@ -85,13 +86,14 @@ def run_dataset(name: str, args) -> dict:
         state = init_train_state(p, opt, transform=transform, model_state=ms, rng=seed)
         step = jax.jit(make_train_step(apply_fn, opt, transform=transform), donate_argnums=0)
         t0 = time.perf_counter()
-        state, _ = fit(step, state, xtr, ytr, batch_size=args.batch, num_epochs=epochs, seed=seed, progress=False)
+        batches = epoch_batches(xtr, ytr, args.batch, seed=seed, num_epochs=int(np.ceil(epochs)))
+        state, _ = fit(step, state, batches, num_steps=int(epochs * (len(ytr) // args.batch)), progress=False)
         jax.block_until_ready(state)
         return state, time.perf_counter() - t0
 
     def test_acc(apply_fn, state, transform):
         ev = jax.jit(make_eval_step(apply_fn, transform=transform))
-        return 100.0 * evaluate(ev, state, xte, yte, batch_size=1000)["accuracy"]
+        return 100.0 * evaluate(ev, state, {"image": xte, "label": yte}, batch_size=1000)["accuracy"]
 
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) / f"quant_{name}_float_e{args.float_epochs}{'_quick' if args.quick else ''}.npz"
@@ -108,8 +110,8 @@ def run_dataset(name: str, args) -> dict:
     out["runs"]["float"] = {"accuracy": test_acc(base_fn, float_state, None), "train_epochs": args.float_epochs,
                             "train_seconds": round(float_seconds, 1)}
 
-    calib = [xtr[i * 256 : (i + 1) * 256] for i in range(8)]
-    w8 = quantize_weights(8)
+    calib = [{"image": xtr[i * 256 : (i + 1) * 256]} for i in range(8)]
+    w8 = weight_quantization(8)
     ptq_w = init_train_state(params, opt0, transform=w8, model_state=model_state)
     out["runs"]["PTQ int8 W8"] = {"accuracy": test_acc(base_fn, ptq_w, w8), "train_epochs": 0, "train_seconds": 0}
     cal_state = calibrate_activations(base_fn, params, model_state, calib)
@@ -121,7 +123,7 @@ def run_dataset(name: str, args) -> dict:
     for cname, kind, abits, rules in CONFIGS:
         if args.only and cname not in args.only:
             continue
-        t = None if kind is None else quantize_weights(kind, rules=rules)
+        t = None if kind is None else weight_quantization(kind, rules=rules)
         fn, ms = base_fn, model_state
         if abits is not None:
             fn = quantize_activations(base_fn, abits)
