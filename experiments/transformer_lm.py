@@ -66,14 +66,14 @@ def compression(stage: str, *, steps: int = 0, masks=None):
     ``steps`` (masks recomputed 10 times). ``'w8a8'``: the pruned stage's ``masks`` kept fixed,
     then symmetric 8-bit per-output-channel weights.
     """
-    from jaxcompress import fixed_masks, polynomial_schedule, pruning, quantize_weights
+    from jaxcompress import fixed_masks, polynomial_schedule, pruning, weight_quantization
 
     if stage == "pruned":
         end = max(int(0.6 * steps), 1)
         schedule = polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1))
         return pruning(0.5, rules=BLOCK_KERNELS, schedule=schedule)
     if stage == "w8a8":
-        return chain(fixed_masks(masks), quantize_weights(8, rules=DENSE_KERNELS))
+        return chain(fixed_masks(masks), weight_quantization(8, rules=DENSE_KERNELS))
     raise ValueError(f"stage must be 'pruned' or 'w8a8', got {stage!r}.")
 
 

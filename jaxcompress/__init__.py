@@ -58,6 +58,8 @@ from jaxcompress.train.step import classification_metrics as classification_metr
 from jaxcompress.train.step import evaluate as evaluate
 from jaxcompress.train.step import make_eval_step as make_eval_step
 from jaxcompress.train.step import make_train_step as make_train_step
+from jaxcompress.train.step import token_loss as token_loss
+from jaxcompress.train.step import token_metrics as token_metrics
 
 # Export.
 from jaxcompress.export.size import size_report as size_report

@@ -32,9 +32,9 @@ def compression():
 
     The one place that names the pruning and weight-quantization transforms.
     """
-    from jaxcompress import pruning, quantize_weights
+    from jaxcompress import pruning, weight_quantization
 
-    return chain(pruning(0.5, rules=BLOCK_KERNELS), quantize_weights(8, rules=KERNELS))
+    return chain(pruning(0.5, rules=BLOCK_KERNELS), weight_quantization(8, rules=KERNELS))
 
 
 @pytest.fixture(scope="module")
