@@ -2,10 +2,62 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from typing import Optional, Sequence
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r} (e.g. 0.5 for half an epoch)")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r} (e.g. 0.9 for 90%% of the weights zero)")
+    return value
+
+
+def _int_at_least(low: int, high: Optional[int] = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _check_out(out: str) -> Optional[str]:
+    """Why ``out`` cannot be the output directory, or ``None`` when it can."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {out!r} is a file, not a directory; give a directory path."
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return f"--out {out!r} cannot be created: {parent!r} is not a writable directory."
+    return None
 
 
 def _request_host_devices(count: Optional[int]) -> None:
@@ -16,6 +68,10 @@ def _request_host_devices(count: Optional[int]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    problem = _check_out(args.out)
+    if problem is not None:  # before any training, not after minutes of it
+        print(f"jaxcompress demo: {problem}", file=sys.stderr)
+        return 2
     if args.parallel != "none":
         _request_host_devices(args.devices)
     from jaxcompress.data import DataNotFoundError
@@ -34,7 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         devices=args.devices,
         **({"teacher_epochs": args.epochs, "student_epochs": args.epochs,
-            "prune_epochs": args.epochs, "qat_epochs": args.epochs} if args.epochs else {}),
+            "prune_epochs": args.epochs, "qat_epochs": args.epochs} if args.epochs is not None else {}),
     )
     t0 = time.time()
     try:
@@ -65,16 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: $JAXCOMPRESS_DATA_DIR, then ~/.cache/jaxcompress/<dataset>, downloading if missing)")
     demo.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "digits"])
     demo.add_argument("--out", default="jaxcompress_demo", help="output directory (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--sparsity", type=float, default=0.9, help="final sparsity of the student (default: %(default)s)")
-    demo.add_argument("--bits", type=int, default=8, help="weight bits of the final stage (default: %(default)s)")
-    demo.add_argument("--epochs", type=float, default=None, help="epochs of every stage (default: per-stage settings)")
-    demo.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    demo.add_argument("--test-subset", type=int, default=None, help="use only the first N test images")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0)
+    demo.add_argument("--sparsity", type=_sparsity, default=0.9,
+                      help="final sparsity of the student, in [0, 1) (default: %(default)s)")
+    demo.add_argument("--bits", type=_int_at_least(2, 8), default=8,
+                      help="weight bits of the final stage, 2..8 (default: %(default)s)")
+    demo.add_argument("--epochs", type=_positive_float, default=None,
+                      help="epochs of every stage, > 0 (default: per-stage settings)")
+    demo.add_argument("--train-subset", type=_int_at_least(1), default=None, help="use only the first N training images")
+    demo.add_argument("--test-subset", type=_int_at_least(1), default=None, help="use only the first N test images")
     demo.add_argument("--parallel", default="none", choices=["none", "pmap", "shard"],
                       help="data parallelism: none (one device), pmap, or shard (jit over a 'data' mesh); "
                       "the batch of each step stays the global batch (default: %(default)s)")
-    demo.add_argument("--devices", type=int, default=None,
+    demo.add_argument("--devices", type=_int_at_least(1), default=None,
                       help="devices for --parallel (default: all; on CPU, this many host devices are created)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)

@@ -30,3 +30,27 @@ def test_parser_defaults_keep_one_device():
     assert args.parallel == "none" and args.devices is None
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["demo", "--parallel", "dp"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs: must be > 0"),
+    (["--epochs", "nan"], "--epochs: expected a finite number"),
+    (["--epochs", "inf"], "--epochs: expected a finite number"),
+    (["--train-subset", "0"], "--train-subset: must be >= 1"),
+    (["--train-subset", "-5"], "--train-subset: must be >= 1"),
+    (["--sparsity", "1.5"], "--sparsity: must be in [0, 1)"),
+    (["--bits", "9"], "--bits: must be between 2 and 8"),
+    (["--devices", "0"], "--devices: must be >= 1"),
+])
+def test_bad_demo_values_fail_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--no-progress"] + argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_out_that_is_a_file_fails_before_training(tmp_path, capsys):
+    target = tmp_path / "report.txt"
+    target.write_text("x")
+    assert cli.main(["demo", "--dataset", "digits", "--out", str(target), "--no-progress"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
