@@ -186,6 +186,41 @@ def test_round_trip_keep_and_damaged_step(tmp_path):
     # an unfinished (temporary) write is not a step at all
     (tmp_path / "16.orbax-checkpoint-tmp-1").mkdir()
     assert 16 not in Checkpointer(tmp_path, every=4, keep=2).steps()
+    # every step damaged: not "no checkpoint" but an error saying so
+    for f in (tmp_path / "8").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            with open(f, "r+b") as fh:
+                fh.truncate(f.stat().st_size // 2)
+    from jaxcompress.train import CheckpointError
+
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"steps \[8, 12\] but none can be read"):
+        Checkpointer(tmp_path, every=4, keep=2).restore(fresh)
+    ckpt.close()
+
+
+def test_foreign_checkpoint_bad_directory_and_data_position(tmp_path):
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    import pytest
+
+    from jaxcompress.train import CheckpointError, Checkpointer, init_train_state
+
+    state = init_train_state({"w": jnp.ones((3, 2))}, optax.sgd(0.1))
+    foreign = ocp.CheckpointManager(tmp_path / "foreign", item_names=("arrays",))
+    foreign.save(1, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"x": jnp.ones(3)})))
+    foreign.wait_until_finished()
+    foreign.close()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="none can be read"):
+        Checkpointer(tmp_path / "foreign").restore(state)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        Checkpointer(tmp_path / "file")
+    ckpt = Checkpointer(tmp_path / "c", every=1)
+    with pytest.raises(TypeError, match="JSON-serialisable.*Nothing was written"):
+        ckpt.save(state._replace(step=state.step + 1), data_position={"epoch": object()})
+    assert ckpt.steps() == []
+    assert not any(p.name.endswith("tmp") or "tmp" in p.name for p in (tmp_path / "c").iterdir())
     ckpt.close()
 
 

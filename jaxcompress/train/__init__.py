@@ -30,3 +30,4 @@ from jaxcompress.train.parallel import replicate as replicate
 from jaxcompress.train.loop import fit as fit
 from jaxcompress.train.step import classification_loss as classification_loss
 from jaxcompress.train.step import classification_metrics as classification_metrics
+from jaxcompress.train.checkpoint import CheckpointError as CheckpointError

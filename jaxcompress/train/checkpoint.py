@@ -2,7 +2,8 @@
 
 What is saved: every array leaf of the :class:`~jaxcompress.train.state.TrainState` (params,
 optimizer state, compression state such as masks, scales, observer statistics and schedule
-counters, model state such as BatchNorm statistics, the step, the PRNG key, the teacher) plus a
+counters, model state such as BatchNorm statistics, the step, the PRNG key; never a teacher,
+which is a step argument, not state) plus a
 JSON record with each leaf's path, shape and dtype, a SHA-256 digest of all leaf bytes, and a
 caller-defined data position (epoch, batch, ...). Restoring needs a state of the same structure
 (``like``), e.g. a freshly initialised one, so a checkpoint from a different model is refused
@@ -11,11 +12,14 @@ with the differences listed.
 Why it loses nothing when killed. Orbax writes each step into a temporary directory and renames
 it when complete, so a process killed mid-write leaves no step that looks finished; a finished
 step whose files were later truncated or damaged fails its digest (or its read), and
-:meth:`Checkpointer.restore` then falls back to the previous step with a warning.
+:meth:`Checkpointer.restore` then falls back to the previous step with a warning. "No
+checkpoint" (``restore`` returns ``None``) and "checkpoints exist but none can be read"
+(:class:`CheckpointError`) are different outcomes.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import numbers
 import os
 import warnings
@@ -26,6 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """Checkpoints exist in the directory but none can be used (damaged, foreign or unreadable)."""
 
 
 class Restored(NamedTuple):
@@ -109,6 +117,14 @@ class Checkpointer:
         self.every = _check_positive_int("every", every)
         self.keep = _check_positive_int("keep", keep)
         self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"directory {self.directory!r} is a file; give a directory for the checkpoints.")
+        parent = self.directory
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"directory {self.directory!r} cannot be written ({parent!r} is not writable); "
+                             "give a writable directory for the checkpoints.")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=self.keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
         )
@@ -124,6 +140,11 @@ class Checkpointer:
 
         ``data_position`` is any JSON value telling the input pipeline where to resume.
         """
+        try:
+            json.dumps(data_position)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"data_position must be JSON-serialisable (dicts, lists, str, int, float, bool, None), "
+                            f"got {data_position!r}: {e}. Nothing was written.") from None
         step = int(jax.device_get(state.step))
         if not force and step % self.every:
             return False
@@ -158,6 +179,7 @@ class Checkpointer:
         Raises:
           ValueError: the checkpoint holds a different state (another model, optimizer or
             transform), or ``step`` is given and cannot be read.
+          CheckpointError: checkpoints exist but every one is damaged or not one of ours.
         """
         like_leaves, like_spec = _flatten(like)
         treedef = jax.tree_util.tree_structure(like)
@@ -165,7 +187,9 @@ class Checkpointer:
         for s in candidates:
             try:
                 meta = self._read_meta(s)
-            except Exception as e:  # unreadable record: a damaged step
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+                    raise ValueError(f"not a checkpoint of format {FORMAT_VERSION}")
+            except Exception as e:  # unreadable or foreign record
                 if step is not None:
                     raise ValueError(f"checkpoint step {s} in {self.directory} cannot be read: {e}") from e
                 warnings.warn(f"checkpoint step {s} is unreadable ({type(e).__name__}); trying the previous one.")
@@ -191,6 +215,11 @@ class Checkpointer:
                     x = jax.random.wrap_key_data(x, impl=spec["key_impl"])
                 out.append(x)
             return Restored(jax.tree_util.tree_unflatten(treedef, out), int(meta["step"]), meta["data_position"])
+        if candidates:
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints at steps {sorted(candidates)} but none can be read (damaged, "
+                "or not written by this library); remove them or restore from another directory."
+            )
         return None
 
     def close(self) -> None:
