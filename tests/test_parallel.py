@@ -158,6 +158,8 @@ def test_layouts_and_errors():
     assert split_for_pmap({"x": x}, 8)["x"].shape == (8, 2, 3)
     with pytest.raises(ValueError, match="multiple of 8"):
         split_for_pmap({"x": x[:12]}, 8)
+    with pytest.raises(ValueError, match="'lr'.*is a scalar"):
+        split_for_pmap({"x": x, "lr": np.float32(0.1)}, 8)
     mesh = data_mesh(8)
     g = shard_batch({"x": x}, mesh)["x"]
     np.testing.assert_array_equal(np.asarray(g), x)

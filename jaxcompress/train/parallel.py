@@ -223,12 +223,17 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def split_for_pmap(batch: Any, num_devices: int) -> Any:
     """Reshapes every ``(B, ...)`` leaf to ``(num_devices, B // num_devices, ...)`` for ``pmap``."""
 
-    def split(x):
+    def split(path, x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)!r} is a scalar; every batch entry needs a leading "
+                "example axis to split over the devices (give it shape (batch, ...)), or pass it outside the batch."
+            )
         per_device_batch_size(x.shape[0], num_devices)
         return x.reshape((num_devices, x.shape[0] // num_devices) + tuple(x.shape[1:]))
 
-    return jax.tree.map(split, batch)
+    return jax.tree_util.tree_map_with_path(split, batch)
 
 
 class DataParallel(NamedTuple):
