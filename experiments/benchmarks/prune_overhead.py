@@ -2,10 +2,11 @@
 
 Candidate: LeNet-5, batch 128, Adam, ``pruning(0.9)`` with masks recomputed every 100
 steps (``polynomial_schedule(frequency=100)``, inside the jitted step under ``lax.cond``).
-Baseline: the same step without a transform. Both are timed interleaved in one process: after a
-warm-up, blocks of 100 consecutive steps (so every candidate block contains exactly one mask
-update) alternate between the two; the ratio is of the median block times (amortised cost).
-Per-step medians are reported too.
+Baseline: the same step without a transform. :func:`jaxcompress.benchmark.compare` times them
+in one process in shuffled blocks of 100 consecutive steps (so every candidate block contains
+exactly one mask update: the amortised cost), with the baseline timed twice as an A/A control,
+and gives a bootstrap 95% interval of the ratio; XLA's cost analysis of both compiled steps gives
+the FLOP ratio, which does not depend on the machine's load.
 
 Second measurement: one mask update (``update`` on an update step, the argsort of every tensor)
 for a pytree with the kernel shapes of ResNet-18 (11.7M kernel weights) and ResNet-50 (25.5M), against
@@ -16,8 +17,6 @@ Usage: python experiments/benchmarks/prune_overhead.py --out FILE.json [--quick]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 
 import jaxcompress as jc
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
 from jaxcompress.core import update_info
 from jaxcompress.models import LeNet5
 from jaxcompress.prune import polynomial_schedule
@@ -71,40 +71,25 @@ def time_train_steps(quick: bool):
     # Constant 90% (initial = final sparsity), masks recomputed every BLOCK steps.
     schedule = polynomial_schedule(begin_step=0, end_step=10**9, frequency=BLOCK, initial_sparsity=0.9)
     prune = jc.pruning(0.9, schedule=schedule)
-    runs = {}
+    programs, states, costs = {}, {}, {}
     for name, transform in (("baseline", None), ("candidate", prune)):
-        state = jc.init_train_state(jax.tree.map(jnp.copy, params), optimizer, transform=transform)
-        step = jax.jit(jc.make_train_step(apply_fn, optimizer, transform=transform), donate_argnums=0)
-        runs[name] = [state, step]
-    blocks = 6 if quick else 30
-    block_times = {k: [] for k in runs}
-    step_times = {k: [] for k in runs}
-    for name, (state, step) in runs.items():  # warm-up: compile and run two blocks
-        for _ in range(2 * BLOCK):
-            state, m = step(state, batch)
-        jax.block_until_ready(state)
-        runs[name][0] = state
-    for _ in range(blocks):
-        for name in runs:
-            state, step = runs[name]
-            t0 = time.perf_counter()
-            for _ in range(BLOCK):
-                t1 = time.perf_counter()
-                state, m = step(state, batch)
-                jax.block_until_ready(m)
-                step_times[name].append(time.perf_counter() - t1)
-            jax.block_until_ready(state)
-            block_times[name].append(time.perf_counter() - t0)
-            runs[name][0] = state
-    masks = runs["candidate"][0].compression_state.masks
+        state = jc.init_train_state(params, optimizer, transform=transform)
+        raw = jc.make_train_step(apply_fn, optimizer, transform=transform)
+        costs[name] = cost_analysis(raw, state, batch)
+        step = jax.jit(raw, donate_argnums=0)
+        states[name] = state
+
+        def run(name=name, step=step):
+            states[name], m = step(states[name], batch)
+            return m
+
+        programs[name] = run
+    # One call is one step; a block is BLOCK consecutive steps, so every candidate block holds
+    # exactly one mask update (the amortised cost). The baseline is timed twice (A/A control).
+    timing = compare(programs, baseline="baseline", blocks=4 if quick else 20, calls=BLOCK, warmup=BLOCK)
+    masks = states["candidate"].compression_state.masks
     sparsity = float(np.mean([np.mean(~np.asarray(m)) for m in jax.tree.leaves(masks)]))
-    return {
-        "block_steps": BLOCK,
-        "blocks": blocks,
-        "median_block_s": {k: float(np.median(v)) for k, v in block_times.items()},
-        "median_step_s": {k: float(np.median(v)) for k, v in step_times.items()},
-        "mean_kernel_sparsity_at_end": sparsity,
-    }
+    return timing, costs, sparsity
 
 
 def time_mask_update(depth: int, reps: int):
@@ -132,26 +117,32 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    train = time_train_steps(args.quick)
+    timing, costs, sparsity = time_train_steps(args.quick)
     updates = {f"resnet{d}": time_mask_update(d, 3 if args.quick else 7) for d in ((18,) if args.quick else (18, 50))}
-    ratio = train["median_block_s"]["candidate"] / train["median_block_s"]["baseline"]
+    cand = timing["ratios"]["candidate"]
     result = {
         "benchmark": "prune_overhead",
-        "ratio": ratio,
-        "ratio_definition": "median time of 100 LeNet-5 train steps with 90% magnitude pruning (one mask update "
-                            "per block) / the same without pruning; lower is better",
-        "step_ratio_median": train["median_step_s"]["candidate"] / train["median_step_s"]["baseline"],
-        "train_step": train,
+        "ratio": cand["ratio"],
+        "ratio_interval": [cand["low"], cand["high"]],
+        "aa_ratio": timing["ratios"][CONTROL],
+        "verdict_vs_1": verdict(cand, 1.0),
+        "flop_ratio": costs["candidate"]["flops"] / costs["baseline"]["flops"],
+        "bytes_ratio": costs["candidate"]["bytes_accessed"] / costs["baseline"]["bytes_accessed"],
+        "cost_analysis": costs,
+        "ratio_definition": "median per-step time over blocks of 100 LeNet-5 train steps with 90% magnitude pruning "
+                            "(one mask update per block) / the same without pruning; lower is better",
+        "mean_kernel_sparsity_at_end": sparsity,
+        "timing": timing,
         "mask_update": updates,
-        "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
-                        "python": platform.python_version(), "quick": args.quick},
+        "environment": environment(quick=args.quick),
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
     for name, u in updates.items():
         print(f"{name}: {u['weights']:,} weights, mask update {u['update_step'] * 1e3:.1f} ms, "
               f"other steps {u['other_step'] * 1e3:.2f} ms")
-    print(f"{ratio:.4f}")
+    print(f"interval [{cand['low']:.3f}, {cand['high']:.3f}], A/A {timing['ratios'][CONTROL]['ratio']:.3f} "
+          f"[{timing['ratios'][CONTROL]['low']:.3f}, {timing['ratios'][CONTROL]['high']:.3f}], "
+          f"FLOP ratio {result['flop_ratio']:.4f}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
