@@ -36,10 +36,10 @@ def lenet():
 
 CASES = {
     "lenet5_prune90_int8": None,
-    "mlp_prune_int4_group": (lambda: MLP(features=(32, 16)), (3, 8, 8, 1),
+    "mlp_prune_int4_group": (lambda: MLP(features=(32, 16)), (3, 8, 8, 1),  # one shape: compiled once
                              lambda: jc.chain(jc.pruning(0.7), jc.weight_quantization(4, group_size=8))),
-    "mlp_ternary": (lambda: MLP(features=(40, 20)), (3, 8, 8, 1), lambda: jc.weight_quantization("ternary")),
-    "mlp_codebook5": (lambda: MLP(features=(48, 24)), (3, 8, 8, 1),
+    "mlp_ternary": (lambda: MLP(features=(32, 16)), (3, 8, 8, 1), lambda: jc.weight_quantization("ternary")),
+    "mlp_codebook5": (lambda: MLP(features=(32, 16)), (3, 8, 8, 1),
                       lambda: jc.chain(jc.pruning(0.8), jc.weight_sharing(32))),
 }
 
@@ -67,17 +67,31 @@ def test_loaded_model_gives_bit_identical_outputs(case, tmp_path, request):
     assert jax.tree.structure(same) == jax.tree.structure(view)
 
 
-def test_pruned_int8_mlp_is_over_20x_smaller_than_float32(tmp_path):
-    # LeNet-300-100, 90% of each kernel pruned and int8 (untrained weights: near-uniform codes)
-    model, x = MLP(), jnp.zeros((1, 28, 28, 1))
-    view, desc = _compressed(model, x, jc.chain(jc.pruning(0.9), jc.weight_quantization(8)))
-    dense = save(tmp_path / "dense.npz", model.init(jax.random.key(0), x)["params"]).file_bytes
+def _pruned_int8(shape, rng, keep=0.1):
+    """``(view, LeafSpec, latent)``: the largest 10% of a kernel kept, on a per-channel int8 grid."""
+    w = (rng.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)
+    mask = np.abs(w) >= np.quantile(np.abs(w), 1 - keep)
+    scale = (np.abs(w).max(axis=0, keepdims=True) / 127).astype(np.float32)
+    view = np.where(mask, np.rint(w / scale), 0).astype(np.float32) * scale
+    return view, jc.LeafSpec(mask=mask, bits=8, scheme="symmetric", channel_axis=-1, scale=scale), w
+
+
+def test_pruned_int8_lenet_300_100_is_over_20x_smaller_than_float32(tmp_path):
+    rng = np.random.default_rng(0)
+    view, desc, latent = {}, {}, {}
+    for name, shape in [("fc1", (784, 300)), ("fc2", (300, 100)), ("head", (100, 10))]:
+        bias = rng.normal(size=shape[1]).astype(np.float32)
+        kernel, desc[f"{name}/kernel"], w = _pruned_int8(shape, rng)
+        view[name], latent[name] = {"bias": bias, "kernel": kernel}, {"bias": bias, "kernel": w}
+    dense = save(tmp_path / "dense.npz", latent).file_bytes
     packed = save(tmp_path / "packed.npz", view, desc)
     assert packed.bytes_float32 == 4 * 266610 and dense > 0.9 * packed.bytes_float32
     assert packed.bytes_float32 / packed.file_bytes > 20
     kernel = {t.path: t for t in packed.tensors}["fc1/kernel"]
     assert kernel.layout in ("relative", "bitmask") and kernel.count == 23520
     assert kernel.entropy_bytes <= kernel.nbytes < kernel.raw_bytes
+    params, _ = load(tmp_path / "packed.npz")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(view), jax.tree.leaves(params)))
 
 
 def test_save_refuses_latent_weights_of_a_quantizer(tmp_path):
@@ -102,8 +116,8 @@ def test_float16_leaves_on_request(tmp_path):
 
 
 def test_no_pickle_anywhere(tmp_path):
-    view, desc = _compressed(MLP(features=(8,)), jnp.zeros((1, 4, 4, 1)), jc.weight_quantization(8))
-    save(tmp_path / "m.npz", view, desc)
+    view, spec, _ = _pruned_int8((16, 8), np.random.default_rng(0))
+    save(tmp_path / "m.npz", {"w": view}, {"w": spec})
     with zipfile.ZipFile(tmp_path / "m.npz") as z:
         assert sorted(z.namelist()) == ["metadata.npy", "payload.npy", "sha256.npy"]
         for name in z.namelist():
@@ -153,8 +167,8 @@ def test_load_program_without_one_is_an_artifact_error(tmp_path):
 # ----- loader fuzz: every damaged file raises ArtifactError or loads bit-identically -----
 
 def _fuzz_artifact(path):
-    view, desc = _compressed(MLP(features=(24, 12)), jnp.zeros((1, 6, 6, 1)),
-                             jc.chain(jc.pruning(0.8), jc.weight_quantization(4)))
+    view, desc = _compressed(MLP(features=(32, 16)), jnp.zeros((3, 8, 8, 1)),
+                             jc.chain(jc.pruning(0.7), jc.weight_quantization(4, group_size=8)))
     view = dict(view, extra={"cb": np.asarray(view["fc2"]["kernel"])})
     save(path, view, desc, metadata={"note": "fuzz", "acc": 0.5})
     params, _ = load(path)
