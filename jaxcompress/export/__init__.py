@@ -1,4 +1,13 @@
-"""Export: stored-size accounting (packing and files come next)."""
+"""Export: packed artifact files (save/load), the exported program, and stored-size accounting."""
+from jaxcompress.export.artifact import ArtifactReport as ArtifactReport
+from jaxcompress.export.artifact import description_of as description_of
+from jaxcompress.export.artifact import export_program as export_program
+from jaxcompress.export.artifact import save as save
+from jaxcompress.export.pack import TensorReport as TensorReport
+from jaxcompress.export.reader import ArtifactError as ArtifactError
+from jaxcompress.export.reader import ArtifactInfo as ArtifactInfo
+from jaxcompress.export.reader import load as load
+from jaxcompress.export.reader import load_program as load_program
 from jaxcompress.export.size import SizeReport as SizeReport
 from jaxcompress.export.size import leaf_bits as leaf_bits
 from jaxcompress.export.size import size_report as size_report

@@ -1,6 +1,6 @@
 """An honest estimate of the stored size of a compressed model, read from its self-description.
 
-Until weights are packed to files, the size is estimated from what a packed file must hold,
+The size is estimated from what a packed file must hold,
 as the transform describes each leaf (``transform.describe(params, state)``, a
 ``{path: LeafSpec}`` dict): the values at the leaf's bit width; for a pruned leaf (a ``mask``)
 only the non-zero values plus their positions (a bitmask, or a list of indices when that is
@@ -11,6 +11,7 @@ Leaves the description does not name are stored as float32.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -28,12 +29,15 @@ class SizeReport(NamedTuple):
       nonzero_params: number of non-zero scalars.
       bytes_float32: size if every scalar were float32.
       bytes_compressed: estimated stored size (see the module docstring).
+      file_bytes: the size of the saved artifact file (``os.path.getsize``) when
+        :func:`size_report` is given one, else ``None``.
     """
 
     params: int
     nonzero_params: int
     bytes_float32: int
     bytes_compressed: int
+    file_bytes: Optional[int] = None
 
 
 def leaf_bits(values: np.ndarray, *, bits: Optional[int], sparse: bool, num_scales: int) -> int:
@@ -84,14 +88,20 @@ def _spec_bits(x: np.ndarray, spec: LeafSpec) -> int:
     return leaf_bits(x, bits=spec.bits, sparse=mask is not None, num_scales=num_scales) + extra
 
 
-def size_report(view: Any, description: Optional[dict] = None) -> SizeReport:
+def size_report(view: Any, description: Optional[dict] = None, *, artifact=None) -> SizeReport:
     """Counts params, non-zeros and estimated stored bytes, as the transform describes each leaf.
+
+    The estimate is what the description implies; the bytes a file really takes are those of the
+    artifact :func:`jaxcompress.export.save` writes (packed, Huffman-coded), given as
+    ``artifact=`` (its path, or the report ``save`` returned) and reported as ``file_bytes``.
 
     Args:
       view: the params as the model runs them (``transform.apply(params, state)``), or the latent
         params (pruned leaves then count by their mask).
       description: ``transform.describe(params, state)``: ``{path: LeafSpec}`` for the leaves the
         transform compressed; ``None`` or ``{}`` for an uncompressed model.
+      artifact: optional path of the saved artifact file (or :func:`jaxcompress.export.save`'s
+        report); its size on disk becomes ``file_bytes``.
 
     Returns:
       A :class:`SizeReport`.
@@ -107,7 +117,7 @@ def size_report(view: Any, description: Optional[dict] = None) -> SizeReport:
       >>> t = weight_quantization(8)
       >>> s = t.init(p)
       >>> size_report(t.apply(p, s), t.describe(p, s))  # 8 int8 values + 2 float32 scales
-      SizeReport(params=8, nonzero_params=8, bytes_float32=32, bytes_compressed=16)
+      SizeReport(params=8, nonzero_params=8, bytes_float32=32, bytes_compressed=16, file_bytes=None)
     """
     description = {} if description is None else description
     if not isinstance(description, dict) or not all(isinstance(v, LeafSpec) for v in description.values()):
@@ -129,4 +139,7 @@ def size_report(view: Any, description: Optional[dict] = None) -> SizeReport:
         counted = x if spec is None or spec.mask is None else np.where(np.asarray(spec.mask, bool), x, 0)
         nonzero += int(np.count_nonzero(counted))
         bits_total += leaf_bits(x, bits=None, sparse=False, num_scales=0) if spec is None else _spec_bits(x, spec)
-    return SizeReport(total, nonzero, 4 * total, math.ceil(bits_total / 8))
+    file_bytes = None
+    if artifact is not None:
+        file_bytes = os.path.getsize(getattr(artifact, "path", artifact))
+    return SizeReport(total, nonzero, 4 * total, math.ceil(bits_total / 8), file_bytes)

@@ -1,0 +1,241 @@
+"""Packs one compressed leaf into the artifact's byte streams, from its self-description.
+
+For each leaf the transform describes (a :class:`~jaxcompress.core.transform.LeafSpec`), the
+integer codes are recovered from the view (``q = view / scale + zero_point``, checked to be an
+integer in range and to give back the view bit for bit), and every layout (dense, bitmask,
+relative indices of 2..8 bits) is tried with every stream raw or Huffman-coded; the smallest
+wins. Leaves the description does not name are stored as raw float32 (or float16 on request).
+The format is documented in :mod:`jaxcompress.export.reader`.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+from jaxcompress.core.transform import LeafSpec
+from jaxcompress.export import huffman
+from jaxcompress.export.reader import decode_tensor, record_digest
+
+
+class TensorReport(NamedTuple):
+    """How one leaf was stored.
+
+    Attributes:
+      path: the leaf's ``'/'``-joined path.
+      layout: ``'dense'``, ``'bitmask'`` or ``'relative'``.
+      kind: ``'float'``, ``'int'``, ``'sign'`` or ``'codebook'``.
+      bits: bits per stored value code (32/16 for floats).
+      count: values stored.
+      nbytes: bytes in the file (streams, tables, scales).
+      raw_bytes: the same streams without entropy coding.
+      entropy_bytes: the order-0 Shannon bound of the value and position streams plus the rest
+        at its stored size.
+    """
+
+    path: str
+    layout: str
+    kind: str
+    bits: int
+    count: int
+    nbytes: int
+    raw_bytes: int
+    entropy_bytes: float
+
+
+class _Stream(NamedTuple):
+    symbols: np.ndarray
+    bits: int
+    coded: bool  # may be Huffman-coded
+
+
+def _float_symbols(a: np.ndarray, dtype) -> np.ndarray:
+    return np.frombuffer(np.ascontiguousarray(a, np.dtype(dtype).newbyteorder("<")).tobytes(), np.uint8).astype(np.int64)
+
+
+def _encode_stream(s: _Stream) -> tuple[str, bytes, int]:
+    """``(coding, bytes, raw size)``: raw or Huffman, whichever is smaller."""
+    raw = huffman.pack_bits(s.symbols, s.bits)
+    if s.coded and s.bits >= 2 and s.symbols.size:
+        coded = huffman.encode(s.symbols, s.bits)
+        if len(coded) < len(raw):
+            return "huffman", coded, len(raw)
+    return "raw", raw, len(raw)
+
+
+def _full(a, spec: LeafSpec, shape) -> np.ndarray:
+    a = np.asarray(a)
+    if spec.group_size:
+        a = np.repeat(a, spec.group_size, axis=spec.group_axis)
+    return np.broadcast_to(a, shape)
+
+
+def _grid_error(path, msg):
+    return ValueError(
+        f"leaf {path!r}: {msg}. save needs the compressed view the description was taken with: "
+        "view = transform.apply(params, state), description = transform.describe(params, state)."
+    )
+
+
+def _int_codes(path: str, x: np.ndarray, spec: LeafSpec) -> tuple[np.ndarray, dict, dict]:
+    """Integer codes of a quantized leaf, its side streams and record fields."""
+    if spec.scale is None or spec.bits is None:
+        raise _grid_error(path, f"scheme {spec.scheme!r} needs bits and scale in its description")
+    bits = int(spec.bits)
+    scheme = spec.scheme
+    if scheme in ("binary", "ternary"):
+        bits, signed = 2, True
+    else:
+        signed = scheme != "affine"
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    scale = np.asarray(spec.scale, np.float32)
+    zp = None if spec.zero_point is None else np.asarray(spec.zero_point)
+    try:
+        s_full = _full(scale, spec, x.shape).astype(np.float64)
+        z_full = 0.0 if zp is None else _full(zp, spec, x.shape).astype(np.float64)
+    except ValueError:
+        raise _grid_error(path, f"scale {list(scale.shape)} does not broadcast to {list(x.shape)}") from None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(x.astype(np.float64) / s_full) + z_full
+    if not np.all(np.isfinite(q)) or q.size and (q.min() < lo or q.max() > hi):
+        raise _grid_error(path, f"its codes are not integers in [{lo}, {hi}] ({bits}-bit {scheme})")
+    if zp is not None and (np.any(zp != np.rint(zp)) or zp.min() < lo or zp.max() > hi):
+        raise _grid_error(path, f"zero points are not integers in [{lo}, {hi}]")
+    q = q.astype(np.int64)
+    side = {"scale": _Stream(_float_symbols(scale, "float32"), 8, False)}
+    fields = {"signed": signed, "scale_shape": list(scale.shape)}
+    if zp is not None:
+        zsym = zp.astype(np.int64).reshape(-1)
+        side["zero_point"] = _Stream(zsym & ((1 << bits) - 1), bits, False)
+        fields["zero_point_shape"] = list(zp.shape)
+    if spec.group_size:
+        fields.update(group_size=int(spec.group_size), group_axis=int(spec.group_axis))
+    return q, side, {**fields, "bits": bits}
+
+
+def _values(q: Optional[np.ndarray], x: np.ndarray, kind: str, fields: dict, where, dense: bool):
+    """The values stream of one layout (``where``: flat positions, or None for all)."""
+    if kind == "float":
+        v = x.reshape(-1) if where is None else x.reshape(-1)[where]
+        return "float", _Stream(_float_symbols(v, fields["stored_dtype"]), 8, True), {}
+    codes = q.reshape(-1) if where is None else q.reshape(-1)[where]
+    if kind == "int":
+        if codes.size and np.all(np.abs(codes) == 1) and fields["signed"]:
+            return "sign", _Stream((codes > 0).astype(np.int64), 1, False), {}
+        bits = fields["bits"]
+        return "int", _Stream(codes & ((1 << bits) - 1), bits, True), {}
+    # codebook: codes index the sorted codebook, -1 marks a zero
+    k = fields["codebook_size"]
+    zero = bool(dense and np.any(codes < 0))
+    bits = max(1, (k + int(zero) - 1).bit_length())
+    return "codebook", _Stream(codes + 1 if zero else codes, bits, True), {"zero_symbol": zero, "bits": bits}
+
+
+def _codebook_codes(path, x, spec):
+    cb = np.sort(np.asarray(spec.codebook, np.float32).reshape(-1))
+    flat = x.reshape(-1)
+    idx = np.clip(np.searchsorted(cb, flat), 0, max(cb.size - 1, 0))
+    nonzero = flat != 0
+    if cb.size == 0 and nonzero.any() or cb.size and np.any(nonzero & (cb[idx] != flat)):
+        raise _grid_error(path, "it has values that are not in its codebook")
+    zero_in_cb = cb.size and np.any(cb == 0)
+    codes = np.where(nonzero | bool(zero_in_cb), idx, -1).reshape(x.shape)
+    side = {"codebook": _Stream(_float_symbols(cb, "float32"), 8, False)}
+    return codes, side, {"codebook_size": int(cb.size), "codebook_shape": [int(cb.size)]}
+
+
+def _layouts(n: int, nonzero: np.ndarray, allow_sparse: bool):
+    """Candidate ``(layout, positions stream, where, fields)`` of a leaf."""
+    yield "dense", None, None, {}
+    if not allow_sparse or n == 0:
+        return
+    where = np.flatnonzero(nonzero)
+    mask_bytes = np.frombuffer(np.packbits(nonzero.astype(np.uint8), bitorder="little").tobytes(), np.uint8)
+    yield "bitmask", _Stream(mask_bytes.astype(np.int64), 8, True), where, {}
+    skipped = np.diff(np.concatenate([[-1], where])) - 1
+    for k in range(2, 9):
+        esc = (1 << k) - 1
+        reps, rest = skipped // esc, skipped % esc
+        gaps = np.repeat(np.stack([np.full_like(rest, esc), rest], 1).reshape(-1),
+                         np.stack([reps, np.ones_like(rest)], 1).reshape(-1))
+        yield "relative", _Stream(gaps, k, True), where, {"index_bits": k}
+
+
+def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str = "float32") -> tuple[dict, bytes, TensorReport]:
+    """Packs one leaf: ``(record without offset, bytes, report)``, the smallest encoding found.
+
+    Args:
+      path: the leaf's path name.
+      x: the leaf as the model runs it (the compressed view).
+      spec: its :class:`~jaxcompress.core.transform.LeafSpec`, or ``None`` (stored as floats).
+      float_dtype: ``'float32'`` or ``'float16'`` for leaves without a description.
+
+    Raises:
+      ValueError: the view is not on the grid, codebook or mask its description gives, or its
+        dtype is not a NumPy float or int type.
+    """
+    x = np.asarray(x)
+    if x.dtype.name not in ("float16", "float32", "float64") and not (spec is None and x.dtype.kind in "iub"):
+        raise ValueError(f"leaf {path!r} has dtype {x.dtype}; save supports float16/32/64 (cast it, e.g. to float32).")
+    record = {"path": path, "shape": list(x.shape), "dtype": x.dtype.name}
+    if spec is not None and spec.mask is not None:
+        x = np.where(np.asarray(spec.mask, bool), x, np.zeros((), x.dtype))  # latent leaves count as masked
+    side: dict = {}
+    q = None
+    if spec is None:
+        kind, fields = "float", {"stored_dtype": float_dtype if x.dtype.kind == "f" else x.dtype.name}
+    elif spec.scheme == "codebook" or spec.codebook is not None:
+        kind = "codebook"
+        q, side, fields = _codebook_codes(path, x, spec)
+    elif spec.bits is not None or spec.scheme is not None:
+        kind = "int"
+        q, side, fields = _int_codes(path, x, spec)
+    else:  # pruned only: float values
+        kind, fields = "float", {"stored_dtype": x.dtype.name}
+    if spec is not None and spec.scheme is not None:
+        record["scheme"] = spec.scheme
+        if spec.channel_axis is not None:
+            record["channel_axis"] = int(spec.channel_axis)
+    side_enc = {name: _encode_stream(s) for name, s in side.items()}
+    nonzero = (x != 0).reshape(-1)
+    best = None
+    for layout, pos, where, lfields in _layouts(x.size, nonzero, spec is not None):
+        vkind, vstream, vfields = _values(q, x, kind, fields, where, layout == "dense")
+        streams = {"values": (vstream, _encode_stream(vstream))}
+        if pos is not None:
+            streams["positions"] = (pos, _encode_stream(pos))
+        size = sum(len(e[1]) for _, e in streams.values())
+        if best is None or size < best[0]:
+            best = (size, layout, vkind, lfields, vfields, streams, x.size if where is None else where.size)
+    _, layout, vkind, lfields, vfields, streams, count = best
+    record.update(layout=layout, kind=vkind, count=int(count), **lfields)
+    record.update({k: v for k, v in fields.items() if k not in ("codebook_size",)})
+    record.update(vfields)
+    if vkind == "sign":
+        record["bits"] = 1
+    if kind != "float":
+        record.pop("stored_dtype", None)
+    chunks, entries, offset = [], {}, 0
+    raw_total, bound = 0, 0.0
+    for name, (stream, (coding, data, raw)) in list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()]:
+        entries[name] = [coding, offset, len(data), int(stream.symbols.size), int(stream.bits)]
+        chunks.append(data)
+        offset += len(data)
+        raw_total += raw
+        bound += huffman.entropy_bits(stream.symbols) / 8 if stream.coded else len(data)
+    record["streams"] = entries
+    data = b"".join(chunks)
+    decoded, _ = decode_tensor(record, data)  # what load will give, checked now
+    expect = x if spec is not None or x.dtype.kind != "f" else x.astype(float_dtype).astype(x.dtype)
+    if decoded.shape != expect.shape or not np.array_equal(decoded, expect):
+        raise _grid_error(path, "its values are not exactly reproduced by its described grid")
+    report = TensorReport(path, layout, vkind, int(record.get("bits", 8 * np.dtype(fields.get("stored_dtype", "float32")).itemsize)),
+                          int(count), len(data), raw_total, bound)
+    return record, data, report
+
+
+def finish_record(record: dict, offset: int, data: bytes) -> dict:
+    """The record with its byte range and digest."""
+    record = {**record, "offset": offset, "nbytes": len(data)}
+    record["sha256"] = record_digest(record, data)
+    return record
