@@ -94,7 +94,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     t0 = time.time()
     try:
-        report = run_demo(config)
+        report = run_demo(config, artifact_dir=args.out)
     except (DataNotFoundError, ValueError) as e:
         print(f"jaxcompress demo: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """Smoke tests of the end-to-end demo and the command line."""
 import json
 
+import pytest
+
 import numpy as np
 
 from jaxcompress import cli
@@ -9,7 +11,8 @@ from jaxcompress.data import mnist as mnist_module
 from jaxcompress.prune import erk_sparsities
 from jaxcompress.recipes.demo import DENSITY_RULES, DemoConfig, run_demo
 
-KEYS = {"name", "test_accuracy", "params", "nonzero_params", "weight_bits", "bytes_float32", "bytes_compressed", "seconds"}
+KEYS = {"name", "test_accuracy", "params", "nonzero_params", "weight_bits", "bytes_float32", "bytes_compressed",
+        "file_bytes", "artifact", "seconds"}
 
 
 def test_demo_on_mnist_subset_writes_report(mnist_dir, tmp_path, capsys):
@@ -32,6 +35,13 @@ def test_demo_on_mnist_subset_writes_report(mnist_dir, tmp_path, capsys):
     assert final["weight_bits"] == 8
     assert final["nonzero_params"] < 0.12 * final["params"]
     assert final["bytes_compressed"] < pruned["bytes_compressed"] < pruned["bytes_float32"]
+    # the file bytes are real: each stage's artifact is on disk with that size
+    for s in stages:
+        assert (tmp_path / s["artifact"]).stat().st_size == s["file_bytes"]
+    assert final["file_bytes"] < pruned["file_bytes"] < pruned["bytes_float32"]
+    assert final["file_bytes"] < 0.2 * final["bytes_float32"]
+    # the model loaded back from its file scores what the trained model scored
+    assert final["test_accuracy_from_file"] == pytest.approx(final["test_accuracy"], abs=1e-9)
     assert (tmp_path / "report.md").read_text().count("|") > 40
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert "student pruned 90% + int8" in capsys.readouterr().out

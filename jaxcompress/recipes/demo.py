@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -20,6 +21,8 @@ from jaxcompress.data.batching import epochs as epoch_batches
 from jaxcompress.data.batching import num_batches
 from jaxcompress.data import DATA_DIR_ENV, Dataset, load_dataset
 from jaxcompress.distill.losses import kd_loss
+from jaxcompress.export.artifact import save
+from jaxcompress.export.reader import load
 from jaxcompress.export.size import size_report
 from jaxcompress.models.cnn import student_cnn, teacher_cnn
 from jaxcompress.prune import erk_sparsities, fixed_masks, pruning, sparsity_report, sparsity_rules
@@ -80,8 +83,10 @@ def _load(config: DemoConfig, log: Callable[[str], None]) -> Dataset:
     return load_dataset(name, config.data_dir, download=True, fallback_to_digits=not explicit, log=log)
 
 
-def _stage_record(name, accuracy, view, seconds, *, description=None, weight_bits=32):
-    size = size_report(view, description)
+def _stage_record(name, accuracy, view, seconds, artifact, *, description=None, weight_bits=32):
+    """The stage's report row; the model is saved to ``artifact`` and its file size recorded."""
+    saved = save(artifact, view, description)
+    size = size_report(view, description, artifact=saved)
     return {
         "name": name,
         "test_accuracy": accuracy,
@@ -90,6 +95,8 @@ def _stage_record(name, accuracy, view, seconds, *, description=None, weight_bit
         "weight_bits": weight_bits,
         "bytes_float32": size.bytes_float32,
         "bytes_compressed": size.bytes_compressed,
+        "file_bytes": size.file_bytes,
+        "artifact": os.path.basename(artifact),
         "seconds": round(seconds, 2),
     }
 
@@ -99,18 +106,31 @@ def _stage_record(name, accuracy, view, seconds, *, description=None, weight_bit
 DENSITY_RULES = [("^conv1/", 5.0), ("^conv2/", 2.0), ("^head/", 3.0), (".*", True)]
 
 
-def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print, *, artifact_dir: Optional[str] = None
+) -> dict:
     """Trains a teacher, distills a student, prunes it, quantizes it, and reports every stage.
+
+    Each stage's model is saved as a packed artifact (:func:`jaxcompress.export.save`) and its
+    file size reported; the final model's test accuracy is measured again on the weights loaded
+    back from its file.
 
     Args:
       config: a :class:`DemoConfig`.
       log: where progress messages go.
+      artifact_dir: where the stage artifacts go (default: a temporary directory, removed after).
 
     Returns:
       The report: ``{"dataset", "source", "stages": [...], "config"}``; each stage holds
       ``name, test_accuracy, params, nonzero_params, weight_bits, bytes_float32,
-      bytes_compressed, seconds`` (and ``sparsity`` for the pruned stages).
+      bytes_compressed, file_bytes, artifact, seconds`` (and ``sparsity`` for the pruned stages,
+      ``test_accuracy_from_file`` for the last).
     """
+    if artifact_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_demo(config, log, artifact_dir=tmp)
+    os.makedirs(artifact_dir, exist_ok=True)
+    artifact = lambda i: os.path.join(artifact_dir, f"stage{i}.npz")  # noqa: E731
     data = _load(config, log)
     defaults = STAGE_DEFAULTS.get(data.name, STAGE_DEFAULTS["mnist"])
     config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
@@ -155,7 +175,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     state = init_train_state(t_params, opt, model_state=t_mstate, rng=config.seed)
     state, acc, secs = run_stage("teacher", t_apply, state, make_train_step(t_apply, opt, axis_name=axis_name),
                                  config.teacher_epochs, config.seed)
-    stages.append(_stage_record("teacher", acc, state.params, secs))
+    stages.append(_stage_record("teacher", acc, state.params, secs, artifact(1)))
     teacher_variables = (state.params, state.model_state)
 
     # 2. Student distilled from the teacher (Hinton et al. 2015).
@@ -173,7 +193,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
 
     state, acc, secs = student_stage("student (distilled)", s_params, config.student_epochs,
                                      config.seed + 1, None, config.learning_rate)
-    stages.append(_stage_record("student (distilled)", acc, state.params, secs))
+    stages.append(_stage_record("student (distilled)", acc, state.params, secs, artifact(2)))
 
     # 3. Gradual magnitude pruning (Zhu & Gupta 2017) while fine-tuning with the teacher.
     steps = max(int(round(config.prune_epochs * num_batches(len(ys), config.batch_size))), 1)
@@ -187,7 +207,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
                                      config.seed + 2, pruner, config.learning_rate / 2)
     masks = state.compression_state.masks
     view = pruner.apply(state.params, state.compression_state)
-    record = _stage_record(f"student pruned {config.sparsity:.0%}", acc, view, secs,
+    record = _stage_record(f"student pruned {config.sparsity:.0%}", acc, view, secs, artifact(3),
                            description=pruner.describe(state.params, state.compression_state))
     record["sparsity"] = sparsity_report(view, masks)[1].sparsity
     stages.append(record)
@@ -197,9 +217,15 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     state, acc, secs = student_stage(f"student pruned + int{config.bits} QAT", view, config.qat_epochs,
                                      config.seed + 3, qat, config.learning_rate / 4)
     view = qat.apply(state.params, state.compression_state)
-    record = _stage_record(f"student pruned {config.sparsity:.0%} + int{config.bits}", acc, view, secs,
+    record = _stage_record(f"student pruned {config.sparsity:.0%} + int{config.bits}", acc, view, secs, artifact(4),
                            description=qat.describe(state.params, state.compression_state), weight_bits=config.bits)
     record["sparsity"] = sparsity_report(view, masks)[1].sparsity
+    loaded, _ = load(artifact(4), like=view)  # the model as a user gets it from the file
+    record["test_accuracy_from_file"] = evaluate(
+        jax.jit(make_eval_step(s_apply)), state._replace(params=loaded), {"image": xt, "label": yt}, batch_size=eval_bs,
+    )["accuracy"]
+    log(f"final model loaded back from {record['artifact']} ({record['file_bytes']:,} bytes): "
+        f"test accuracy {record['test_accuracy_from_file']:.4f}")
     stages.append(record)
     return {
         "dataset": data.name,
