@@ -78,14 +78,14 @@ def test_cnn_flatten_consumer_rows_follow_nhwc_order():
 
 def test_half_the_filters_of_a_batchnorm_cnn_removed_equals_the_masked_model():
     model = CNN(channels=(32, 64), hidden=128, batch_norm=True)
-    params, state = init(model, (1, 28, 28, 1))
+    params, state = init(model, (1, 12, 12, 1))
     masks = tied_channel_masks(params, channel_groups(model), {"conv1": 0.5, "conv2": 0.5})
     t = fixed_masks(masks, structure=CHANNELS)
     s = t.init(params)
     small = shrink(model, params, t.describe(params, s), model_state=state)
     assert small.module.channels == (16, 32) and small.module.hidden == 128
     assert small.model_state["batch_stats"]["bn2"]["mean"].shape == (32,)
-    x = jax.random.normal(jax.random.key(5), (6, 28, 28, 1))
+    x = jax.random.normal(jax.random.key(5), (6, 12, 12, 1))
     want = outputs(model, t.apply(params, s), state, x)
     np.testing.assert_allclose(outputs(small.module, small.params, small.model_state, x), want, rtol=1e-4, atol=1e-4)
 
@@ -116,7 +116,7 @@ def test_a_constant_into_a_convolution_is_refused_with_the_fix():
 
 def test_resnet_residual_stream_channels_go_together():
     model = ResNet(blocks=(2, 1, 1), widths=(8, 16, 16))
-    params, state = init(model, (1, 16, 16, 3))
+    params, state = init(model, (1, 8, 8, 3))
     groups = channel_groups(model)
     stream = next(g for g in groups if g.name == "stage1")
     assert stream.producers == ("stem", "stage1_block0/conv2", "stage1_block1/conv2")
@@ -129,7 +129,7 @@ def test_resnet_residual_stream_channels_go_together():
     small = shrink(model, params, t.describe(params, s), model_state=state)
     assert small.module.widths == (4, 8, 8) and small.module.inner == (4, 4, 8, 8)
     assert small.params["stage2_block0"]["proj"]["kernel"].shape == (1, 1, 4, 8)
-    x = jax.random.normal(jax.random.key(7), (3, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(7), (3, 8, 8, 3))
     want = outputs(model, t.apply(params, s), state, x)
     got = outputs(small.module, small.params, small.model_state, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
