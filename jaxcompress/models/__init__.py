@@ -5,3 +5,4 @@ from jaxcompress.models.cnn import student_cnn as student_cnn
 from jaxcompress.models.cnn import teacher_cnn as teacher_cnn
 from jaxcompress.models.mlp import MLP as MLP
 from jaxcompress.models.transformer import TransformerLM as TransformerLM
+from jaxcompress.models.resnet import ResNet as ResNet

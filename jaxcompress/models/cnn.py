@@ -29,18 +29,25 @@ class LeNet5(nn.Module):
       ...     print(v['params']['fc1']['kernel'].shape)
       (400, 120)
       (400, 120)
+
+    Attributes:
+      num_classes: output width.
+      channels: the two convolutions' widths (6, 16 in the original).
+      features: the two hidden dense layers' widths (120, 84 in the original).
     """
 
     num_classes: int = 10
+    channels: tuple[int, int] = (6, 16)
+    features: tuple[int, int] = (120, 84)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = _pad_to(x, 32)
-        x = nn.max_pool(nn.relu(nn.Conv(6, (5, 5), padding="VALID", name="conv1")(x)), (2, 2), (2, 2))
-        x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(nn.Conv(self.channels[0], (5, 5), padding="VALID", name="conv1")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(nn.Conv(self.channels[1], (5, 5), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
         x = jnp.reshape(x, (x.shape[0], -1))
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        x = nn.relu(nn.Dense(self.features[0], name="fc1")(x))
+        x = nn.relu(nn.Dense(self.features[1], name="fc2")(x))
         return nn.Dense(self.num_classes, name="head")(x)
 
 
