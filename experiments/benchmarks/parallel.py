@@ -3,8 +3,8 @@
 The step: a distilled (KD from the teacher CNN), pruned and int8 fake-quantized student CNN,
 built once with ``make_train_step`` and compiled by ``data_parallel`` with ``parallel='shard'``
 (``jax.jit`` over a ``'data'`` mesh) on the first N devices, plus ``parallel='pmap'`` on all of
-them. All configurations are timed interleaved in one process after warm-up; each sample is the
-per-step time of a block of steps ended by ``block_until_ready``; medians are reported.
+them. All configurations are timed with :func:`jaxcompress.benchmark.compare` (shuffled
+interleaved blocks, the one-device step timed twice as an A/A control, bootstrap 95% intervals).
 
 Bytes communicated per step: the gradients are all-reduced once per step, so each device sends
 and receives about ``2 (N - 1) / N`` times the gradient size (ring all-reduce); the gradient size
@@ -28,9 +28,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,6 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
+from jaxcompress.benchmark import CONTROL, compare, environment, write_result  # noqa: E402
 from jaxcompress.models import student_cnn, teacher_cnn  # noqa: E402
 from jaxcompress.prune.schedules import one_shot_schedule  # noqa: E402
 from jaxcompress.train import data_parallel, shard_batch, split_for_pmap, split_variables, step_axis_name  # noqa: E402
@@ -82,47 +80,44 @@ def main():
             batch = shard_batch(batch, dp.mesh)  # laid out once: time the step, not the transfer
         runs[name] = {"dp": dp, "state": state, "teacher": teacher, "batch": batch, "n": n}
 
-    def run(name, k):
+    def program(name):
         r = runs[name]
-        t0 = time.perf_counter()
-        for _ in range(k):
-            r["state"], m = r["dp"].step(r["state"], r["batch"], r["teacher"])
-        jax.block_until_ready((r["state"], m))
-        return (time.perf_counter() - t0) / k
 
-    for name in runs:  # warm-up: compile and settle
-        run(name, 2)
-    samples = {name: [] for name in runs}
-    for _ in range(reps):
-        for name in runs:
-            samples[name].append(run(name, block))
-    medians = {name: float(np.median(s)) for name, s in samples.items()}
+        def run():
+            r["state"], m = r["dp"].step(r["state"], r["batch"], r["teacher"])
+            return r["state"], m
+
+        return run
+
+    timing = compare({name: program(name) for name in runs}, baseline="shard_1",
+                     blocks=reps, calls=block, warmup=2)
+    medians = timing["median_s"]
+    top = f"shard_{counts[-1]}"
+    ratio = timing["ratios"][top] if top != "shard_1" else {"ratio": 1.0, "low": 1.0, "high": 1.0}
     result = {
         "benchmark": "parallel",
         "what": "median seconds per train step (KD + 90% pruning + int8 QAT student CNN), same global batch",
         "global_batch": args.batch_size,
         "median_step_seconds": medians,
-        "quartiles": {k: [float(np.percentile(s, 25)), float(np.percentile(s, 75))] for k, s in samples.items()},
-        "samples": samples,
+        "timing": timing,
         "gradient_bytes": grad_bytes,
         "allreduce_bytes_per_device": {
             name: int(round(2 * (r["n"] - 1) / r["n"] * grad_bytes)) for name, r in runs.items()
         },
         "per_device_batch": {name: args.batch_size // r["n"] for name, r in runs.items()},
-        "ratio": medians[f"shard_{counts[-1]}"] / medians["shard_1"],
-        "ratio_means": f"shard_{counts[-1]} / shard_1 step time (lower is better)",
-        "environment": {
-            "jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "quick": args.quick,
-        },
+        "ratio": ratio["ratio"],
+        "ratio_interval": [ratio["low"], ratio["high"]],
+        "aa_ratio": timing["ratios"][CONTROL],
+        "ratio_means": f"{top} / shard_1 step time (lower is better)",
+        "environment": environment(quick=args.quick, device_kind=jax.devices()[0].device_kind),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
     for name, t in medians.items():
-        print(f"{name}: {t * 1e3:.2f} ms/step, all-reduce {result['allreduce_bytes_per_device'][name]} B/device")
-    print(f"{result['ratio']:.3f}")
+        if name in runs:
+            print(f"{name}: {t * 1e3:.2f} ms/step, all-reduce {result['allreduce_bytes_per_device'][name]} B/device")
+    aa = timing["ratios"][CONTROL]
+    print(f"interval [{ratio['low']:.3f}, {ratio['high']:.3f}], A/A {aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}]")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
