@@ -16,6 +16,7 @@ Layers are selected by the library's ``(regex, value)`` rules on the *kernel's* 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -208,19 +209,11 @@ def calibrate_layers(
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; calibration needs at least one batch.")
-    stats = _local_stats(apply_fn, targets, hessian)
+    accumulate, stats = _accumulator(apply_fn, targets, bool(hessian), mesh)
     put = lambda b: b  # noqa: E731
     if mesh is not None:
-        check_mesh(mesh, DATA_AXIS)
-        local = stats
-        stats = jax.shard_map(
-            lambda p, s, b: {k: _reduce(v, DATA_AXIS) for k, v in local(p, s, b).items()},
-            mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)), out_specs=PartitionSpec(),
-        )
         params, model_state = replicate(params, mesh), replicate(model_state, mesh)
         put = lambda b: shard_batch(b, mesh)  # noqa: E731
-    accumulate = jax.jit(lambda acc, p, s, b: jax.tree.map(combine, acc, stats(p, s, b), is_leaf=_is_stats),
-                         donate_argnums=0)
     # |x| >= 0, so zeros are the identity of every field, max included.
     acc = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(stats, params, model_state, put(batches[0])))
     if mesh is not None:
@@ -228,6 +221,23 @@ def calibrate_layers(
     for batch in batches:
         acc = accumulate(acc, params, model_state, put(batch))
     return acc
+
+
+@functools.lru_cache(maxsize=64)
+def _accumulator(apply_fn, targets: frozenset, hessian: bool, mesh):
+    """The jitted ``(acc, params, model_state, batch) -> acc + stats`` (cached: calling again with
+    the same model and layers compiles nothing new) and the unjitted stats function."""
+    stats = _local_stats(apply_fn, targets, hessian)
+    if mesh is not None:
+        check_mesh(mesh, DATA_AXIS)
+        local = stats
+        stats = jax.shard_map(
+            lambda p, s, b: {k: _reduce(v, DATA_AXIS) for k, v in local(p, s, b).items()},
+            mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(DATA_AXIS)), out_specs=PartitionSpec(),
+        )
+    accumulate = jax.jit(lambda acc, p, s, b: jax.tree.map(combine, acc, stats(p, s, b), is_leaf=_is_stats),
+                         donate_argnums=0)
+    return accumulate, stats
 
 
 def _is_stats(x) -> bool:

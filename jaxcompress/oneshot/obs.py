@@ -106,19 +106,18 @@ def _obs(kernel, xtx, *, sparsity, nm, bits, symmetric, narrow, group_size, act_
     else:
         col_group = jnp.arange(cols) // (group_size or cols)
 
-    pruned = []
-    loss = jnp.zeros((), dtype)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+    def block(i1, count, state):
+        """Columns ``i1 .. i1 + count`` (``i1`` may be traced), then the lazy update of the rest."""
+        w, keep, loss, scales, zeros = state
+        w1 = jax.lax.dynamic_slice(w, (0, i1), (rows, count))
+        u1 = jax.lax.dynamic_slice(u, (i1, i1), (count, count))
         d = jnp.diagonal(u1)
         if sparsity and nm is None:
             prune1 = _prune_lowest(w1**2 / d[None, :] ** 2, round(sparsity * rows * count))
         else:
             prune1 = jnp.zeros((rows, count), bool)
 
-        def column(i, carry, i1=i1, u1=u1, d=d):
+        def column(i, carry):
             w1, prune1, q1, err1, loss, scales, zeros = carry
             col = i1 + i
             if nm is not None:
@@ -146,10 +145,20 @@ def _obs(kernel, xtx, *, sparsity, nm, bits, symmetric, narrow, group_size, act_
 
         init = (w1, prune1, jnp.zeros_like(w1), jnp.zeros_like(w1), loss, scales, zeros)
         _, prune1, q1, err1, loss, scales, zeros = jax.lax.fori_loop(0, count, column, init)
-        w = w.at[:, i1:i2].set(q1)
-        w = w.at[:, i2:].add(-err1 @ u[i1:i2, i2:])
-        pruned.append(prune1)
-    keep = ~jnp.concatenate(pruned, axis=1)
+        w = jax.lax.dynamic_update_slice(w, q1, (0, i1))
+        later = jnp.arange(cols) >= i1 + count
+        w = jnp.where(later[None, :], w - err1 @ jax.lax.dynamic_slice(u, (i1, 0), (count, cols)), w)
+        keep = jax.lax.dynamic_update_slice(keep, ~prune1, (0, i1))
+        return w, keep, loss, scales, zeros
+
+    # Whole blocks in one loop (compiled once), the remainder after it.
+    state = (w, jnp.ones((rows, cols), bool), jnp.zeros((), dtype), scales, zeros)
+    full, rest = divmod(cols, blocksize)
+    if full:
+        state = jax.lax.fori_loop(0, full, lambda b, st: block(b * blocksize, blocksize, st), state)
+    if rest:
+        state = block(full * blocksize, rest, state)
+    w, keep, loss, scales, zeros = state
     if act_order:
         inv = jnp.argsort(perm)
         w, keep = w[:, inv], keep[:, inv]
