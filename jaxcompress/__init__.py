@@ -37,6 +37,12 @@ from jaxcompress.quant.lsq import lsq_quantization as lsq_quantization
 from jaxcompress.quant.sharing import weight_sharing as weight_sharing
 from jaxcompress.quant.weights import weight_quantization as weight_quantization
 
+# One-shot (post-training, data-aware) compression.
+from jaxcompress.oneshot import GPTQ as GPTQ
+from jaxcompress.oneshot import SparseGPT as SparseGPT
+from jaxcompress.oneshot import Wanda as Wanda
+from jaxcompress.oneshot import one_shot as one_shot
+
 # Distillation.
 from jaxcompress.distill.capture import capture_apply_fn as capture_apply_fn
 from jaxcompress.distill.capture import distill_loss as distill_loss
