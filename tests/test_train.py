@@ -268,6 +268,14 @@ def test_init_train_state_never_aliases_the_callers_arrays():
     assert np.isfinite(np.asarray(params["fc1"]["kernel"])).all()  # the caller's arrays are alive
     with pytest.raises(TypeError, match="rng"):
         init_train_state(params, opt, rng=0.5)
+    # nor the arrays a transform hands back, such as the masks given to fixed_masks
+    from jaxcompress.prune import fixed_masks
+
+    masks = jax.tree.map(lambda w: jnp.abs(w) > 0.05 if w.ndim == 2 else None, params)
+    t = fixed_masks(masks)
+    c = init_train_state(params, opt, transform=t)
+    jax.jit(make_train_step(linen_apply_fn(model), opt, transform=t), donate_argnums=0)(c, _batch(2))
+    assert np.asarray(masks["fc1"]["kernel"]).any()  # still alive
 
 
 def test_trainable_state_values_are_trained_by_the_optimizer():

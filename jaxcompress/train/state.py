@@ -69,7 +69,9 @@ def init_train_state(
         raise TypeError(f"rng must be an int seed or a jax.random.key, got {type(rng).__name__}: {rng!r}.")
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     params = jax.tree.map(jnp.array, params)  # copies: donation must not delete the caller's arrays
-    compression_state = transform.init(params)
+    # copies too: a transform may hand back the caller's arrays (fixed_masks(masks)), and a
+    # donating step must not delete them
+    compression_state = jax.tree.map(jnp.array, transform.init(params))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
