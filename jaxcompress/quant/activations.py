@@ -212,9 +212,9 @@ def calibrate_activations(
 ) -> Any:
     """Fills a quantizer's activation ranges (or PACT clipping levels) from calibration batches.
 
-    The model runs in evaluation mode (BatchNorm running statistics) on the transform's weight
-    view ``transform.apply(params, state)``, with its interceptor in observe mode (nothing is
-    quantized); ``observer`` turns each selected layer's inputs over all batches into a range.
+    The model runs in evaluation mode (BatchNorm running statistics) on ``params`` as given, with
+    the transform's interceptor in observe mode (no input is quantized); ``observer`` turns each
+    selected layer's inputs over all batches into a range.
     Calibrated ranges replace the stored ones; PACT levels start at the range's max (at least
     ``1e-3``), so that nothing is clipped at first.
 
@@ -224,7 +224,10 @@ def calibrate_activations(
       state: its state (``transform.init(params)`` or ``TrainState.compression_state``).
       apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, model_state)``
         running Linen modules; under ``pmap`` BatchNorm, build it without ``axis_name``.
-      params, model_state: the model's variables.
+      params: the weights to calibrate with: the float params (as PyTorch calibrates a float
+        model), or the compressed view ``transform.apply(params, state)`` (e.g. to calibrate a
+        pruned model as it will run).
+      model_state: the model's other variables (BatchNorm statistics).
       batches: an iterable of calibration batches, as ``apply_fn`` takes them.
       observer: an :class:`~jaxcompress.quant.observers.Observer`; default
         :func:`~jaxcompress.quant.observers.minmax`.
@@ -261,9 +264,8 @@ def calibrate_activations(
     @jax.jit
     def summarize(state, params, model_state, batch):
         seen: dict = {}
-        view = transform.apply(params, state)
         with intercepted(transform, state, train=False, observed=seen, observe=observer.summarize):
-            apply_fn(view, model_state, batch, train=False, rng=None)
+            apply_fn(params, model_state, batch, train=False, rng=None)
         return seen
 
     acc = None
