@@ -130,7 +130,7 @@ def _pmean(tree, axis_name):
 
 def _average_varying(tree, axis_name):
     """The mean over ``axis_name`` of each leaf that differs between devices; leaves that are
-    already identical everywhere (synchronised BatchNorm statistics, calibrated ranges, counters)
+    already identical everywhere (synchronised BatchNorm statistics, NNX calibrated ranges, counters)
     are kept as they are, since averaging identical float32 copies can change their value."""
     if axis_name is None:
         return tree
