@@ -27,7 +27,7 @@ import optax
 from jaxcompress.core.paths import path_name
 from jaxcompress.data import load_cifar10, load_mnist
 from jaxcompress.models import LeNet5, teacher_cnn
-from jaxcompress.quant import calibrate_activations, quantize_activations, weight_quantization
+from jaxcompress.quant import calibrate_activations, weight_quantization
 from jaxcompress.train import evaluate, init_train_state, linen_apply_fn, make_eval_step, make_train_step
 from jaxcompress.train import split_variables
 from jaxcompress.data import epochs as epoch_batches
@@ -80,10 +80,12 @@ def run_dataset(name: str, args) -> dict:
     base_fn = linen_apply_fn(model)
     out = {"model": type(model).__name__, "train_examples": len(ytr), "test_examples": len(yte), "runs": {}}
 
-    def train(apply_fn, p, ms, transform, lr, epochs, seed):
+    def train(apply_fn, p, ms, transform, lr, epochs, seed, compression_state=None):
         opt = optax.adam(lr)
         p, ms = jax.tree.map(jnp.array, (p, ms))  # the step donates its state; keep the originals
         state = init_train_state(p, opt, transform=transform, model_state=ms, rng=seed)
+        if compression_state is not None:  # calibrated activation ranges
+            state = state._replace(compression_state=jax.tree.map(jnp.array, compression_state))
         step = jax.jit(make_train_step(apply_fn, opt, transform=transform), donate_argnums=0)
         t0 = time.perf_counter()
         batches = epoch_batches(xtr, ytr, args.batch, seed=seed, num_epochs=int(np.ceil(epochs)))
@@ -114,25 +116,33 @@ def run_dataset(name: str, args) -> dict:
     w8 = weight_quantization(8)
     ptq_w = init_train_state(params, opt0, transform=w8, model_state=model_state)
     out["runs"]["PTQ int8 W8"] = {"accuracy": test_acc(base_fn, ptq_w, w8), "train_epochs": 0, "train_seconds": 0}
-    cal_state = calibrate_activations(base_fn, params, model_state, calib)
-    ptq_wa = init_train_state(params, opt0, transform=w8, model_state=cal_state)
+
+    def calibrated(transform):
+        """The transform's initial state with activation ranges calibrated on the float model."""
+        return calibrate_activations(transform, transform.init(params), base_fn, params, model_state, calib)
+
+    w8a8 = weight_quantization(8, activation_bits=8, activation_range="calibrated")
+    ptq_wa = init_train_state(params, opt0, transform=w8a8, model_state=model_state)._replace(
+        compression_state=calibrated(w8a8))
     out["runs"]["PTQ int8 W8A8"] = {
-        "accuracy": test_acc(quantize_activations(base_fn, 8), ptq_wa, w8), "train_epochs": 0, "train_seconds": 0,
+        "accuracy": test_acc(base_fn, ptq_wa, w8a8), "train_epochs": 0, "train_seconds": 0,
     }
 
     for cname, kind, abits, rules in CONFIGS:
         if args.only and cname not in args.only:
             continue
-        t = None if kind is None else weight_quantization(kind, rules=rules)
-        fn, ms = base_fn, model_state
+        t, start = None, None
+        if kind is not None:
+            t = weight_quantization(kind, rules=rules, activation_bits=abits,
+                                    activation_range="dynamic" if abits is None else "calibrated")
         if abits is not None:
-            fn = quantize_activations(base_fn, abits)
-            ms = calibrate_activations(base_fn, params, model_state, calib)
-        before = test_acc(fn, init_train_state(params, opt0, transform=t, model_state=ms), t)
-        state, secs = train(fn, params, ms, t, args.ft_lr, args.ft_epochs, 1)
+            start = calibrated(t)
+        before_state = init_train_state(params, opt0, transform=t, model_state=model_state)
+        before = test_acc(base_fn, before_state if start is None else before_state._replace(compression_state=start), t)
+        state, secs = train(base_fn, params, model_state, t, args.ft_lr, args.ft_epochs, 1, start)
         key = cname if kind is None else f"QAT {cname}"
         out["runs"][key] = {
-            "accuracy": test_acc(fn, state, t), "accuracy_before_finetune": before,
+            "accuracy": test_acc(base_fn, state, t), "accuracy_before_finetune": before,
             "train_epochs": args.ft_epochs, "train_seconds": round(secs, 1),
         }
         print(name, cname, out["runs"][key], flush=True)

@@ -36,7 +36,7 @@ from jaxcompress.core.transform import chain
 from jaxcompress.data.text import eval_windows, load_python_corpus, sample_windows
 from jaxcompress.distill.losses import kd_loss, perplexity
 from jaxcompress.models.transformer import TransformerLM
-from jaxcompress.quant.activations import calibrate_activations, quantize_activations
+from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.train.loop import fit
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
 from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train_step, token_loss, token_metrics
@@ -64,7 +64,8 @@ def compression(stage: str, *, steps: int = 0, masks=None):
 
     ``'pruned'``: 50% of each block kernel, reached by a cubic schedule over the first 60% of
     ``steps`` (masks recomputed 10 times). ``'w8a8'``: the pruned stage's ``masks`` kept fixed,
-    then symmetric 8-bit per-output-channel weights.
+    then symmetric 8-bit per-output-channel weights and 8-bit inputs of the same layers (affine,
+    calibrated ranges, an EMA in training).
     """
     from jaxcompress import fixed_masks, polynomial_schedule, pruning, weight_quantization
 
@@ -73,18 +74,9 @@ def compression(stage: str, *, steps: int = 0, masks=None):
         schedule = polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1))
         return pruning(0.5, rules=BLOCK_KERNELS, schedule=schedule)
     if stage == "w8a8":
-        return chain(fixed_masks(masks), weight_quantization(8, rules=DENSE_KERNELS))
+        return chain(fixed_masks(masks), weight_quantization(8, rules=DENSE_KERNELS, activation_bits=8,
+                                                             activation_range="calibrated"))
     raise ValueError(f"stage must be 'pruned' or 'w8a8', got {stage!r}.")
-
-
-def pruned_masks(state):
-    """A copy of the keep-masks of the ``'pruned'`` stage's transform state.
-
-    A copy: ``init_train_state`` copies params and model state but keeps the transform state
-    that ``init`` returns, and ``fixed_masks`` returns the masks it was given, so the donating
-    step of the next stage would otherwise delete the pruned stage's masks.
-    """
-    return jax.tree.map(jnp.copy, state.compression_state.masks)
 
 
 def batches(tokens, *, batch_size, seq_len, seed):
@@ -120,10 +112,13 @@ class Scorer:
 
 
 def train(name, apply_fn, params, model_state, cfg, corpus, score, *, steps, lr, seed, transform=None, teacher=None,
-          teacher_variables=None, log=None):
-    """Trains ``params`` for ``steps`` with ``fit``, scoring validation every ``eval_every`` steps."""
+          teacher_variables=None, log=None, compression_state=None):
+    """Trains ``params`` for ``steps`` with ``fit``, scoring validation every ``eval_every`` steps
+    (from ``compression_state``, e.g. calibrated ranges, when given)."""
     opt = optimizer(lr, steps)
     state = init_train_state(params, opt, transform=transform, model_state=model_state, rng=seed)
+    if compression_state is not None:
+        state = state._replace(compression_state=jax.tree.map(jnp.array, compression_state))
     step = jax.jit(make_train_step(apply_fn, opt, loss_fn=token_loss, metrics_fn=token_metrics,
                                    transform=transform, teacher=teacher), donate_argnums=0)
     data = batches(corpus.train, batch_size=cfg["batch_size"], seq_len=cfg["seq_len"], seed=seed)
@@ -221,23 +216,25 @@ def main():
     finals["student_kd_pruned50"] = (student_fn, pruned_state, prune_t)
 
     # 5. W8A8: the masks kept, 8-bit weights, activations calibrated on training batches, fine-tuned.
-    w8a8_t = compression("w8a8", masks=pruned_masks(pruned_state))
-    a8_fn = quantize_activations(student_fn, 8)
-    view = jax.jit(w8a8_t.apply)(pruned_state.params, w8a8_t.init(pruned_state.params))
+    w8a8_t = compression("w8a8", masks=pruned_state.compression_state.masks)
+    start = w8a8_t.init(pruned_state.params)
+    view = jax.jit(w8a8_t.apply)(pruned_state.params, start)
     calibration = [sample_windows(corpus.train, batch_size=cfg["batch_size"], seq_len=T,
                                   rng=np.random.default_rng(1000 + i)) for i in range(cfg["calibration_batches"])]
-    calibrated = calibrate_activations(student_fn, view, pruned_state.model_state, calibration)
-    ptq = score(a8_fn, init_train_state(pruned_state.params, optax.sgd(0.0), transform=w8a8_t,
-                                        model_state=calibrated), w8a8_t)
+    calibrated = calibrate_activations(w8a8_t, start, student_fn, view, pruned_state.model_state, calibration)
+    ptq = score(student_fn, init_train_state(pruned_state.params, optax.sgd(0.0), transform=w8a8_t,
+                                             model_state=pruned_state.model_state)._replace(compression_state=calibrated),
+                w8a8_t)
     print(f"W8A8 before fine-tuning: val ppl {ptq['perplexity']:.3f}", flush=True)
     w8a8_state, stages["student_kd_pruned50_w8a8"] = train(
-        "W8A8", a8_fn, pruned_state.params, calibrated, cfg, corpus, score, steps=cfg["w8a8_steps"], lr=cfg["w8a8_lr"], seed=2,
-        transform=w8a8_t, teacher=kd, teacher_variables=teacher_variables, log=tried)
+        "W8A8", student_fn, pruned_state.params, pruned_state.model_state, cfg, corpus, score, steps=cfg["w8a8_steps"],
+        lr=cfg["w8a8_lr"], seed=2, transform=w8a8_t, teacher=kd, teacher_variables=teacher_variables, log=tried,
+        compression_state=calibrated)
     tried[-1]["temperature"] = best_t
     stages["student_kd_pruned50_w8a8"]["validation_before_fine_tuning"] = ptq
     stages["student_kd_pruned50_w8a8"]["block_kernel_sparsity"] = block_sparsity(
         jax.jit(w8a8_t.apply)(w8a8_state.params, w8a8_state.compression_state))
-    finals["student_kd_pruned50_w8a8"] = (a8_fn, w8a8_state, w8a8_t)
+    finals["student_kd_pruned50_w8a8"] = (student_fn, w8a8_state, w8a8_t)
 
     # Test split: each stage's final model, once.
     for name, (fn, st, tr) in finals.items():

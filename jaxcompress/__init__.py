@@ -15,6 +15,7 @@ from jaxcompress.core.transform import Transform as Transform
 from jaxcompress.core.transform import UpdateInfo as UpdateInfo
 from jaxcompress.core.transform import chain as chain
 from jaxcompress.core.transform import identity as identity
+from jaxcompress.core.transform import intercepted as intercepted
 
 # Pruning.
 from jaxcompress.prune.dynamic import rigl as rigl
@@ -31,10 +32,10 @@ from jaxcompress.prune.sensitivity import sensitivity_analysis as sensitivity_an
 
 # Quantization.
 from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
-from jaxcompress.quant.activations import quantize_activations as quantize_activations
 from jaxcompress.quant.affine import fake_quant as fake_quant
 from jaxcompress.quant.lsq import lsq_quantization as lsq_quantization
 from jaxcompress.quant.sharing import weight_sharing as weight_sharing
+from jaxcompress.quant.weights import QuantSpec as QuantSpec
 from jaxcompress.quant.weights import weight_quantization as weight_quantization
 
 # One-shot (post-training, data-aware) compression.

@@ -86,7 +86,8 @@ def test_identity_returns_params_unchanged_and_state_unchanged():
     np.testing.assert_array_equal(out["w"], [[1.0, -2.0], [3.5, 0.0]])
     np.testing.assert_array_equal(out["b"], [7.0])
     assert t.update(p, s, update_info(3)) == s
-    assert isinstance(t, Transform) and isinstance(t, tuple) and len(t) == 4
+    assert isinstance(t, Transform) and isinstance(t, tuple) and len(t) == 5
+    assert t.intercept is None  # changes no layer at run time
     assert t.describe(p, s) == {}
 
 

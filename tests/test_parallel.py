@@ -13,7 +13,7 @@ from jaxcompress.distill.losses import kd_loss
 from jaxcompress.models.cnn import CNN
 from jaxcompress.prune import pruning
 from jaxcompress.prune.schedules import polynomial_schedule
-from jaxcompress.quant.activations import calibrate_activations, quantize_activations
+from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.quant.affine import fake_quant_affine
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train import (
@@ -57,16 +57,20 @@ def _setup(axis_name, activations="calibrated"):
     )
     if activations == "static":
         s_apply = _static_a8(linen_apply_fn(student))
-    else:
-        s_apply = quantize_activations(linen_apply_fn(student), 8, axis_name=axis_name)
-    if activations == "calibrated":  # ranges kept in the model state, EMA-updated in training
-        x, _ = _data()
-        s_state = calibrate_activations(linen_apply_fn(student.clone(axis_name=None)), s_params, s_state,
-                                        [{"image": x[:64]}, {"image": x[64:128]}])
+        weights = weight_quantization(8)
+    else:  # the step passes its axis_name on to the activation quantizer (batch ranges over devices)
+        s_apply = linen_apply_fn(student)
+        weights = weight_quantization(8, activation_bits=8, activation_range=activations)
     transform = chain(
         pruning(0.75, schedule=polynomial_schedule(begin_step=0, end_step=4, frequency=1)),
-        weight_quantization(8),
+        weights,
     )
+    compression_state = transform.init(s_params)
+    if activations == "calibrated":  # ranges kept in the transform state, EMA-updated in training
+        x, _ = _data()
+        compression_state = calibrate_activations(
+            transform, compression_state, linen_apply_fn(student.clone(axis_name=None)), s_params, s_state,
+            [{"image": x[:64]}, {"image": x[64:128]}])
     # SGD, not Adam: the conv biases before BatchNorm get gradients that are exactly zero in exact
     # arithmetic, and Adam would blow their rounding noise (which depends on the summation order,
     # hence on the device count) up to learning-rate-sized steps.
@@ -74,7 +78,7 @@ def _setup(axis_name, activations="calibrated"):
     kd = Teacher(linen_apply_fn(teacher), functools.partial(kd_loss, temperature=4.0, kd_weight=0.9, ce_weight=0.1))
     step = make_train_step(s_apply, opt, transform=transform, teacher=kd, axis_name=axis_name)
     state = init_train_state(s_params, opt, transform=transform, model_state=s_state, rng=0)
-    return step, state, split_variables(t_vars)
+    return step, state._replace(compression_state=compression_state), split_variables(t_vars)
 
 
 def _run(parallel, devices=8, activations="calibrated", x64=True, steps=STEPS):
@@ -121,12 +125,17 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
     got, losses = _run(parallel)
     assert len(jax.devices()) == 8
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(got.params))
-    assert "quant_stats" in got.model_state  # calibrated ranges, moved by their EMA in training
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     _assert_close(got.params, ref.params, rel=1e-6)
-    _assert_close(got.model_state, ref.model_state, rel=1e-6)  # BatchNorm statistics and ranges
-    masks_ref = jax.tree.leaves(ref.compression_state)
-    for a, b in zip(jax.tree.leaves(got.compression_state), masks_ref):
+    _assert_close(got.model_state, ref.model_state, rel=1e-6)  # BatchNorm statistics
+    # Calibrated ranges live in the transform state and moved by their EMA in training (update
+    # folds each step's batch range, the min/max over all devices under pmap), equally everywhere.
+    ranges, start = got.compression_state[1].ranges, _setup(None)[1].compression_state[1].ranges
+    assert sorted(ranges) == ["conv1", "conv2", "fc1", "head"]
+    assert all(float(ranges[k]["max"]) != float(start[k]["max"]) for k in ranges)
+    _assert_close(ranges, ref.compression_state[1].ranges, rel=1e-6)
+    masks_ref = jax.tree.leaves(ref.compression_state[0])
+    for a, b in zip(jax.tree.leaves(got.compression_state[0]), masks_ref):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(got.step) == STEPS
     # the pruning really happened: 75% of the pruned kernels are zero after 20 steps

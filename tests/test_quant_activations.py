@@ -1,4 +1,5 @@
-"""Activation quantization by interception (Linen) and op hooks (NNX); calibration; W8A8 QAT."""
+"""Activation quantization by interception (Linen, part of weight_quantization) and op hooks (NNX);
+calibration into the transform state; PACT levels trained by the step; W8A8 QAT."""
 import flax.linen as nn
 import flax.nnx as nnx
 import jax
@@ -7,29 +8,29 @@ import numpy as np
 import optax
 import pytest
 
+from jaxcompress.core.transform import Trainable, chain, intercepted, update_info
 from jaxcompress.data import load_mnist
 from jaxcompress.models import LeNet5, MLP
+from jaxcompress.prune import pruning
 from jaxcompress.quant import (
-    PACT_KEY,
+    QuantSpec,
     QuantStat,
     affine_qparams,
     calibrate_activations,
     calibrate_nnx_activations,
     fake_quant_affine,
-    minmax,
     moving_average_minmax,
     mse,
     nnx_apply_fn,
     pact,
-    pact_activations,
-    pact_params,
     percentile,
-    quantize_activations,
     quantize_nnx_activations,
     weight_quantization,
 )
 from jaxcompress.train import evaluate, init_train_state, linen_apply_fn, make_eval_step, make_train_step
 from jaxcompress.train import split_variables
+
+FLOAT_WEIGHTS = [(".*", QuantSpec(weights=None))]  # inputs quantized, kernels left in float
 
 
 def _fq(x, lo, hi, bits):
@@ -52,45 +53,90 @@ def _mlp_by_hand(params, x, in_quant):
     return h @ params["head"]["kernel"] + params["head"]["bias"]
 
 
+def _run(model, t, s, params, x, *, train=False, observed=None):
+    with intercepted(t, s, train=train, observed=observed):
+        return model.apply({"params": params}, x)
+
+
 def test_dynamic_ranges_quantize_every_layer_input():
     model, params, state, x = _mlp_setup()
-    f = quantize_activations(linen_apply_fn(model), 4)
-    got, _ = f(params, state, {"image": x}, train=False)
+    t = weight_quantization(8, activation_bits=4)
+    s = t.init(params)
+    assert s.ranges is None and s.alpha is None  # dynamic ranges need no state
+    got = _run(model, t, s, params, x)
     want = _mlp_by_hand(params, x, lambda name, a: _fq(a, a.min(), a.max(), 4))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    ref, _ = linen_apply_fn(model)(params, state, {"image": x}, train=False)
+    ref = model.apply({"params": params}, x)
     assert not np.allclose(np.asarray(got), np.asarray(ref), atol=1e-3)  # 4 bits changes the logits
+    assert weight_quantization(8).intercept is None  # weights only: the step runs the model plainly
 
 
 def test_rules_choose_bits_per_layer():
     model, params, state, x = _mlp_setup(1)
-    f = quantize_activations(linen_apply_fn(model), 8, rules=[("head", None), (".*", 3)])
-    got, _ = f(params, state, {"image": x}, train=False)
+    t = weight_quantization(8, activation_bits=8, rules=[("head", QuantSpec(activations=None)),
+                                                         (".*", QuantSpec(weights=4, activations=3))])
+    got = _run(model, t, t.init(params), params, x)
     want = _mlp_by_hand(params, x, lambda n, a: a if n == "head" else _fq(a, a.min(), a.max(), 3))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    d = t.describe(params, t.init(params))
+    assert (d["fc1/kernel"].bits, d["fc1/kernel"].act_bits) == (4, 3)
+    assert (d["head/kernel"].bits, d["head/kernel"].act_bits) == (8, None)
+    # A QuantSpec alone turns input quantization on, without activation_bits.
+    only = weight_quantization(8, rules=[("fc1", QuantSpec(activations=6)), (".*", True)])
+    assert only.intercept is not None and only.describe(params, only.init(params))["fc1/kernel"].act_bits == 6
 
 
-def test_calibration_records_layer_input_ranges_and_static_eval():
+def test_calibration_fills_the_state_ranges_and_update_moves_them():
     model, params, state, x = _mlp_setup(2)
+    apply_fn = linen_apply_fn(model)
     batches = [{"image": x[:16]}, {"image": x[16:]}]
-    cal = calibrate_activations(linen_apply_fn(model), params, state, batches)
+    t = weight_quantization(8, activation_bits=8, activation_range="calibrated", momentum=0.9, rules=FLOAT_WEIGHTS)
+    s0 = t.init(params)
+    assert sorted(s0.ranges) == ["fc1", "head"]
+    s = calibrate_activations(t, s0, apply_fn, params, state, batches)
     flat = np.asarray(x).reshape(32, -1).astype(np.float64)
     hidden = np.maximum(flat @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
-    np.testing.assert_allclose(float(cal["quant_stats"]["fc1"]["min"]), flat.min(), rtol=1e-6)
-    np.testing.assert_allclose(float(cal["quant_stats"]["fc1"]["max"]), flat.max(), rtol=1e-6)
-    np.testing.assert_allclose(float(cal["quant_stats"]["head"]["max"]), hidden.max(), rtol=1e-5)
-    f = quantize_activations(linen_apply_fn(model), 8, momentum=0.9)
-    # eval: the calibrated (not the batch) ranges are used, and nothing changes
-    small = x[:4]
-    got, new_state = f(params, cal, {"image": small}, train=False)
-    st = cal["quant_stats"]
+    np.testing.assert_allclose(float(s.ranges["fc1"]["min"]), flat.min(), rtol=1e-6)
+    np.testing.assert_allclose(float(s.ranges["fc1"]["max"]), flat.max(), rtol=1e-6)
+    np.testing.assert_allclose(float(s.ranges["head"]["max"]), hidden.max(), rtol=1e-5)
+    # eval: the calibrated (not the batch) ranges are used, and nothing is observed
+    small, st = x[:4], s.ranges
+    observed = {}
+    got = _run(model, t, s, params, small, observed=observed)
     want = _mlp_by_hand(params, small, lambda n, a: _fq(a, st[n]["min"], st[n]["max"], 8))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(a == b), new_state, cal))
-    # train: ranges follow the moving average of the batch ranges
-    _, trained = f(params, cal, {"image": small}, train=True, rng=jax.random.key(0))
+    assert observed == {}
+    # train: the forward pass uses the EMA of the stored and the batch range, records the batch
+    # range, and update folds it into the state the same way
+    got = _run(model, t, s, params, small, train=True, observed=observed)
+    np.testing.assert_allclose(float(observed["fc1"][0]), float(np.asarray(small).min()), rtol=1e-6)
+    new = t.update(params, s, update_info(1, observed=observed)).ranges
     lo = 0.9 * float(st["fc1"]["min"]) + 0.1 * float(np.asarray(small).min())
-    np.testing.assert_allclose(float(trained["quant_stats"]["fc1"]["min"]), lo, rtol=1e-6)
+    np.testing.assert_allclose(float(new["fc1"]["min"]), lo, rtol=1e-6)
+    want = _mlp_by_hand(params, small, lambda n, a: _fq(a, new[n]["min"], new[n]["max"], 8))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # before calibration a range is unset and takes the first batch's
+    first = t.update(params, s0, update_info(1, observed=observed)).ranges
+    assert float(first["fc1"]["min"]) == float(observed["fc1"][0])
+
+
+def test_ranges_move_by_ema_through_the_train_step():
+    model, params, state, x = _mlp_setup(5)
+    apply_fn = linen_apply_fn(model)
+    t = chain(pruning(0.5), weight_quantization(8, activation_bits=8, activation_range="calibrated", momentum=0.5))
+    opt = optax.sgd(0.0)  # the weights stay put: the ranges move by the batches alone
+    st = init_train_state(params, opt, transform=t, model_state=state)
+    st = st._replace(compression_state=calibrate_activations(t, st.compression_state, apply_fn, params, state,
+                                                             [{"image": x[:8]}]))
+    before = st.compression_state[1].ranges
+    step = jax.jit(make_train_step(apply_fn, opt, transform=t))
+    batch = {"image": x[8:] * 3.0, "label": np.zeros(24, np.int32)}
+    st, _ = step(st, batch)
+    after = st.compression_state[1].ranges
+    flat = np.asarray(batch["image"]).reshape(24, -1)
+    np.testing.assert_allclose(float(after["fc1"]["max"]), 0.5 * float(before["fc1"]["max"]) + 0.5 * flat.max(),
+                               rtol=1e-6)
+    assert st.model_state == {}  # nothing about activations in the model state
 
 
 def test_observers_against_numpy():
@@ -143,13 +189,55 @@ def _train(apply_fn, params, model_state, transform, data, steps=300):
 def test_linen_cnn_trains_with_w8a8(mnist_small):
     model = LeNet5()
     params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
-    w8 = weight_quantization(8)
-    a8 = quantize_activations(linen_apply_fn(model), 8)
-    state, acc = _train(a8, params, ms, w8, mnist_small, steps=150)
+    w8a8 = weight_quantization(8, activation_bits=8)
+    state, acc = _train(linen_apply_fn(model), params, ms, w8a8, mnist_small, steps=150)
     assert acc > 0.9, acc
     # the W8A8 model is on the grid: its first-layer kernel has <= 255 values per output channel
-    k = np.asarray(w8.apply(state.params, state.compression_state)["conv1"]["kernel"])
+    k = np.asarray(w8a8.apply(state.params, state.compression_state)["conv1"]["kernel"])
     assert max(len(np.unique(k[..., c])) for c in range(k.shape[-1])) <= 255
+
+
+def test_prune_int4_per_channel_int8_inputs_describe_what_the_model_runs():
+    """One chain, one rule: prune 50%, int4 per-channel kernels, int8 layer inputs. The
+    self-description matches the view (levels per channel, zeros, scales) and the forward pass."""
+    model = LeNet5()
+    params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    t = chain(pruning(0.5), weight_quantization(8, rules=[(".*", QuantSpec(weights=4, activations=8))]))
+    s = t.init(params)
+    view = t.apply(params, s)
+    described = t.describe(params, s)
+    kernels = sorted(k for k in described)
+    assert kernels == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel", "head/kernel"]
+    for path, spec in described.items():
+        layer = path.split("/")[0]
+        v = np.asarray(view[layer]["kernel"], np.float64)
+        assert (spec.bits, spec.scheme, spec.channel_axis, spec.act_bits) == (4, "symmetric", -1, 8), path
+        mask, scale = np.asarray(spec.mask), np.asarray(spec.scale, np.float64)
+        assert mask.shape == v.shape and abs(mask.mean() - 0.5) < 0.01, path
+        assert np.all(v[~mask] == 0.0), path  # zeros where pruned
+        assert scale.shape == (1,) * (v.ndim - 1) + (v.shape[-1],), path  # one scale per output channel
+        q = v / scale
+        np.testing.assert_allclose(q, np.round(q), atol=1e-4, err_msg=path)
+        assert np.abs(np.round(q)).max() <= 7, path  # narrow int4: -7..7
+        per_channel = v.reshape(-1, v.shape[-1])
+        assert max(len(np.unique(per_channel[:, c])) for c in range(v.shape[-1])) <= 16, path
+    # The forward pass quantizes each selected layer's input to <= 256 levels of a uniform grid.
+    seen = {}
+
+    def capture(next_fun, args, kwargs, context):  # inside the transform's interceptor
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            seen["/".join(context.module.path)] = args[0]
+        return next_fun(*args, **kwargs)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 28, 28, 1)), jnp.float32)
+    with intercepted(t, s, train=False), nn.intercept_methods(capture):
+        model.apply({"params": view, **ms}, x, train=False)
+    assert sorted(seen) == sorted(p.split("/")[0] for p in kernels)
+    for layer, a in seen.items():
+        levels = np.unique(np.asarray(a, np.float64))
+        assert 16 < len(levels) <= 256, (layer, len(levels))
+        steps = np.diff(levels) / np.diff(levels).min()
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3, err_msg=layer)
 
 
 class NNXNet(nnx.Module):
@@ -193,57 +281,84 @@ def test_nnx_model_trains_with_w8a8(mnist_small):
 
 
 def test_pact_forward_and_alpha_gradient_against_hand_derivation():
+    """PACT levels are Trainable state: calibrated at the input max, trained by make_train_step
+    with the paper's gradient (the upstream gradient summed where x >= alpha)."""
     model, params, state, x = _mlp_setup(3)
     apply_fn = linen_apply_fn(model)
-    p = pact_params(apply_fn, params, state, {"image": x})
+    t = weight_quantization(8, activation_bits=4, activation_range="pact", rules=FLOAT_WEIGHTS)
+    s = t.init(params)
+    assert isinstance(s.alpha, Trainable) and float(s.alpha.value["head"]) == 10.0
+    s = calibrate_activations(t, s, apply_fn, params, state, [{"image": x}])
     flat = np.asarray(x, np.float64).reshape(32, -1)
     hidden = np.maximum(flat @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
-    # default init: each alpha is the max of its layer's input, so nothing is clipped at first
-    np.testing.assert_allclose(float(p[PACT_KEY]["fc1"]), flat.max(), rtol=1e-6)
-    np.testing.assert_allclose(float(p[PACT_KEY]["head"]), hidden.max(), rtol=1e-5)
+    # calibrated: each alpha is the max of its layer's input, so nothing is clipped at first
+    np.testing.assert_allclose(float(s.alpha.value["fc1"]), flat.max(), rtol=1e-6)
+    np.testing.assert_allclose(float(s.alpha.value["head"]), hidden.max(), rtol=1e-5)
     alphas = {"fc1": jnp.float32(0.8 * flat.max()), "head": jnp.float32(0.5 * hidden.max())}
-    p = {**p, PACT_KEY: alphas}
-    f = pact_activations(apply_fn, 4)
-    got, _ = f(p, state, {"image": x}, train=False)
+    s = s._replace(alpha=Trainable(alphas))
+    got = _run(model, t, s, params, x)
     want = _mlp_by_hand(params, x, lambda n, a: pact(a, alphas[n], 4))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    # d sum(logits) / d alpha_head = sum over inputs h_j >= alpha of sum_k W_head[j, k]
-    g = jax.grad(lambda q: f(q, state, {"image": x}, train=True, rng=jax.random.key(0))[0].sum())(p)
+    # One SGD step on loss = mean over examples of sum(logits): alpha moves by -lr * dloss/dalpha,
+    # and dloss/dalpha_head = (1/B) * sum over inputs h_j >= alpha of sum_k W_head[j, k].
+    lr = 0.1
+    opt = optax.sgd(lr)
+    st = init_train_state(params, opt, transform=t, model_state=state)._replace(compression_state=s)
+    step = jax.jit(make_train_step(apply_fn, opt, transform=t, loss_fn=lambda out, b: out.sum(-1), metrics_fn=None))
+    st, _ = step(st, {"image": x})
     h = np.asarray(pact(jnp.asarray(flat, jnp.float32), alphas["fc1"], 4), np.float64)
     h = np.maximum(h @ np.asarray(params["fc1"]["kernel"], np.float64) + np.asarray(params["fc1"]["bias"]), 0)
     w_rows = np.asarray(params["head"]["kernel"], np.float64).sum(axis=1)
-    want_g = float(((h >= float(alphas["head"])) * w_rows).sum())
-    assert (h >= float(alphas["head"])).any()
-    np.testing.assert_allclose(float(g[PACT_KEY]["head"]), want_g, rtol=1e-4)
-    # and the weights get their gradient through the clipped inputs
-    assert float(jnp.abs(g["fc1"]["kernel"]).sum()) > 0
+    clipped = h >= float(alphas["head"])
+    assert clipped.any() and not clipped.all()
+    want_g = float((clipped * w_rows).sum()) / len(flat)
+    moved = float(alphas["head"]) - float(st.compression_state.alpha.value["head"])
+    np.testing.assert_allclose(moved / lr, want_g, rtol=1e-4)
+    assert float(jnp.abs(st.params["fc1"]["kernel"] - params["fc1"]["kernel"]).sum()) > 0  # weights train too
 
 
-def test_pact_bad_input():
+def test_activation_settings_bad_input():
     model, params, state, x = _mlp_setup(4)
     apply_fn = linen_apply_fn(model)
-    with pytest.raises(ValueError, match="pact_alpha"):
-        pact_activations(apply_fn, 4)(params, state, {"image": x}, train=False)
-    with pytest.raises(ValueError, match="alpha must be > 0"):
-        pact_params(apply_fn, params, state, {"image": x}, alpha=0.0)
-    p = pact_params(apply_fn, params, state, {"image": x}, rules=[("head", None), (".*", True)])
-    assert set(p[PACT_KEY]) == {"fc1"}
-    with pytest.raises(ValueError, match="already hold"):
-        pact_params(apply_fn, p, state, {"image": x})
-    with pytest.raises(ValueError, match="no alpha for layer 'head'"):
-        pact_activations(apply_fn, 4)(p, state, {"image": x}, train=False)  # rules differ from pact_params'
-    with pytest.raises(ValueError, match="bits"):
-        pact_activations(apply_fn, 9)
+    with pytest.raises(ValueError, match="activation_alpha must be > 0"):
+        weight_quantization(8, activation_bits=4, activation_range="pact", activation_alpha=0.0)
+    with pytest.raises(ValueError, match="activation_range must be one of"):
+        weight_quantization(8, activation_bits=4, activation_range="ema")
+    with pytest.raises(ValueError, match="no symmetric grid"):
+        weight_quantization(8, activation_bits=4, activation_range="pact", activation_symmetric=True)
+    with pytest.raises(ValueError, match="per-rule activation bits"):
+        weight_quantization(8, rules=[(".*", QuantSpec(activations=12))])
+    with pytest.raises(ValueError, match="needs a transform that quantizes activations"):
+        calibrate_activations(weight_quantization(8), None, apply_fn, params, state, [{"image": x}])
+    t = weight_quantization(8, activation_bits=4, activation_range="pact", rules=[("head", None), (".*", True)])
+    s = t.init(params)
+    assert set(s.alpha.value) == {"fc1"}  # no alpha for a layer kept in float
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_activations(t, s, apply_fn, params, state, [])
+    other = weight_quantization(8, activation_bits=4, activation_range="pact")  # other rules than s's
+    with pytest.raises(ValueError, match="no PACT alpha for layer 'head'"):
+        _run(model, other, s, params, x)
 
 
 def test_linen_cnn_trains_with_w4_and_pact_a4(mnist_small):
     model = LeNet5()
     apply_fn = linen_apply_fn(model)
     params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
-    params = pact_params(apply_fn, params, ms, {"image": mnist_small[0][:256]})
-    state, acc = _train(pact_activations(apply_fn, 4), params, ms, weight_quantization(4), mnist_small, steps=150)
+    t = weight_quantization(4, activation_bits=4, activation_range="pact")
+    start = calibrate_activations(t, t.init(params), apply_fn, params, ms, [{"image": mnist_small[0][:256]}])
+    xtr, ytr, xte, yte = mnist_small
+    opt = optax.adam(2e-3)
+    state = init_train_state(params, opt, transform=t, model_state=ms, rng=0)._replace(compression_state=start)
+    step = jax.jit(make_train_step(apply_fn, opt, transform=t))
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        idx = rng.integers(0, len(ytr), 64)
+        state, _ = step(state, {"image": xtr[idx], "label": ytr[idx]})
+    acc = evaluate(jax.jit(make_eval_step(apply_fn, transform=t)), state, {"image": xte, "label": yte},
+                   batch_size=500)["accuracy"]
     assert acc > 0.9, acc
-    moved = [abs(float(state.params[PACT_KEY][k]) - float(params[PACT_KEY][k])) for k in params[PACT_KEY]]
+    a0, a1 = start.alpha.value, state.compression_state.alpha.value
+    moved = [abs(float(a1[k]) - float(a0[k])) for k in a0]
     assert max(moved) > 1e-3, moved  # the clipping levels are trained
 
 

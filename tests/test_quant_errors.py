@@ -11,7 +11,6 @@ from jaxcompress.quant import (
     fake_quant,
     fake_quant_affine,
     lsq_fake_quant,
-    quantize_activations,
     weight_quantization,
     ternarize,
     weight_sharing,
@@ -24,8 +23,8 @@ def test_bits_out_of_range(bits):
         fake_quant(jnp.ones((2, 2)), bits)
     with pytest.raises(ValueError, match="bits"):
         weight_quantization(bits)
-    with pytest.raises(ValueError, match="bits"):
-        quantize_activations(lambda *a, **k: None, bits)
+    with pytest.raises(ValueError, match="activation_bits"):
+        weight_quantization(8, activation_bits=bits)
 
 
 def test_bits_wrong_type_and_bad_rule_values():
@@ -92,4 +91,4 @@ def test_quant_range_and_sharing_arguments():
     with pytest.raises(TypeError, match="clusters must be an int"):
         weight_sharing(4.0)
     with pytest.raises(ValueError, match="momentum"):
-        quantize_activations(lambda *a, **k: None, 8, momentum=1.5)
+        weight_quantization(8, activation_bits=8, activation_range="calibrated", momentum=1.5)

@@ -14,7 +14,8 @@ from jaxcompress.core.transform import chain
 from jaxcompress.data.text import eval_windows, load_python_corpus, sample_windows
 from jaxcompress.distill.losses import kd_loss, perplexity
 from jaxcompress.models.transformer import TransformerLM
-from jaxcompress.quant.activations import COLLECTION, calibrate_activations, quantize_activations
+from jaxcompress.core.transform import intercepted
+from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.train.loop import fit
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
 from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train_step, token_loss, token_metrics
@@ -28,13 +29,15 @@ KD = functools.partial(kd_loss, temperature=2.0, kd_weight=0.5, ce_weight=0.5)
 
 
 def compression():
-    """Pruning 50% of the block kernels, then 8-bit per-channel weights on every Dense kernel.
+    """Pruning 50% of the block kernels, then 8-bit per-channel weights and calibrated 8-bit
+    inputs on every Dense layer.
 
     The one place that names the pruning and weight-quantization transforms.
     """
     from jaxcompress import pruning, weight_quantization
 
-    return chain(pruning(0.5, rules=BLOCK_KERNELS), weight_quantization(8, rules=KERNELS))
+    return chain(pruning(0.5, rules=BLOCK_KERNELS),
+                 weight_quantization(8, rules=KERNELS, activation_bits=8, activation_range="calibrated"))
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +121,23 @@ def test_per_token_evaluation_over_eval_windows(corpus, teacher):
 
 def test_compressed_student_trains_with_token_kd(corpus, teacher):
     params, model_state = init(STUDENT, 0)
-    base_fn = linen_apply_fn(STUDENT, inputs="tokens")
+    student_fn = linen_apply_fn(STUDENT, inputs="tokens")
     calibration = [sample_windows(corpus.train, batch_size=B, seq_len=T, rng=np.random.default_rng(i))
                    for i in range(3)]
-    model_state = calibrate_activations(base_fn, params, model_state, calibration)
-    layers = {f"block_0/attn/{n}" for n in ("query", "key", "value", "out")} | {"block_0/mlp/fc1",
-                                                                                 "block_0/mlp/fc2", "head"}
-    assert set(model_state[COLLECTION]) == layers
-    student_fn = quantize_activations(base_fn, 8)
     transform = compression()
     opt = optax.adam(3e-3)
+    state = init_train_state(params, opt, transform=transform, model_state=model_state)
+    calibrated = calibrate_activations(transform, state.compression_state, student_fn, params, model_state,
+                                       calibration)
+    state = state._replace(compression_state=calibrated)
+    calibrated = jax.device_get(calibrated)  # the step donates the state
+    layers = {f"block_0/attn/{n}" for n in ("query", "key", "value", "out")} | {"block_0/mlp/fc1",
+                                                                                 "block_0/mlp/fc2", "head"}
+    assert set(calibrated[1].ranges) == layers
+    assert all(transform.describe(params, calibrated)[f"{k}/kernel"].act_bits == 8 for k in layers)
     kd = Teacher(linen_apply_fn(TEACHER, inputs="tokens"), KD, labels="targets")
     step = jax.jit(make_train_step(student_fn, opt, loss_fn=token_loss, metrics_fn=token_metrics,
                                    transform=transform, teacher=kd), donate_argnums=0)
-    state = init_train_state(params, opt, transform=transform, model_state=model_state)
     data = batches(corpus.train, 0)
 
     # One step's loss against kd_loss on the student's (W8A8 view, training mode) and the teacher's logits.
@@ -140,7 +146,8 @@ def test_compressed_student_trains_with_token_kd(corpus, teacher):
     @jax.jit
     def manual(state, batch):
         view = transform.apply(state.params, state.compression_state)
-        s_logits, _ = student_fn(view, state.model_state, batch, train=True, rng=jax.random.key(0))
+        with intercepted(transform, state.compression_state, train=True):
+            s_logits, _ = student_fn(view, state.model_state, batch, train=True, rng=jax.random.key(0))
         t_logits = TEACHER.apply({"params": teacher[0]}, batch["tokens"])
         per_token = KD(s_logits, t_logits, labels=batch["targets"])
         soft = kd_loss(s_logits, t_logits, temperature=2.0)
@@ -170,9 +177,10 @@ def test_compressed_student_trains_with_token_kd(corpus, teacher):
         q = k / (np.abs(k).max(0) / 127.0)  # each column's max magnitude is the grid's level 127
         np.testing.assert_allclose(q, np.round(q), atol=1e-3)
     assert np.all(np.asarray(view["embed"]["embedding"]) == np.asarray(state.params["embed"]["embedding"]))
-    # Calibrated ranges moved with training (EMA in the model state) and stay finite.
-    ranges = state.model_state[COLLECTION]
+    # Calibrated ranges moved with training (EMA in the transform state) and stay finite.
+    ranges = state.compression_state[1].ranges
     assert all(np.isfinite(float(r["min"])) and float(r["max"]) > float(r["min"]) for r in ranges.values())
+    assert any(float(ranges[k]["max"]) != float(calibrated[1].ranges[k]["max"]) for k in layers)
 
     eval_step = jax.jit(make_eval_step(student_fn, transform=transform, loss_fn=token_loss, metrics_fn=token_metrics))
     out = evaluate(eval_step, state, eval_windows(corpus.validation[:2000], batch_size=B, seq_len=T))

@@ -1,7 +1,7 @@
 """Cost of W8A8 quantization-aware training: one train step with and without fake quantization.
 
-LeNet-5, batch 128, adam. Candidate: ``weight_quantization(8)`` (per-channel symmetric weights) plus
-``quantize_activations(..., 8)`` (every Dense/Conv input, dynamic affine range). Baseline: the
+LeNet-5, batch 128, adam. Candidate: ``weight_quantization(8, activation_bits=8)`` (per-channel
+symmetric weights, every Dense/Conv input on a dynamic affine range). Baseline: the
 same step in float. Where Qwix is installed (``pip install qwix``, optional), its QAT model
 (``QtProvider`` with int8 weights and activations) is timed in the same loop for comparison.
 Steps are timed one at a time (``block_until_ready``), interleaved candidate / baseline / Qwix,
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from jaxcompress.models import LeNet5
-from jaxcompress.quant import quantize_activations, weight_quantization
+from jaxcompress.quant import weight_quantization
 from jaxcompress.train import init_train_state, linen_apply_fn, make_train_step, split_variables
 
 BATCH = 128
@@ -63,7 +63,7 @@ def main() -> None:
 
     runs = {
         "float": build(linen_apply_fn(model), None),
-        "w8a8": build(quantize_activations(linen_apply_fn(model), 8), weight_quantization(8)),
+        "w8a8": build(linen_apply_fn(model), weight_quantization(8, activation_bits=8)),
     }
     qmodel, qwix_version = _qwix_model(model)
     if qmodel is not None:

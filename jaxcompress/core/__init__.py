@@ -10,4 +10,5 @@ from jaxcompress.core.transform import Transform as Transform
 from jaxcompress.core.transform import UpdateInfo as UpdateInfo
 from jaxcompress.core.transform import chain as chain
 from jaxcompress.core.transform import identity as identity
+from jaxcompress.core.transform import intercepted as intercepted
 from jaxcompress.core.transform import update_info as update_info

@@ -1,6 +1,6 @@
 """The core abstraction: a compression transform over a parameter pytree.
 
-A :class:`Transform` is a NamedTuple of three pure functions, modelled on optax's
+A :class:`Transform` is a NamedTuple of pure functions, modelled on optax's
 ``GradientTransformation``:
 
 * ``init(params) -> state``: builds the transform's state (masks, scales, counters).
@@ -11,6 +11,11 @@ A :class:`Transform` is a NamedTuple of three pure functions, modelled on optax'
 * ``describe(params, state) -> {path: LeafSpec}``: what the transform did to each leaf it touches
   (mask, bit width, scheme, axis or group, scales, zero points, codebook). Size reports and export
   read it, so a user never enters masks or bit widths twice.
+* ``intercept(state, *, train, axis_name, observed, observe=None) -> interceptor`` (optional,
+  ``None`` for weight-only methods): a Flax Linen method interceptor (for
+  :func:`flax.linen.intercept_methods`) that changes what the model computes at run time, such
+  as the inputs of its layers (activation quantization). The train step runs the model under it
+  and hands what it wrote into ``observed`` (batch statistics) to ``update``.
 
 Stored params always stay the latent float weights; ``apply`` gives the compressed view.
 
@@ -23,6 +28,7 @@ users who write their own loop.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -40,10 +46,13 @@ class UpdateInfo(NamedTuple):
       grads: the gradient of the loss at the compressed *view* of the step that was just applied
         (same structure as the params): dense, so a pruned weight has the gradient it would get
         if it were present (what RigL grows by). ``None`` when the caller has none (calibration).
+      observed: what the transform's ``intercept`` recorded in the training forward pass of the
+        step (e.g. ``{layer path: (batch min, batch max)}`` of activation inputs), or ``None``.
     """
 
     step: jax.Array
     grads: Optional[Params] = None
+    observed: Optional[dict] = None
 
 
 class LeafSpec(NamedTuple):
@@ -91,7 +100,7 @@ def no_description(params: Params, state: State) -> dict:
 
 
 class Transform(NamedTuple):
-    """A compression transform: ``init``, ``apply``, ``update`` and ``describe``, all pure.
+    """A compression transform: ``init``, ``apply``, ``update``, ``describe``, ``intercept``; all pure.
 
     Attributes:
       init: ``params -> state``.
@@ -99,12 +108,22 @@ class Transform(NamedTuple):
       update: ``(params, state, UpdateInfo) -> state``; called after each optimizer step.
       describe: ``(params, state) -> {path: LeafSpec}`` for the leaves it changes (``path`` as
         :func:`~jaxcompress.core.paths.path_name` writes it). Defaults to describing nothing.
+      intercept: ``None`` (the default: the transform changes only the weights), or
+        ``intercept(state, *, train, axis_name, observed, observe=None) -> interceptor``: a Flax
+        Linen method interceptor the model runs under (:func:`flax.linen.intercept_methods`).
+        ``train`` is the model's mode, ``axis_name`` the mapped axis of the step (batch
+        statistics are reduced over it), ``observed`` a dict the interceptor fills while the
+        model is traced (the step passes it to ``update`` as ``UpdateInfo.observed``). With
+        ``observe`` (a function of one array) the interceptor changes nothing and records
+        ``observe(x)`` of the inputs it would change, in a list per layer (calibration).
+        :class:`Trainable` values of the state it reads get their gradient through the model.
     """
 
     init: Callable[[Params], State]
     apply: Callable[[Params, State], Params]
     update: Callable[[Params, State, UpdateInfo], State]
     describe: Callable[[Params, State], dict] = no_description
+    intercept: Optional[Callable[..., Callable]] = None
 
 
 class Trainable(NamedTuple):
@@ -175,9 +194,71 @@ def identity() -> Transform:
     return Transform(init, apply, update, no_description)
 
 
-def update_info(step, grads=None) -> UpdateInfo:
+def update_info(step, grads=None, observed=None) -> UpdateInfo:
     """Builds an :class:`UpdateInfo` with ``step`` as an int32 array."""
-    return UpdateInfo(step=jnp.asarray(step, jnp.int32), grads=grads)
+    return UpdateInfo(step=jnp.asarray(step, jnp.int32), grads=grads, observed=observed)
+
+
+@contextlib.contextmanager
+def intercepted(transform: "Transform", state: State, *, train: bool, axis_name: Optional[str] = None,
+                observed: Optional[dict] = None, observe: Optional[Callable] = None):
+    """A context in which Flax Linen models run under ``transform``'s interceptor, if it has one.
+
+    What the train and eval steps do around the model; use it to run a model with the
+    transform's activation quantization in a loop of your own.
+
+    Args:
+      transform: a :class:`Transform` (one without ``intercept`` changes nothing).
+      state: its state.
+      train: the model's mode (training updates and records batch statistics).
+      axis_name: the mapped axis under ``pmap`` (batch statistics are reduced over it).
+      observed: a dict the interceptor fills (pass it to ``update`` as ``UpdateInfo.observed``).
+      observe: record ``observe(x)`` of the inputs instead of changing them (calibration).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxcompress.quant import weight_quantization
+      >>> t = weight_quantization(8, activation_bits=2)
+      >>> p = {'kernel': jnp.ones((3, 1))}
+      >>> with intercepted(t, t.init(p), train=False):  # inputs on the grid {0, 1, 2, 3}
+      ...     float(nn.Dense(1, use_bias=False).apply({'params': p}, jnp.array([[0.0, 0.4, 3.0]]))[0, 0])
+      3.0
+    """
+    if transform.intercept is None:
+        yield
+        return
+    import flax.linen as nn
+
+    observed = {} if observed is None else observed
+    with nn.intercept_methods(transform.intercept(state, train=train, axis_name=axis_name, observed=observed,
+                                                  observe=observe)):
+        yield
+
+
+def compose_interceptors(interceptors) -> Callable:
+    """One Flax Linen method interceptor running ``interceptors`` nested, the first outermost.
+
+    Example:
+      >>> calls = []
+      >>> def tag(t):
+      ...     def interceptor(next_fun, args, kwargs, context):
+      ...         calls.append(t)
+      ...         return next_fun(*args, **kwargs)
+      ...     return interceptor
+      >>> compose_interceptors([tag('a'), tag('b')])(lambda x: x + 1, (1,), {}, None), calls
+      (2, ['a', 'b'])
+    """
+    interceptors = list(interceptors)
+
+    def composed(next_fun, args, kwargs, context):
+        def run(i, args, kwargs):
+            if i == len(interceptors):
+                return next_fun(*args, **kwargs)
+            return interceptors[i](lambda *a, **k: run(i + 1, a, k), args, kwargs, context)
+
+        return run(0, args, kwargs)
+
+    return composed
 
 
 def chain(*transforms: Transform) -> Transform:
@@ -185,7 +266,10 @@ def chain(*transforms: Transform) -> Transform:
 
     ``apply`` runs ``t1``, then ``t2`` on ``t1``'s view, and so on; ``init`` and ``update`` give
     each transform the view of the transforms before it, so a quantizer placed after a pruner
-    sees (and keeps) the zeros. With symmetric quantization zeros stay exactly zero.
+    sees (and keeps) the zeros. With symmetric quantization zeros stay exactly zero. The
+    ``intercept`` of the chain nests its members' (each with its own state; ``None`` when no
+    member has one), and each member's ``update`` sees only what its own interceptor observed
+    (the chain's ``observed`` holds ``{member index: observed}``).
 
     Args:
       *transforms: :class:`Transform` objects, applied in order.
@@ -237,8 +321,9 @@ def chain(*transforms: Transform) -> Transform:
     def update(params, state, info):
         check(state)
         new_states = []
-        for t, s in zip(transforms, state):
-            s = t.update(params, s, info)
+        for i, (t, s) in enumerate(zip(transforms, state)):
+            own = None if info.observed is None else info.observed.get(i)
+            s = t.update(params, s, info._replace(observed=own))
             new_states.append(s)
             params = t.apply(params, s)
         return tuple(new_states)
@@ -252,4 +337,14 @@ def chain(*transforms: Transform) -> Transform:
             params = t.apply(params, s)
         return specs
 
-    return Transform(init, apply, update, describe)
+    def intercept(state, *, train, axis_name, observed, observe=None):
+        check(state)
+        parts = []
+        for i, (t, s) in enumerate(zip(transforms, state)):
+            if t.intercept is not None:
+                own = observed.setdefault(i, {})
+                parts.append(t.intercept(s, train=train, axis_name=axis_name, observed=own, observe=observe))
+        return compose_interceptors(parts)
+
+    has_intercept = any(t.intercept is not None for t in transforms)
+    return Transform(init, apply, update, describe, intercept if has_intercept else None)

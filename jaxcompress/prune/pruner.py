@@ -292,4 +292,4 @@ def straight_through(transform: Transform) -> Transform:
         view = transform.apply(params, state)
         return jax.tree.map(lambda w, v: w + jax.lax.stop_gradient(v - w), params, view)
 
-    return Transform(transform.init, apply, transform.update, transform.describe)
+    return transform._replace(apply=apply)

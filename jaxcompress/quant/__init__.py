@@ -1,15 +1,13 @@
 """Quantization: fake quantization with straight-through gradients, QAT and PTQ for weights and activations.
 
+Activation quantization is part of :func:`weight_quantization` (``activation_bits=``,
+``QuantSpec`` rule values); :func:`calibrate_activations` fills its ranges.
+
 Transforms are nouns (:func:`weight_quantization`, :func:`lsq_quantization`,
 :func:`weight_sharing`); functions over arrays are verbs (:func:`fake_quant`,
 :func:`fake_quant_affine`, :func:`binarize`, :func:`ternarize`, :func:`lsq_fake_quant`).
 """
-from jaxcompress.quant.activations import COLLECTION as COLLECTION
-from jaxcompress.quant.activations import PACT_KEY as PACT_KEY
 from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
-from jaxcompress.quant.activations import pact_activations as pact_activations
-from jaxcompress.quant.activations import pact_params as pact_params
-from jaxcompress.quant.activations import quantize_activations as quantize_activations
 from jaxcompress.quant.affine import EPS as EPS
 from jaxcompress.quant.affine import QuantParams as QuantParams
 from jaxcompress.quant.affine import affine_qparams as affine_qparams
@@ -39,5 +37,6 @@ from jaxcompress.quant.observers import percentile as percentile
 from jaxcompress.quant.sharing import SharingState as SharingState
 from jaxcompress.quant.sharing import kmeans_1d as kmeans_1d
 from jaxcompress.quant.sharing import weight_sharing as weight_sharing
+from jaxcompress.quant.weights import QuantSpec as QuantSpec
 from jaxcompress.quant.weights import QuantState as QuantState
 from jaxcompress.quant.weights import weight_quantization as weight_quantization

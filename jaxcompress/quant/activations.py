@@ -1,30 +1,36 @@
-"""Activation quantization without touching the model: Flax Linen interception, NNX op hooks.
+"""Activation quantization without touching the model: the inputs of the selected layers.
 
-The input of every selected layer (Linen ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``;
-NNX ``Linear``, ``LinearGeneral``, ``Conv``, ``Einsum``) is fake-quantized before the layer runs.
-Weights are quantized separately by a weight transform
-(:func:`~jaxcompress.quant.weights.weight_quantization`), so W8A8 is that transform plus
-:func:`quantize_activations` around the apply function.
+The input of every selected Linen layer (``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``) is
+fake-quantized before the layer runs, by a Flax method interceptor (``nn.intercept_methods``, as
+Qwix does), not by a model rewrite. It is part of the weight quantizer: with
+``weight_quantization(4, activation_bits=8)`` one transform (and one rule per layer, e.g.
+``QuantSpec(weights=4, activations=8)``) says "int4 weights, int8 inputs"; its ``intercept`` is
+what the train and eval steps run the model under, and ``describe`` reports ``act_bits`` on the
+layer's kernel (``'layer/kernel'``). A layer is selected for its input when its kernel is.
 
-Where the ranges live. Dynamic ranges (the default) are the min/max of each batch and need no
-state. Calibrated ranges are kept in the **model state** as a Flax-style collection
-``'quant_stats'`` (``{layer path: {'min': f32, 'max': f32}}``), not in the compression
-transform's state: the ranges are read and written by the forward pass, exactly like BatchNorm
-statistics, and the model state is the state the forward pass sees. The train step already
-returns it from the training-mode forward pass, averages it over devices (``axis_name``) and
-checkpoints it, while a transform's state is only visible to the weight view. In training mode
-calibrated ranges follow an exponential moving average of the batch min/max (``momentum``), as
-in TF-MOT's QAT; in eval mode they are fixed.
+Where the ranges live: in the transform's state (one home for masks, ranges and counters).
 
-Learned clipping (PACT, Choi et al. 2018). :func:`pact_activations` quantizes each selected
-layer's input to ``2^b`` levels on ``[0, alpha]`` with a trained ``alpha`` per layer. A trained
-value needs a gradient, so the clipping levels live in the **params**, under the top-level key
-``'pact_alpha'`` (``{layer path: alpha}``) that :func:`pact_params` adds: the optimizer trains
-them with the weights (weight decay on them is the paper's L2 on ``alpha``), and weight
-transforms leave them alone (scalars are never selected by rules).
+* ``'dynamic'``: each batch's min/max; no state.
+* ``'calibrated'``: ``{layer path: {'min', 'max'}}`` in the state, filled by
+  :func:`calibrate_activations` (static PTQ, or the start of QAT). In training the forward pass
+  quantizes with the exponential moving average of the stored and the batch range (TF-MOT's QAT)
+  and records the batch range in ``observed``; the transform's ``update`` folds it into the state
+  the same way. Evaluation uses the stored ranges as they are. A layer not yet calibrated starts
+  from its first batch's range.
+* ``'pact'`` (Choi et al. 2018): ``clip(x, 0, alpha)`` on ``2^b`` levels with one trained
+  ``alpha`` per layer, kept in the state as :class:`~jaxcompress.core.transform.Trainable`; the
+  step differentiates the loss with respect to it through the forward pass and the user's
+  optimizer updates it.
+
+Under ``jax.pmap`` the step's ``axis_name`` is passed on to the interceptor, so batch ranges
+are the min/max over all devices, as on one device.
+
+The NNX path (:mod:`jaxcompress.quant.nnx`, op hooks with ranges in the model's own variables)
+shares the range and fake-quant helpers below.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -32,15 +38,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.rules import Rules, explain
-from jaxcompress.core.validation import check_fraction, check_int, check_positive
+from jaxcompress.core.transform import Trainable, Transform, intercepted
+from jaxcompress.core.validation import check_int
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 from jaxcompress.quant.lowbit import pact
 
-#: The model-state collection holding calibrated activation ranges.
-COLLECTION = "quant_stats"
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-#: The params key holding PACT clipping levels.
-PACT_KEY = "pact_alpha"
+RANGES = ("dynamic", "calibrated", "pact")
+#: PACT clipping levels start at least this high after calibration.
+MIN_ALPHA = 1e-3
 
 
 def layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
@@ -51,6 +57,18 @@ def layer_bits(name: str, rules: Optional[Rules], bits: int) -> Optional[int]:
     if value is None:
         return None
     return bits if value is True else check_int("per-rule activation bits", value, minimum=2, maximum=8)
+
+
+def kernel_path(layer: str) -> str:
+    """The path of a layer's kernel in its params: ``'block/fc'`` -> ``'block/fc/kernel'``."""
+    return f"{layer}/kernel" if layer else "kernel"
+
+
+def layer_of(path: str) -> Optional[str]:
+    """The layer whose kernel ``path`` is (``'block/fc/kernel'`` -> ``'block/fc'``), else ``None``."""
+    if path == "kernel":
+        return ""
+    return path[: -len("/kernel")] if path.endswith("/kernel") else None
 
 
 def _batch_range(x, axis_name=None):
@@ -74,6 +92,25 @@ def layer_range(x, stored, train: bool, momentum: float, axis_name=None):
     return momentum * stored[0] + (1 - momentum) * lo, momentum * stored[1] + (1 - momentum) * hi
 
 
+def fold_range(stored: dict, batch, momentum: float, train: bool = True) -> dict:
+    """A stored range ``{'min', 'max'}`` moved towards a batch's ``(min, max)``: its EMA in
+    training, itself in evaluation; a range never set (``min > max``, as :func:`empty_range`
+    starts) takes the batch's."""
+    lo, hi = batch
+    if train:
+        new_lo = momentum * stored["min"] + (1 - momentum) * lo
+        new_hi = momentum * stored["max"] + (1 - momentum) * hi
+    else:
+        new_lo, new_hi = stored["min"], stored["max"]
+    unset = stored["min"] > stored["max"]
+    return {"min": jnp.where(unset, lo, new_lo), "max": jnp.where(unset, hi, new_hi)}
+
+
+def empty_range() -> dict:
+    """A range no batch has been seen for (``min = inf > max = -inf``)."""
+    return {"min": jnp.float32(jnp.inf), "max": jnp.float32(-jnp.inf)}
+
+
 def observed_ranges(observer, summarize: Callable, batches) -> dict:
     """Folds ``observer`` over ``summarize(x)`` (``{layer: summary}``) for ``x`` in ``batches``:
     ``{layer: {'min': f32, 'max': f32}}``."""
@@ -95,257 +132,184 @@ def fake_quant_input(x, lo, hi, bits, symmetric):
     return fake_quant_affine(x, scale, zp, qmin, qmax)
 
 
-def _input_interceptor(layers: tuple, rules: Optional[Rules], bits: int, quantize: Callable) -> Callable:
-    """A Linen interceptor replacing the input ``x`` of each selected layer by ``quantize(path, bits, x)``."""
+def input_interceptor(
+    state: Any,
+    *,
+    bits_of: Callable[[str], Optional[int]],
+    mode: str,
+    symmetric: bool,
+    momentum: float,
+    layers: tuple,
+    train: bool,
+    axis_name: Optional[str],
+    observed: dict,
+    observe: Optional[Callable] = None,
+) -> Callable:
+    """The Linen interceptor that fake-quantizes the input of each selected layer.
+
+    Args:
+      state: the quantizer's state; its ``ranges`` (``'calibrated'``) or ``alpha`` (a
+        :class:`Trainable`, ``'pact'``) are read.
+      bits_of: ``layer path -> bits`` or ``None`` (the layer's input stays float).
+      mode: one of ``'dynamic'``, ``'calibrated'``, ``'pact'``.
+      symmetric, momentum: the grid and the EMA factor of calibrated ranges.
+      layers: the Linen layer classes whose ``__call__`` input is quantized.
+      train, axis_name, observed, observe: see :class:`~jaxcompress.core.transform.Transform`.
+    """
+
+    def stored(table, name, what):
+        if name not in table:
+            raise ValueError(
+                f"the quantizer's state has no {what} for layer {name!r} (it has {sorted(table)}); "
+                "build the state with init on this model's params and the same rules."
+            )
+        return table[name]
+
+    def quantize(name, bits, x):
+        if observe is not None:
+            observed.setdefault(name, []).append(observe(jax.lax.stop_gradient(x).astype(jnp.float32)))
+            return x
+        if mode == "pact":
+            return pact(x, stored(state.alpha.value, name, "PACT alpha"), bits)
+        batch = _batch_range(x, axis_name)
+        if mode == "dynamic":
+            return fake_quant_input(x, *batch, bits, symmetric)
+        if train:  # a layer called twice records the range of both calls
+            seen = observed.get(name)
+            observed[name] = batch if seen is None else (jnp.minimum(seen[0], batch[0]), jnp.maximum(seen[1], batch[1]))
+        r = fold_range(stored(state.ranges, name, "range"), batch, momentum, train)
+        return fake_quant_input(x, r["min"], r["max"], bits, symmetric)
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__" or not isinstance(context.module, layers) or not args:
             return next_fun(*args, **kwargs)
         name = "/".join(context.module.path)
-        b = layer_bits(name, rules, bits)
-        if b is None:
+        bits = bits_of(name)
+        if bits is None:
             return next_fun(*args, **kwargs)
-        return next_fun(quantize(name, b, args[0]), *args[1:], **kwargs)
+        return next_fun(quantize(name, bits, args[0]), *args[1:], **kwargs)
 
     return interceptor
 
 
-def quantize_activations(
-    apply_fn: Callable,
-    bits: int = 8,
-    *,
-    symmetric: bool = False,
-    rules: Optional[Rules] = None,
-    momentum: float = 0.99,
-    layers: tuple = LINEN_LAYERS,
-    axis_name: Optional[str] = None,
-) -> Callable:
-    """Wraps a Linen apply function so the inputs of its layers are fake-quantized.
-
-    Args:
-      apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (logits, model_state)``
-        running Linen modules (e.g. :func:`~jaxcompress.train.state.linen_apply_fn`).
-      bits: activation bit width, ``2..8``.
-      symmetric: signed symmetric grid instead of affine ``[0, 2^b - 1]`` with a zero point.
-      rules: ``(regex, value)`` rules on the layer path (``'conv1'``, ``'block/fc'``); ``True`` ->
-        ``bits``, an int overrides, ``None`` keeps that layer's input in float. Default: all.
-      momentum: EMA factor for calibrated ranges in training mode.
-      layers: the Linen layer classes whose ``__call__`` input is quantized.
-      axis_name: under ``jax.pmap``, the mapped axis (the train step's ``axis_name``): batch
-        ranges are then the min/max over all devices, as on one device. Leave ``None`` for one
-        device and for sharded ``jit`` (whose arrays are already global).
-
-    Returns:
-      An apply function with the same signature. With ``'quant_stats'`` in ``model_state``
-      (see :func:`calibrate_activations`) it uses and, in training, updates those ranges;
-      without, ranges are per batch.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> model = nn.Dense(1, use_bias=False)
-      >>> apply_fn = lambda p, s, x, *, train, rng=None: (model.apply({'params': p}, x), s)
-      >>> f = quantize_activations(apply_fn, 2)
-      >>> params = {'kernel': jnp.ones((3, 1))}
-      >>> x = jnp.array([[0.0, 0.4, 3.0]])
-      >>> float(f(params, {}, x, train=False)[0][0, 0])  # inputs on the grid {0, 1, 2, 3}
-      3.0
-    """
-    bits = check_int("bits", bits, minimum=2, maximum=8)
-    momentum = check_fraction("momentum", momentum)
-    layer_bits("_", rules, bits)  # validates the rules now
-
-    def wrapped(params, model_state, batch, *, train: bool, rng=None):
-        model_state = dict(model_state)
-        stats = model_state.pop(COLLECTION, None)
-        new_stats = {} if stats is None else dict(stats)
-
-        def quantize(name, b, x):
-            stored = None
-            if stats is not None:
-                if name not in stats:
-                    raise ValueError(
-                        f"model_state['{COLLECTION}'] has no range for layer {name!r} (it has "
-                        f"{sorted(stats)}); calibrate with the same model and rules."
-                    )
-                stored = (stats[name]["min"], stats[name]["max"])
-            lo, hi = layer_range(x, stored, train, momentum, axis_name)
-            if stored is not None and train:
-                new_stats[name] = {"min": lo, "max": hi}
-            return fake_quant_input(x, lo, hi, b, symmetric)
-
-        with nn.intercept_methods(_input_interceptor(layers, rules, bits, quantize)):
-            logits, new_state = apply_fn(params, model_state, batch, train=train, rng=rng)
-        if stats is not None:
-            new_state = {**dict(new_state), COLLECTION: new_stats}
-        return logits, new_state
-
-    return wrapped
-
-
-def _observe_inputs(apply_fn: Callable, layers: tuple, summarize: Callable) -> Callable:
-    """A jitted ``(params, model_state, batch) -> {layer path: summarize(layer input)}`` (eval mode, float)."""
-
-    @jax.jit
-    def run(params, model_state, x):
-        seen = {}
-
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name == "__call__" and isinstance(context.module, layers) and args:
-                seen["/".join(context.module.path)] = summarize(args[0].astype(jnp.float32))
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            apply_fn(params, model_state, x, train=False, rng=None)
-        return seen
-
-    return run
+def fold_observed(ranges: dict, observed: Optional[dict], momentum: float) -> dict:
+    """``ranges`` with each layer in ``observed`` (``{layer: (batch min, batch max)}``) moved by
+    its EMA: what a quantizer's ``update`` does with the step's observations."""
+    if not observed:
+        return ranges
+    return {k: fold_range(r, observed[k], momentum) if k in observed else r for k, r in ranges.items()}
 
 
 def calibrate_activations(
+    transform: Transform,
+    state: Any,
     apply_fn: Callable,
     params: Any,
     model_state: Any,
     batches,
     *,
     observer=None,
-    layers: tuple = LINEN_LAYERS,
-) -> dict:
-    """Runs the float model over ``batches`` and records each layer's input range.
+) -> Any:
+    """Fills a quantizer's activation ranges (or PACT clipping levels) from calibration batches.
+
+    The model runs in evaluation mode (BatchNorm running statistics) on ``params`` as given, with
+    the transform's interceptor in observe mode (no input is quantized); ``observer`` turns each
+    selected layer's inputs over all batches into a range.
+    Calibrated ranges replace the stored ones; PACT levels start at the range's max (at least
+    ``1e-3``), so that nothing is clipped at first.
 
     Args:
-      apply_fn: the (unwrapped) Linen apply function.
-      params, model_state: the trained model (eval mode is used: BatchNorm running statistics).
-      batches: an iterable of N calibration batches, as ``apply_fn`` takes them (e.g.
-        ``{'image': x}``).
+      transform: a transform with activation quantization, e.g. ``weight_quantization(8,
+        activation_bits=8, activation_range='calibrated')``, alone or in a :func:`chain`.
+      state: its state (``transform.init(params)`` or ``TrainState.compression_state``).
+      apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, model_state)``
+        running Linen modules; under ``pmap`` BatchNorm, build it without ``axis_name``.
+      params: the weights to calibrate with: the float params (as PyTorch calibrates a float
+        model), or the compressed view ``transform.apply(params, state)`` (e.g. to calibrate a
+        pruned model as it will run).
+      model_state: the model's other variables (BatchNorm statistics).
+      batches: an iterable of calibration batches, as ``apply_fn`` takes them.
       observer: an :class:`~jaxcompress.quant.observers.Observer`; default
         :func:`~jaxcompress.quant.observers.minmax`.
-      layers: the Linen layer classes observed.
 
     Returns:
-      ``model_state`` with ``'quant_stats'`` added: ``{layer path: {'min', 'max'}}``, ready for
-      :func:`quantize_activations` (static PTQ, or the starting ranges of QAT).
+      The new state (same structure; for a train state use
+      ``state._replace(compression_state=...)``).
 
     Raises:
-      ValueError: when ``batches`` is empty or no layer was seen.
+      ValueError: when the transform has no activation quantization, ``batches`` is empty, or
+        the model calls no selected layer.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxcompress.quant import weight_quantization
+      >>> model = nn.Dense(1)
+      >>> apply_fn = lambda p, s, b, *, train, rng=None: (model.apply({'params': p}, b), s)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+      >>> t = weight_quantization(8, activation_bits=8, activation_range='calibrated')
+      >>> s = calibrate_activations(t, t.init(params), apply_fn, params, {},
+      ...                           [jnp.array([[0.0, 1.0, 2.0]]), jnp.array([[-1.0, 0.5, 0.0]])])
+      >>> float(s.ranges['']['min']), float(s.ranges['']['max'])
+      (-1.0, 2.0)
     """
     from jaxcompress.quant.observers import minmax
 
+    if not isinstance(transform, Transform) or transform.intercept is None:
+        raise ValueError(
+            "calibrate_activations needs a transform that quantizes activations, e.g. "
+            "weight_quantization(8, activation_bits=8, activation_range='calibrated'); got one without."
+        )
     observer = minmax() if observer is None else observer
-    model_state = dict(model_state)
-    model_state.pop(COLLECTION, None)
 
-    summarize = _observe_inputs(apply_fn, layers, observer.summarize)
-    ranges = observed_ranges(observer, lambda x: summarize(params, model_state, x), batches)
-    return {**model_state, COLLECTION: ranges}
+    @jax.jit
+    def summarize(state, params, model_state, batch):
+        seen: dict = {}
+        with intercepted(transform, state, train=False, observed=seen, observe=observer.summarize):
+            apply_fn(params, model_state, batch, train=False, rng=None)
+        return seen
 
-
-def pact_params(
-    apply_fn: Callable,
-    params: Any,
-    model_state: Any,
-    inputs: Any,
-    *,
-    bits: int = 4,
-    alpha: Optional[float] = None,
-    rules: Optional[Rules] = None,
-    layers: tuple = LINEN_LAYERS,
-) -> dict:
-    """``params`` with one trainable PACT clipping level per selected layer, under ``'pact_alpha'``.
-
-    Args:
-      apply_fn: the (unwrapped) Linen apply function.
-      params, model_state: the model's variables (``params`` must be a dict).
-      inputs: a sample batch, as ``apply_fn`` takes it; one eval-mode pass finds the layers and
-        their input ranges.
-      bits: the default bit width, only to validate ``rules`` (the same rules as
-        :func:`pact_activations`).
-      alpha: the initial level for every layer (the paper starts at 10); default ``None``
-        starts each layer at the max of its input on ``inputs`` (at least 1e-3), so that nothing
-        is clipped at first.
-      rules: ``(regex, value)`` rules on layer paths; layers mapped to ``None`` get no ``alpha``.
-      layers: the Linen layer classes whose input is clipped.
-
-    Returns:
-      ``{**params, 'pact_alpha': {layer path: float32 alpha}}``: pass it to ``init_train_state``
-      and train with :func:`pact_activations`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> model = nn.Dense(1)
-      >>> apply_fn = lambda p, s, x, *, train, rng=None: (model.apply({'params': p}, x), s)
-      >>> x = jnp.array([[0.0, 0.5, 2.0]])
-      >>> p = pact_params(apply_fn, model.init(jax.random.key(0), x)['params'], {}, x)
-      >>> {k: float(v) for k, v in p['pact_alpha'].items()}
-      {'': 2.0}
-    """
-    bits = check_int("bits", bits, minimum=2, maximum=8)
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict of the model's params to add {PACT_KEY!r}, got {type(params).__name__}.")
-    if PACT_KEY in params:
-        raise ValueError(f"params already hold {PACT_KEY!r}; pass the model's own params.")
-    if alpha is not None:
-        alpha = check_positive("alpha", alpha)
-    seen = jax.device_get(_observe_inputs(apply_fn, layers, jnp.max)(params, model_state, inputs))
-    alphas = {}
-    for name, hi in seen.items():
-        if layer_bits(name, rules, bits) is None:
-            continue
-        alphas[name] = jnp.float32(max(float(hi), 1e-3) if alpha is None else alpha)
-    if not alphas:
-        raise ValueError(f"no layer of the model was selected for PACT (layers seen: {sorted(seen)}); check rules.")
-    return {**params, PACT_KEY: alphas}
+    acc = None
+    for batch in batches:
+        seen = jax.device_get(summarize(state, params, model_state, batch))
+        acc = _combine(observer, acc, seen)
+    if acc is None:
+        raise ValueError("calibrate_activations got no batches; pass at least one.")
+    return _fill(state, acc, observer)
 
 
-def pact_activations(
-    apply_fn: Callable,
-    bits: int = 4,
-    *,
-    rules: Optional[Rules] = None,
-    layers: tuple = LINEN_LAYERS,
-) -> Callable:
-    """Wraps a Linen apply function so its layer inputs go through PACT with learned clipping.
+def _is_summaries(x) -> bool:
+    return isinstance(x, list)
 
-    Each selected layer's input ``x`` becomes ``pact(x, alpha, b)``: ``clip(x, 0, alpha)`` on
-    ``2^b`` levels (:func:`~jaxcompress.quant.lowbit.pact`); ``alpha`` gets gradient 1 where
-    ``x >= alpha``. PACT is for non-negative inputs (after ReLU): negative inputs become 0, so
-    keep layers with signed inputs in float or on :func:`quantize_activations` by ``rules``.
 
-    Args:
-      apply_fn: the Linen apply function.
-      bits: activation bit width ``2..8``.
-      rules: ``(regex, value)`` rules on layer paths, the same as given to :func:`pact_params`.
-      layers: the Linen layer classes whose input is clipped.
+def _combine(observer, acc, seen):
+    """Folds one batch's ``{..., layer: [summary per call]}`` into the running ``{..., layer: summary}``."""
+    def fold(summaries, prior=None):
+        for s in summaries:
+            prior = s if prior is None else observer.combine(prior, s)
+        return prior
 
-    Returns:
-      An apply function taking the params from :func:`pact_params`.
+    if acc is None:
+        return jax.tree.map(fold, seen, is_leaf=_is_summaries)
+    return jax.tree.map(lambda s, a: fold(s, a), seen, acc, is_leaf=_is_summaries)
 
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn
-      >>> model = nn.Dense(1, use_bias=False)
-      >>> apply_fn = lambda p, s, x, *, train, rng=None: (model.apply({'params': p}, x), s)
-      >>> params = {'kernel': jnp.ones((3, 1)), 'pact_alpha': {'': jnp.float32(3.0)}}
-      >>> f = pact_activations(apply_fn, 2)
-      >>> float(f(params, {}, jnp.array([[-1.0, 0.4, 5.0]]), train=False)[0][0, 0])  # 0 + 0 + 3
-      3.0
-    """
-    bits = check_int("bits", bits, minimum=2, maximum=8)
-    layer_bits("_", rules, bits)
 
-    def wrapped(params, model_state, batch, *, train: bool, rng=None):
-        if not isinstance(params, dict) or PACT_KEY not in params:
-            raise ValueError(f"params have no {PACT_KEY!r}; build them with pact_params(...).")
-        alphas = params[PACT_KEY]
-        model_params = {k: v for k, v in params.items() if k != PACT_KEY}
-
-        def quantize(name, b, x):
-            if name not in alphas:
-                raise ValueError(
-                    f"params[{PACT_KEY!r}] has no alpha for layer {name!r} (it has {sorted(alphas)}); "
-                    "build them with pact_params(...) using the same model and rules."
-                )
-            return pact(x, alphas[name], b)
-
-        with nn.intercept_methods(_input_interceptor(layers, rules, bits, quantize)):
-            return apply_fn(model_params, model_state, batch, train=train, rng=rng)
-
-    return wrapped
+def _fill(state, acc: dict, observer):
+    """``state`` with the calibrated ranges: ``acc`` mirrors the state (``{member: ...}`` for a chain)."""
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):  # a chain's state
+        return tuple(_fill(s, acc[i], observer) if i in acc else s for i, s in enumerate(state))
+    ranges = {}
+    for name, a in acc.items():
+        lo, hi = observer.range(a)
+        ranges[name] = (jnp.float32(lo), jnp.float32(hi))
+    if not ranges:
+        raise ValueError("calibration saw no selected layer called by the model; check the rules and apply_fn.")
+    table = state.alpha.value if state.alpha is not None else state.ranges
+    missing = sorted(set(table) - set(ranges))
+    if missing:
+        warnings.warn(f"calibration saw no input for layers {missing} (selected by the rules); they keep "
+                      "their initial ranges.", UserWarning, stacklevel=3)
+    if state.alpha is not None:
+        alpha = {k: jnp.maximum(ranges[k][1], MIN_ALPHA) if k in ranges else v for k, v in table.items()}
+        return state._replace(alpha=Trainable(alpha))
+    new = {k: {"min": ranges[k][0], "max": ranges[k][1]} if k in ranges else r for k, r in table.items()}
+    return state._replace(ranges=new)

@@ -6,6 +6,10 @@ rules where the value is a bit width (``2..8``), ``1`` or ``'binary'``, or ``'te
 same transform serves post-training quantization: apply it once to trained params
 (``t.apply(params, t.init(params))``) and evaluate.
 
+The same object quantizes the inputs of the selected layers at run time
+(``activation_bits``, see :mod:`jaxcompress.quant.activations`), so one rule says "this layer:
+int4 weights per channel, int8 activations": ``('fc', QuantSpec(weights=4, activations=8))``.
+
 Zeros stay zero under every kind, so it composes after pruning with
 :func:`~jaxcompress.core.transform.chain`: zero is on every integer grid (an affine zero point is
 an integer, as in PyTorch), and binary and ternary codes keep 0 at 0 (see
@@ -19,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.core.paths import path_name
-from jaxcompress.core.rules import Rules, is_none, select, warn_unused_rules
-from jaxcompress.core.transform import LeafSpec, Transform, UpdateInfo
-from jaxcompress.core.validation import check_int
+from jaxcompress.core.rules import Rules, explain, is_none, select, warn_unused_rules
+from jaxcompress.core.transform import LeafSpec, Trainable, Transform, UpdateInfo
+from jaxcompress.core.validation import check_fraction, check_int, check_positive
+from jaxcompress.quant import activations as act
 from jaxcompress.quant.affine import check_ste, fake_quant, tensor_qparams
 from jaxcompress.quant.lowbit import binarize, binary_scale, ternarize, ternary_scale
 
@@ -33,9 +38,33 @@ class QuantState(NamedTuple):
 
     Attributes:
       count: int32, number of ``update`` calls so far.
+      ranges: ``{layer path: {'min', 'max'}}`` activation ranges (``activation_range=
+        'calibrated'``; unset ranges have ``min > max``), else ``None``.
+      alpha: ``Trainable({layer path: alpha})``, the PACT clipping levels
+        (``activation_range='pact'``), else ``None``.
     """
 
     count: jax.Array
+    ranges: Any = None
+    alpha: Any = None
+
+
+class QuantSpec(NamedTuple):
+    """A rule value setting a layer's weight and input quantization together.
+
+    Attributes:
+      weights: the kernel's kind (as for ``bits``: ``2..8``, ``1``/``'binary'``, ``'ternary'``),
+        ``True`` for the transform's ``bits``, ``None`` to keep it float.
+      activations: the layer input's bits (``2..8``), ``True`` for ``activation_bits``, ``None``
+        to keep it float.
+    """
+
+    weights: Any = True
+    activations: Any = True
+
+
+def _is_choice(x) -> bool:
+    return x is None or isinstance(x, QuantSpec)
 
 
 def _check_kind(name: str, value: Any):
@@ -57,6 +86,12 @@ def weight_quantization(
     group_axis: int = -2,
     ste: str = "clipped",
     rules: Optional[Rules] = None,
+    activation_bits: Optional[int] = None,
+    activation_symmetric: bool = False,
+    activation_range: str = "dynamic",
+    activation_alpha: float = 10.0,
+    momentum: float = 0.99,
+    activation_layers: tuple = act.LINEN_LAYERS,
 ) -> Transform:
     """Fake-quantizes the selected weights: the QAT/PTQ view of a params pytree.
 
@@ -80,15 +115,31 @@ def weight_quantization(
       group_axis: see ``group_size``.
       ste: ``'clipped'`` or ``'identity'`` straight-through estimator (``2..8`` bits; binary and
         ternary always pass the gradient everywhere).
-      rules: ``(regex, value)`` pairs; ``True`` takes ``bits``, an int or ``'binary'``/``'ternary'``
-        overrides it (mixed precision), ``None``/``False`` leaves the leaf in float. Default:
-        every float leaf with ``ndim >= 2``. Rules that match no leaf are warned about at ``init``.
+      rules: ``(regex, value)`` pairs; ``True`` takes ``bits`` (and ``activation_bits``), an int
+        or ``'binary'``/``'ternary'`` overrides the weights' kind (mixed precision), a
+        :class:`QuantSpec` sets the weights and the layer's input together, ``None``/``False``
+        leaves the leaf (and the layer's input) in float. Default: every float leaf with
+        ``ndim >= 2``. Rules that match no leaf are warned about at ``init``.
+      activation_bits: quantize the input of each Linen layer (``Dense``, ``DenseGeneral``,
+        ``Conv``, ``Einsum``) whose kernel ``'layer/kernel'`` the rules select, to this many bits
+        (``2..8``); ``None`` (default) keeps inputs in float unless a :class:`QuantSpec` asks.
+        The train and eval steps run the model under the transform's ``intercept``.
+      activation_symmetric: signed symmetric input grid instead of affine ``[0, 2^b - 1]``.
+      activation_range: ``'dynamic'`` (each batch's min/max), ``'calibrated'`` (ranges in the
+        state, from :func:`~jaxcompress.quant.activations.calibrate_activations`, moved by an
+        EMA in training), or ``'pact'`` (trained clipping levels ``alpha``, inputs on
+        ``[0, alpha]``: for non-negative inputs such as those after a ReLU).
+      activation_alpha: the PACT levels before calibration (the paper starts at 10).
+      momentum: EMA factor of calibrated ranges in training.
+      activation_layers: the Linen layer classes whose input is quantized.
 
     Returns:
-      A :class:`~jaxcompress.core.transform.Transform` with :class:`QuantState`.
+      A :class:`~jaxcompress.core.transform.Transform` with :class:`QuantState`; its
+      ``describe`` reports ``act_bits`` on the kernels of layers whose input is quantized.
 
     Raises:
-      TypeError / ValueError: bad ``bits``, ``ste`` (here) or rule values and axes (at ``init``).
+      TypeError / ValueError: bad ``bits``, ``ste``, activation settings (here) or rule values
+      and axes (at ``init``).
 
     Example:
       8 bits on the first and last layer, 4 elsewhere:
@@ -105,6 +156,13 @@ def weight_quantization(
       >>> spec = t.describe(p, s)['fc/kernel']
       >>> spec.bits, spec.scheme, round(float(spec.scale.squeeze()), 4)
       (4, 'symmetric', 0.1429)
+
+      int4 weights per channel and int8 inputs for ``fc``, the rest in float:
+
+      >>> t = weight_quantization(8, rules=[('^fc/', QuantSpec(weights=4, activations=8)), ('.*', None)])
+      >>> spec = t.describe(p, t.init(p))['fc/kernel']
+      >>> spec.bits, spec.act_bits, spec.scale.shape
+      (4, 8, (1, 6))
     """
     default = _check_kind("bits", bits)
     check_ste(ste)
@@ -112,14 +170,46 @@ def weight_quantization(
         raise TypeError(f"symmetric and narrow must be bools, got {symmetric!r} and {narrow!r}.")
     grid = dict(symmetric=symmetric, narrow=narrow, channel_axis=channel_axis,
                 group_size=group_size, group_axis=group_axis)
+    act_default = None if activation_bits is None else check_int("activation_bits", activation_bits, minimum=2, maximum=8)
+    if activation_range not in act.RANGES:
+        raise ValueError(f"activation_range must be one of {act.RANGES}, got {activation_range!r}.")
+    if not isinstance(activation_symmetric, bool):
+        raise TypeError(f"activation_symmetric must be a bool, got {activation_symmetric!r}.")
+    if activation_range == "pact" and activation_symmetric:
+        raise ValueError("activation_range='pact' quantizes to [0, alpha]; it has no symmetric grid. "
+                         "Drop activation_symmetric=True or use 'dynamic'/'calibrated'.")
+    momentum = check_fraction("momentum", momentum)
+    activation_alpha = check_positive("activation_alpha", activation_alpha)
+    specs = [v for _, v in (rules or ()) if isinstance(v, QuantSpec)]
+    quantizes_inputs = act_default is not None or any(v.activations not in (None, False, True) for v in specs)
+
+    def choice(value):
+        """A rule value as ``(weight kind, activation bits)``."""
+        if value is None:
+            return None, None
+        w, a = (value.weights, value.activations) if isinstance(value, QuantSpec) else (value, True)
+        w = None if w in (None, False) else default if w is True else _check_kind("per-rule bits", w)
+        a = None if a in (None, False) else act_default if a is True else check_int(
+            "per-rule activation bits", a, minimum=2, maximum=8)
+        return w, a
+
+    for v in specs:
+        choice(v)  # validates them now
 
     def kinds(params):
-        def leaf(value):
-            if value is None:
-                return None
-            return default if value is True else _check_kind("per-rule bits", value)
+        return jax.tree.map(lambda v: choice(v)[0], select(params, rules), is_leaf=_is_choice)
 
-        return jax.tree.map(leaf, select(params, rules), is_leaf=is_none)
+    def input_bits(name: str):
+        """The bits of layer ``name``'s input, by the rules on its kernel."""
+        leaf = {act.kernel_path(name): jax.ShapeDtypeStruct((1, 1), jnp.float32)}
+        return choice(explain(leaf, rules)[0].value)[1]
+
+    def input_layers(params):
+        """The layers (by kernel path) whose input the rules quantize."""
+        return sorted(
+            act.layer_of(d.path) for d in explain(params, rules)
+            if act.layer_of(d.path) is not None and choice(d.value)[1] is not None
+        )
 
     def quantize(kind, w):
         if kind is None:
@@ -152,20 +242,41 @@ def weight_quantization(
         warn_unused_rules(params, rules, "weight_quantization")
         widths = kinds(params)  # validates rule values and axes now, not at the first step
         jax.eval_shape(lambda p: jax.tree.map(quantize, widths, p, is_leaf=is_none), params)
-        return QuantState(count=jnp.zeros((), jnp.int32))
+        count = jnp.zeros((), jnp.int32)
+        if not quantizes_inputs or activation_range == "dynamic":
+            return QuantState(count=count)
+        layers = input_layers(params)
+        if activation_range == "pact":
+            return QuantState(count=count, alpha=Trainable({k: jnp.float32(activation_alpha) for k in layers}))
+        return QuantState(count=count, ranges={k: act.empty_range() for k in layers})
 
     def apply(params, state):
         del state
         return jax.tree.map(quantize, kinds(params), params, is_leaf=is_none)
 
     def update(params, state, info: UpdateInfo):
-        del params, info
-        return QuantState(count=state.count + 1)
+        del params
+        ranges = state.ranges
+        if ranges is not None:
+            ranges = act.fold_observed(ranges, info.observed, momentum)
+        return state._replace(count=state.count + 1, ranges=ranges)
 
     def describe(params, state):
         del state
         flat = jax.tree.leaves_with_path(kinds(params), is_leaf=is_none)
         leaves = jax.tree.leaves(params)
-        return {path_name(p): spec(k, w) for (p, k), w in zip(flat, leaves) if k is not None}
+        specs = {path_name(p): spec(k, w) for (p, k), w in zip(flat, leaves) if k is not None}
+        if quantizes_inputs:
+            for layer in input_layers(params):
+                path = act.kernel_path(layer)
+                specs[path] = specs.get(path, LeafSpec())._replace(act_bits=input_bits(layer))
+        return specs
 
-    return Transform(init, apply, update, describe)
+    def intercept(state, *, train, axis_name, observed, observe=None):
+        return act.input_interceptor(
+            state, bits_of=input_bits, mode=activation_range, symmetric=activation_symmetric,
+            momentum=momentum, layers=activation_layers, train=train, axis_name=axis_name,
+            observed=observed, observe=observe,
+        )
+
+    return Transform(init, apply, update, describe, intercept if quantizes_inputs else None)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxcompress.core.transform import Transform, UpdateInfo, identity, trainable_part, with_trainable
+from jaxcompress.core.transform import Transform, UpdateInfo, identity, intercepted, trainable_part, with_trainable
 from jaxcompress.distill.capture import logits_of
 from jaxcompress.distill.losses import cross_entropy
 from jaxcompress.train.state import ApplyFn, TrainState
@@ -130,7 +130,7 @@ def _pmean(tree, axis_name):
 
 def _average_varying(tree, axis_name):
     """The mean over ``axis_name`` of each leaf that differs between devices; leaves that are
-    already identical everywhere (synchronised BatchNorm statistics, calibrated ranges, counters)
+    already identical everywhere (synchronised BatchNorm statistics, NNX calibrated ranges, counters)
     are kept as they are, since averaging identical float32 copies can change their value."""
     if axis_name is None:
         return tree
@@ -173,7 +173,11 @@ def make_train_step(
     the transform's :class:`~jaxcompress.core.transform.Trainable` values; with ``axis_name``
     gradients, model state and metrics are averaged over that axis; the optimizer updates the
     latent params and the trainable values; then ``transform.update`` advances the compression
-    state, seeing the dense view gradient in ``UpdateInfo.grads`` (RigL grows by it).
+    state, seeing the dense view gradient in ``UpdateInfo.grads`` (RigL grows by it). A transform
+    with an ``intercept`` (activation quantization) runs the model under its interceptor, given
+    the step's ``axis_name``; its trainable values (PACT levels) get the gradient of the loss
+    through the forward pass too, and what it observed (batch ranges) reaches ``update`` as
+    ``UpdateInfo.observed``.
 
     Args:
       apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, model_state)``;
@@ -187,7 +191,8 @@ def make_train_step(
       transform: a compression transform (default: none).
       teacher: a :class:`Teacher`; the step then takes ``teacher_variables`` as third argument
         (or uses cached ``batch['teacher_logits']``).
-      axis_name: the mapped axis to average over under ``jax.pmap``/``shard_map``.
+      axis_name: the mapped axis to average over under ``jax.pmap``/``shard_map``; said once:
+        the transform's interceptor reduces batch statistics over it too.
       augment: optional ``augment(rng, batch) -> batch`` run inside the step before the forward
         passes, so teacher and student see the same augmented batch (function matching).
 
@@ -247,8 +252,13 @@ def make_train_step(
 
         view, pullback = jax.vjp(view_of, state.params, trainable)
 
-        def objective(view):
-            outputs, model_state = apply_fn(view, state.model_state, batch, train=True, rng=step_rng)
+        def objective(view, trainable):
+            # The transform's interceptor (activation quantization) reads its trainable values
+            # (PACT levels) in the forward pass: they get a gradient here as well as through the view.
+            observed: dict = {}
+            with intercepted(transform, with_trainable(state.compression_state, trainable), train=True,
+                             axis_name=axis_name, observed=observed):
+                outputs, model_state = apply_fn(view, state.model_state, batch, train=True, rng=step_rng)
             if teacher is None:
                 per_example = loss_fn(outputs, batch)
             else:
@@ -259,11 +269,13 @@ def make_train_step(
                     )
                 labels = {} if teacher.labels is None else {"labels": _field(batch, teacher.labels)}
                 per_example = teacher.loss(outputs, t_out, **labels)
-            return jnp.mean(per_example), (outputs, model_state)
+            return jnp.mean(per_example), (outputs, model_state, observed)
 
-        (loss, (outputs, model_state)), view_grads = jax.value_and_grad(objective, has_aux=True)(view)
+        (loss, (outputs, model_state, observed)), (view_grads, direct_grads) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True)(view, trainable)
         view_grads = _pmean(view_grads, axis_name)
         grads, trainable_grads = pullback(view_grads)
+        trainable_grads = jax.tree.map(jnp.add, trainable_grads, _pmean(direct_grads, axis_name))
         model_state = _average_varying(model_state, axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -272,7 +284,8 @@ def make_train_step(
             t_updates, compression_opt_state = optimizer.update(trainable_grads, compression_opt_state, trainable)
             compression_state = with_trainable(compression_state, optax.apply_updates(trainable, t_updates))
         step_count = state.step + 1
-        compression_state = transform.update(params, compression_state, UpdateInfo(step=step_count, grads=view_grads))
+        compression_state = transform.update(
+            params, compression_state, UpdateInfo(step=step_count, grads=view_grads, observed=observed or None))
         metrics = {"loss": loss}
         if metrics_fn is not None:
             metrics.update(_mean_metrics(metrics_fn(outputs, batch)))
@@ -322,7 +335,8 @@ def make_eval_step(
 
     def step(state: TrainState, batch: dict):
         view = transform.apply(state.params, state.compression_state)
-        outputs, _ = apply_fn(view, state.model_state, batch, train=False, rng=None)
+        with intercepted(transform, state.compression_state, train=False, axis_name=axis_name):
+            outputs, _ = apply_fn(view, state.model_state, batch, train=False, rng=None)
         per_example = {"loss": loss_fn(outputs, batch)}
         if metrics_fn is not None:
             per_example.update(metrics_fn(outputs, batch))
