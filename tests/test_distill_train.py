@@ -19,6 +19,7 @@ from jaxcompress.distill import (
     capture_apply_fn,
     compose,
     distill_loss,
+    feature_regressors,
     frozen_apply_fn,
     hint_loss,
     init_regressor,
@@ -28,7 +29,6 @@ from jaxcompress.distill import (
     random_shift,
     stack_teacher_variables,
     sum_over_teachers,
-    with_regressors,
 )
 from jaxcompress.models import CNN, MLP
 from jaxcompress.train import split_variables
@@ -71,17 +71,17 @@ def test_feature_kd_step_trains_regressor_with_student_and_matches_manual_loss()
     t_params, _ = _init(teacher, x, 0)
     s_params, _ = _init(student, x, 1)
     t_apply = capture_apply_fn(teacher, ["conv2"])
-    s_apply = with_regressors(capture_apply_fn(student, ["conv2"]))
+    s_apply = capture_apply_fn(student, ["conv2/regressed"])
     t_out, _ = t_apply(t_params, {}, {"image": x}, train=False)
     s_raw, _ = capture_apply_fn(student, ["conv2"])(s_params, {}, {"image": x}, train=False)
     reg = init_regressor(jax.random.key(2), s_raw.features["conv2"].shape, t_out.features["conv2"].shape)
-    params = {"model": s_params, "regressors": {"conv2": reg}}
+    regressors = feature_regressors({"conv2": reg})
     loss = distill_loss(functools.partial(kd_loss, temperature=2.0),
-                        [FeatureTerm("conv2", "conv2", hint_loss, 0.5),
-                         FeatureTerm("conv2", "conv2", attention_transfer_loss, 100.0)])
+                        [FeatureTerm("conv2/regressed", "conv2", hint_loss, 0.5),
+                         FeatureTerm("conv2/regressed", "conv2", attention_transfer_loss, 100.0)])
     opt = optax.sgd(0.1)
-    state = jc.init_train_state(params, opt)
-    step = jax.jit(jc.make_train_step(s_apply, opt, teacher=jc.Teacher(t_apply, loss)))
+    state = jc.init_train_state(s_params, opt, transform=regressors)
+    step = jax.jit(jc.make_train_step(s_apply, opt, transform=regressors, teacher=jc.Teacher(t_apply, loss)))
     new, metrics = step(state, {"image": x, "label": y}, (t_params, {}))
 
     s_feat = np.asarray(s_raw.features["conv2"], np.float64)
@@ -96,10 +96,13 @@ def test_feature_kd_step_trains_regressor_with_student_and_matches_manual_loss()
     at_loss = ((at(regressed) - at(t_feat)) ** 2).mean(-1)
     kd = np.asarray(kd_loss(s_raw.logits, t_out.logits, temperature=2.0))
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(kd + 0.5 * hint + 100.0 * at_loss), rtol=1e-4)
-    for leaf_old, leaf_new in zip(jax.tree.leaves(params["regressors"]), jax.tree.leaves(new.params["regressors"])):
+    # the regressor lives in the transform state (trained), the student's params keep their own structure
+    assert jax.tree.structure(new.params) == jax.tree.structure(s_params)
+    for leaf_old, leaf_new in zip(jax.tree.leaves(reg), jax.tree.leaves(new.compression_state.regressors.value)):
         assert float(jnp.abs(leaf_new - leaf_old).max()) > 0  # the regressor is trained with the student
+    assert not np.allclose(np.asarray(new.params["conv2"]["kernel"]), np.asarray(s_params["conv2"]["kernel"]))
     # the teacher's params are untouched and the eval step reads .logits
-    ev = jc.make_eval_step(s_apply)(new, {"image": x, "label": y})
+    ev = jc.make_eval_step(s_apply, transform=regressors)(new, {"image": x, "label": y})
     assert float(ev["count"]) == 8
 
 

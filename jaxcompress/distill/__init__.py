@@ -20,7 +20,8 @@ from jaxcompress.distill.capture import Outputs as Outputs
 from jaxcompress.distill.capture import capture_apply_fn as capture_apply_fn
 from jaxcompress.distill.capture import distill_loss as distill_loss
 from jaxcompress.distill.capture import logits_of as logits_of
-from jaxcompress.distill.capture import with_regressors as with_regressors
+from jaxcompress.distill.capture import RegressorState as RegressorState
+from jaxcompress.distill.capture import feature_regressors as feature_regressors
 from jaxcompress.distill.teachers import TeacherLogitCache as TeacherLogitCache
 from jaxcompress.distill.teachers import batches_with_teacher_logits as batches_with_teacher_logits
 from jaxcompress.distill.teachers import cache_teacher_logits as cache_teacher_logits

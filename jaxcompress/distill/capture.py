@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
+from jaxcompress.core.transform import Trainable, Transform, intercepted, no_description
 from jaxcompress.distill.feature_losses import apply_regressor
 from jaxcompress.distill.logit_losses import check_weight
 
@@ -101,34 +102,83 @@ def capture_apply_fn(
     return apply_fn
 
 
-def with_regressors(apply_fn: Callable) -> Callable:
-    """Wraps a capturing apply function so trainable FitNets regressors map its features.
+class RegressorState(NamedTuple):
+    """State of :func:`feature_regressors`.
 
-    The wrapped function takes params ``{'model': model_params, 'regressors': {name: params}}``
-    (each made by :func:`~jaxcompress.distill.feature_losses.init_regressor`), so the optimizer
-    trains the regressors with the student, and replaces ``features[name]`` by its regressed
-    value. Exclude them from compression with a rule such as ``('^regressors/', None)``; keep
-    only ``params['model']`` after training.
-
-    Returns:
-      ``apply_fn(params, model_state, batch, *, train, rng) -> (Outputs, model_state)``.
+    Attributes:
+      regressors: ``Trainable({module path: init_regressor(...) params})``, trained by the step's
+        optimizer with the student.
     """
 
-    def wrapped(params, model_state, batch, *, train: bool, rng=None):
-        if not isinstance(params, dict) or set(params) != {"model", "regressors"}:
-            raise ValueError(
-                "with_regressors expects params {'model': ..., 'regressors': {feature_name: init_regressor(...)}}, "
-                f"got keys {sorted(params) if isinstance(params, dict) else type(params).__name__}."
-            )
-        out, model_state = apply_fn(params["model"], model_state, batch, train=train, rng=rng)
-        feats = dict(out.features)
-        for name, reg in params["regressors"].items():
-            if name not in feats:
-                raise ValueError(f"regressor {name!r} has no captured feature; captured: {sorted(feats)}.")
-            feats[name] = apply_regressor(reg, feats[name])
-        return Outputs(out.logits, feats), model_state
+    regressors: Trainable
 
-    return wrapped
+
+def feature_regressors(regressors: dict) -> Transform:
+    """FitNets regressors (Romero et al. 2015) as a transform: trained with the student, dropped after.
+
+    The regressors live in the transform's state as :class:`~jaxcompress.core.transform.Trainable`
+    values (the one home of values a method trains); the student's params stay the model's own.
+    While the model runs (inside :func:`~jaxcompress.train.step.make_train_step`), the
+    transform's interceptor maps the output of each named module through its regressor and sows
+    the result as ``'PATH/regressed'``, which :func:`capture_apply_fn` captures like any other
+    feature: use ``FeatureTerm('PATH/regressed', teacher_feature, hint_loss)``. The weights are
+    not changed (``apply`` is the identity), so the regressors can be chained with compression
+    transforms and simply left out when the student is saved.
+
+    Args:
+      regressors: ``{module path: init_regressor(...)}`` (paths as ``'conv2'`` or ``'block/fc'``).
+
+    Returns:
+      A :class:`~jaxcompress.core.transform.Transform` with :class:`RegressorState`.
+
+    Raises:
+      TypeError: ``regressors`` is not a dict of ``{'kernel', 'bias'}`` params keyed by path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxcompress.distill.feature_losses import init_regressor
+      >>> from jaxcompress.models import MLP
+      >>> m = MLP(features=(4,))
+      >>> p = m.init(jax.random.key(0), jnp.zeros((2, 3)))['params']
+      >>> t = feature_regressors({'fc1': init_regressor(jax.random.key(1), (2, 4), (2, 6))})
+      >>> with intercepted(t, t.init(p), train=False):
+      ...     out, _ = capture_apply_fn(m, ['fc1/regressed'])(p, {}, {'image': jnp.ones((2, 3))}, train=False)
+      >>> out.features['fc1/regressed'].shape
+      (2, 6)
+    """
+    if not isinstance(regressors, dict) or not regressors:
+        raise TypeError(f"regressors must be a non-empty dict {{module path: init_regressor(...)}}, got {regressors!r}.")
+    for name, reg in regressors.items():
+        if not isinstance(name, str) or not isinstance(reg, dict) or set(reg) != {"kernel", "bias"}:
+            raise TypeError(f"regressors[{name!r}] must be init_regressor(...) params ({{'kernel', 'bias'}}) under a "
+                            f"module path, got {type(reg).__name__}.")
+
+    def init(params):
+        del params
+        return RegressorState(Trainable(dict(regressors)))
+
+    def apply(params, state):
+        del state
+        return params
+
+    def update(params, state, info):
+        del params, info
+        return state
+
+    def intercept(state, *, train, axis_name, observed, observe=None):
+        del train, axis_name, observed, observe
+        regs = state.regressors.value
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            name = "/".join(context.module.path)
+            if context.method_name == "__call__" and name in regs:
+                context.module.sow("intermediates", "regressed", apply_regressor(regs[name], out))
+            return out
+
+        return interceptor
+
+    return Transform(init, apply, update, no_description, intercept)
 
 
 class FeatureTerm(NamedTuple):

@@ -20,10 +20,9 @@ def init_regressor(rng: jax.Array, student_shape, teacher_shape, *, scale: Optio
     """Parameters of a FitNets regressor mapping student features to the teacher's width.
 
     The regressor is a linear map on the last (channel) axis: a dense layer for ``(N, D)``
-    features and a 1x1 convolution for ``(N, H, W, C)`` ones (the same operation). Store it in the
-    student's params (e.g. ``{'model': params, 'regressors': {'fc1': init_regressor(...)}}``) so
-    the optimizer trains it with the student; :func:`~jaxcompress.distill.capture.with_regressors`
-    applies it.
+    features and a 1x1 convolution for ``(N, H, W, C)`` ones (the same operation). Give it to
+    :func:`~jaxcompress.distill.capture.feature_regressors`, whose state holds it as a trainable
+    value the step's optimizer trains with the student.
 
     Args:
       rng: PRNG key.
