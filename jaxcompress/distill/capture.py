@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from jaxcompress.core.transform import Trainable, Transform, intercepted, no_description
+from jaxcompress.core.transform import Trainable, Transform, identity, intercepted
 from jaxcompress.distill.feature_losses import apply_regressor
 from jaxcompress.distill.logit_losses import check_weight
 
@@ -157,14 +157,6 @@ def feature_regressors(regressors: dict) -> Transform:
         del params
         return RegressorState(Trainable(dict(regressors)))
 
-    def apply(params, state):
-        del state
-        return params
-
-    def update(params, state, info):
-        del params, info
-        return state
-
     def intercept(state, *, train, axis_name, observed, observe=None):
         del train, axis_name, observed, observe
         regs = state.regressors.value
@@ -178,7 +170,8 @@ def feature_regressors(regressors: dict) -> Transform:
 
         return interceptor
 
-    return Transform(init, apply, update, no_description, intercept)
+    # the weights are left as they are: identity's apply, update and describe
+    return identity()._replace(init=init, intercept=intercept)
 
 
 class FeatureTerm(NamedTuple):
