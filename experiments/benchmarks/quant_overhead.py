@@ -4,24 +4,22 @@ LeNet-5, batch 128, adam. Candidate: ``weight_quantization(8, activation_bits=8)
 symmetric weights, every Dense/Conv input on a dynamic affine range). Baseline: the
 same step in float. Where Qwix is installed (``pip install qwix``, optional), its QAT model
 (``QtProvider`` with int8 weights and activations) is timed in the same loop for comparison.
-Steps are timed one at a time (``block_until_ready``), interleaved candidate / baseline / Qwix,
-after a warm-up; the ratio is the candidate's median over the baseline's (lower is better).
+Timed with :func:`jaxcompress.benchmark.compare`: shuffled interleaved blocks of 10 steps, the
+float step timed twice as an A/A control, a bootstrap 95% interval of the ratio (lower is
+better); XLA's cost analysis of the compiled steps gives the FLOP ratio.
 
 Usage: python experiments/benchmarks/quant_overhead.py --out FILE.json [--quick]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
 from jaxcompress.models import LeNet5
 from jaxcompress.quant import weight_quantization
 from jaxcompress.train import init_train_state, linen_apply_fn, make_train_step, split_variables
@@ -42,9 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args()
-    steps, warmup = (40, 5) if args.quick else (args.steps, 20)
 
     rng = np.random.default_rng(0)
     batches = [
@@ -55,62 +51,53 @@ def main() -> None:
     model = LeNet5()
     params, model_state = split_variables(model.init(jax.random.key(0), batches[0]["image"]))
     opt = optax.adam(1e-3)
+    raw, states, programs, costs = {}, {}, {}, {}
 
-    def build(apply_fn, transform, p=params, ms=model_state):
-        step = jax.jit(make_train_step(apply_fn, opt, transform=transform), donate_argnums=0)
-        p, ms = jax.tree.map(jnp.array, (p, ms))  # own buffers: each state is donated separately
-        return step, init_train_state(p, opt, transform=transform, model_state=ms, rng=0)
+    def build(name, apply_fn, transform, p=params, ms=model_state):
+        raw[name] = make_train_step(apply_fn, opt, transform=transform)
+        states[name] = init_train_state(p, opt, transform=transform, model_state=ms, rng=0)
+        costs[name] = cost_analysis(raw[name], states[name], batches[0])
+        step = jax.jit(raw[name], donate_argnums=0)
+        count = [0]
 
-    runs = {
-        "float": build(linen_apply_fn(model), None),
-        "w8a8": build(linen_apply_fn(model), weight_quantization(8, activation_bits=8)),
-    }
+        def run():
+            states[name], m = step(states[name], batches[count[0] % len(batches)])
+            count[0] += 1
+            return m
+
+        programs[name] = run
+
+    build("float", linen_apply_fn(model), None)
+    build("w8a8", linen_apply_fn(model), weight_quantization(8, activation_bits=8))
     qmodel, qwix_version = _qwix_model(model)
     if qmodel is not None:
         q_params, q_state = split_variables(qmodel.init(jax.random.key(0), batches[0]["image"]))
-        runs["qwix_w8a8"] = build(linen_apply_fn(qmodel), None, q_params, q_state)
+        build("qwix_w8a8", linen_apply_fn(qmodel), None, q_params, q_state)
 
-    states = {k: s for k, (_, s) in runs.items()}
-    times = {k: [] for k in runs}
-    for i in range(warmup + steps):
-        for k, (step, _) in runs.items():
-            b = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            states[k], m = step(states[k], b)
-            jax.block_until_ready((states[k], m))
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    timing = compare(programs, baseline="float", blocks=6 if args.quick else 30, calls=10, warmup=5)
+    cand = timing["ratios"]["w8a8"]
     result = {
         "benchmark": "quant_overhead",
         "model": "LeNet-5",
         "batch": BATCH,
         "optimizer": "adam",
-        "steps_timed": steps,
-        "warmup": warmup,
-        "median_s": med,
-        "min_s": {k: min(v) for k, v in times.items()},
-        "p25_s": {k: float(np.percentile(v, 25)) for k, v in times.items()},
-        "p75_s": {k: float(np.percentile(v, 75)) for k, v in times.items()},
-        "ratio": med["w8a8"] / med["float"],
-        "ratio_meaning": "W8A8 QAT step median / float step median (lower is better)",
-        "qwix_ratio": (med["qwix_w8a8"] / med["float"]) if "qwix_w8a8" in med else None,
+        "ratio": cand["ratio"],
+        "ratio_interval": [cand["low"], cand["high"]],
+        "aa_ratio": timing["ratios"][CONTROL],
+        "verdict_vs_1": verdict(cand, 1.0),
+        "ratio_meaning": "W8A8 QAT step / float step, median over shuffled blocks of 10 steps (lower is better); "
+                         "the candidate does strictly more work, so a ratio below 1.0 is noise",
+        "flop_ratio": costs["w8a8"]["flops"] / costs["float"]["flops"],
+        "cost_analysis": costs,
+        "qwix_ratio": timing["ratios"].get("qwix_w8a8"),
         "qwix_version": qwix_version,
-        "env": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device_count": jax.device_count(),
-            "device": str(jax.devices()[0].device_kind),
-            "python": platform.python_version(),
-        },
+        "timing": timing,
+        "environment": environment(quick=args.quick),
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    for k, v in med.items():
-        print(f"{k}: median {v * 1e3:.3f} ms")
-    if result["qwix_ratio"] is not None:
-        print(f"qwix ratio {result['qwix_ratio']:.3f}")
-    print(f"{result['ratio']:.4f}")
+    aa = timing["ratios"][CONTROL]
+    print(f"interval [{cand['low']:.3f}, {cand['high']:.3f}], A/A {aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}], "
+          f"FLOP ratio {result['flop_ratio']:.4f}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
