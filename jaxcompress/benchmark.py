@@ -21,14 +21,10 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
+from jaxcompress.core.validation import check_int
+
 #: The name under which :func:`compare` times the baseline a second time (the A/A control).
 CONTROL = "baseline_control"
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    return value
 
 
 def _interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, resamples: int, level: float):
@@ -84,9 +80,8 @@ def compare(
         raise ValueError(f"baseline {baseline!r} is not one of the programs {sorted(programs)}.")
     if CONTROL in programs:
         raise ValueError(f"{CONTROL!r} is reserved for the A/A control; rename that program.")
-    blocks, calls = _check_positive("blocks", blocks), _check_positive("calls", calls)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}.")
+    blocks, calls = check_int("blocks", blocks, minimum=1), check_int("calls", calls, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
     runs = dict(programs)
     runs[CONTROL] = programs[baseline]
     names = list(runs)

@@ -239,7 +239,7 @@ def test_errors(tmp_path):
         ckpt.restore(other)
     with pytest.raises(ValueError, match="different state"):
         ckpt.restore(init_train_state({"w": jnp.ones((3, 2))}, optax.sgd(1e-3)))
-    with pytest.raises(ValueError, match="every must be a positive int"):
+    with pytest.raises(ValueError, match="every must be >= 1"):
         Checkpointer(tmp_path / "b", every=0)
 
 

@@ -95,3 +95,14 @@ def check_same_structure(what: str, tree: Any, params: Any) -> None:
         ws, xs = tuple(getattr(want[name], "shape", ())), tuple(getattr(x, "shape", ()))
         if ws != xs:
             raise ValueError(f"{what} at {name!r} has shape {xs} but the param has shape {ws}.")
+
+
+def is_prng_key(x: Any) -> bool:
+    """Whether ``x`` is a typed JAX PRNG key array (``jax.random.key``).
+
+    Example:
+      >>> import jax
+      >>> is_prng_key(jax.random.key(0)), is_prng_key(0)
+      (True, False)
+    """
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -6,23 +6,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(
-            f"batch_size must be a positive int, got {type(batch_size).__name__}: {batch_size!r}."
-        )
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size}; e.g. batch_size=128.")
-    return int(batch_size)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}: {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
-    return int(value)
+from jaxcompress.core.validation import check_int
 
 
 def _check_arrays(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -70,8 +54,8 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:
       >>> num_batches(10, 4), num_batches(10, 4, drop_remainder=False)
       (2, 3)
     """
-    n = _check_int("n", n, 0)
-    batch_size = _check_batch_size(batch_size)
+    n = check_int("n", n, minimum=0)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
@@ -133,7 +117,7 @@ def iterate_batches(
       >>> sorted(np.concatenate([b['label'] for b in iterate_batches(x, y, 1, rng=0)]).tolist())
       [0, 1, 2, 3, 4]
     """
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     images, labels = _check_arrays(images, labels)
     n = len(images)
     stop = _epoch_stop(n, batch_size, drop_remainder)
@@ -178,8 +162,8 @@ def epochs(
       >>> len(batches), sorted(np.concatenate([b['label'] for b in batches[2:]]).tolist())
       (4, [0, 1, 2, 3, 4, 5])
     """
-    seed = _check_int("seed", seed, 0)
-    num_epochs = _check_int("num_epochs", num_epochs, 0)
+    seed = check_int("seed", seed, minimum=0)
+    num_epochs = check_int("num_epochs", num_epochs, minimum=0)
     # Validate eagerly so a bad argument fails here, not epochs into a training run.
     iterate_batches(images, labels, batch_size, rng=0, shuffle=False, drop_remainder=drop_remainder)
     images, labels = np.asarray(images), np.asarray(labels)
@@ -265,7 +249,7 @@ def iterate_source_batches(
       >>> [b["x"].tolist() for b in iterate_source_batches(source, 2, shuffle=False, drop_remainder=False)]
       [[0, 1], [2, 3], [4]]
     """
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     n = len(source)
     stop = _epoch_stop(n, batch_size, drop_remainder)
     order = _as_generator(rng).permutation(n) if shuffle else np.arange(n)

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcompress.core.validation import check_int, is_prng_key
+
 FORMAT_VERSION = 1
 
 
@@ -50,17 +52,13 @@ class Restored(NamedTuple):
     data_position: Any
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _flatten(state) -> tuple[list, list[dict]]:
     """Array leaves (PRNG keys as their raw data) and their descriptions."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     leaves, spec = [], []
     for path, x in flat:
         impl = None
-        if _is_key(x):
+        if is_prng_key(x):
             impl = str(jax.random.key_impl(x))
             x = jax.random.key_data(x)
         elif not isinstance(x, jax.Array):
@@ -86,12 +84,6 @@ def _digest(leaves) -> str:
     return h.hexdigest()
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return int(value)
-
-
 class Checkpointer:
     """Saves a TrainState every ``every`` steps into ``directory``, keeping the last ``keep``.
 
@@ -114,8 +106,8 @@ class Checkpointer:
     """
 
     def __init__(self, directory: Any, *, every: int = 1000, keep: int = 3):
-        self.every = _check_positive_int("every", every)
-        self.keep = _check_positive_int("keep", keep)
+        self.every = check_int("every", every, minimum=1)
+        self.keep = check_int("keep", keep, minimum=1)
         self.directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ValueError(f"directory {self.directory!r} is a file; give a directory for the checkpoints.")

@@ -1,12 +1,12 @@
 """A plain training loop over any iterable of batches, shared by the CLI and the experiments."""
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Iterable
 
 import jax
 from tqdm.auto import tqdm
 
+from jaxcompress.core.validation import check_int
 from jaxcompress.train.state import TrainState
 
 
@@ -42,8 +42,7 @@ def fit(
     Raises:
       ValueError: ``num_steps < 1``, or ``batches`` ran out before ``num_steps``.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+    num_steps = check_int("num_steps", num_steps, minimum=1)
     extra = () if teacher_variables is None else (teacher_variables,)
     metrics: dict = {}
     done = 0

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress.core.transform import Transform, identity, trainable_part
+from jaxcompress.core.validation import is_prng_key
 
 #: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, new_model_state)``
 ApplyFn = Callable[..., tuple[jax.Array, Any]]
@@ -65,7 +66,8 @@ def init_train_state(
     transform = identity() if transform is None else transform
     if not isinstance(transform, Transform):
         raise TypeError(f"transform must be a jaxcompress Transform, got {type(transform).__name__}.")
-    if isinstance(rng, bool) or not (isinstance(rng, int) or _is_key(rng)):
+    raw_key = isinstance(rng, jax.Array) and rng.dtype == jnp.uint32 and rng.shape == (2,)
+    if isinstance(rng, bool) or not (isinstance(rng, int) or is_prng_key(rng) or raw_key):
         raise TypeError(f"rng must be an int seed or a jax.random.key, got {type(rng).__name__}: {rng!r}.")
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     params = jax.tree.map(jnp.array, params)  # copies: donation must not delete the caller's arrays
@@ -87,12 +89,6 @@ def _init_trainable_opt(optimizer, compression_state):
     """The optimizer's state for the transform's trainable values (``None`` when it has none)."""
     trainable = trainable_part(compression_state)
     return optimizer.init(trainable) if jax.tree.leaves(trainable) else None
-
-
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and (
-        jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or (x.dtype == jnp.uint32 and x.shape == (2,))
-    )
 
 
 def split_variables(variables: Any) -> tuple[Any, dict]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress.core.transform import Transform, UpdateInfo, identity, intercepted, trainable_part, with_trainable
+from jaxcompress.core.validation import check_int
 from jaxcompress.distill.capture import logits_of
 from jaxcompress.distill.losses import cross_entropy
 from jaxcompress.train.state import ApplyFn, TrainState
@@ -413,8 +414,6 @@ def evaluate(eval_step: Callable, state: TrainState, data: Any, *, batch_size: i
 def _batches_of(data: Any, batch_size: int):
     """The batches :func:`evaluate` runs: ``data`` itself when it is an iterable of batches, else
     fixed-size slices of a dict of arrays with the last one padded and masked."""
-    import numbers
-
     import numpy as np
 
     if not isinstance(data, dict):
@@ -424,8 +423,7 @@ def _batches_of(data: Any, batch_size: int):
             )
         yield from data
         return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     if not data:
         raise ValueError("data must be a non-empty dict of arrays, got an empty dict.")
     sizes = {k: len(v) for k, v in data.items()}
