@@ -95,6 +95,27 @@ def load_split(data: dict, log: Callable[[str], None] = print) -> Split:
     return Split(ds.name, ds.source, ds.num_classes, (xs[train], ys[train]), (xs[val], ys[val]), (xt, yt))
 
 
+def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: int = 128) -> dict:
+    """The recipe cut to a few seconds: the first seed, a few hundred images, at most one epoch a stage.
+
+    For checking that a recipe runs end to end, not for its numbers.
+
+    Example:
+      >>> from jaxcompress.recipes.schema import load_recipe
+      >>> r = smoke_recipe(load_recipe("demo"))
+      >>> r["data"]["train_subset"], max(s.get("epochs", 0) for s in r["stages"])
+      (320, 1.0)
+    """
+    out = json.loads(json.dumps(recipe))
+    out["seeds"] = out["seeds"][:1]
+    out["data"].update(train_subset=min(out["data"].get("train_subset") or train, train), validation=validation,
+                       test_subset=min(out["data"].get("test_subset") or test, test), batch_size=32)
+    for stage in out["stages"]:
+        if "epochs" in stage:
+            stage["epochs"] = min(float(stage["epochs"]), 1.0)
+    return out
+
+
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -314,7 +335,8 @@ def _summary(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
-def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
+               split: Optional[Split] = None) -> dict:
     """Runs every stage of ``recipe`` (from :func:`~jaxcompress.recipes.schema.load_recipe`) for each seed.
 
     Args:
@@ -322,6 +344,7 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
       out: the output directory (created; a re-run resumes from its checkpoints).
       progress: show progress bars.
       log: where progress messages go.
+      split: the data, when already loaded with :func:`load_split` (default: loaded here).
 
     Returns:
       The report: ``recipe, dataset, source, split, seeds, selection, runs`` (per seed, the stage
@@ -333,7 +356,7 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    split = load_split(recipe["data"], log)
+    split = load_split(recipe["data"], log) if split is None else split
     check_stage_rules(recipe, split.train[0].shape[1:], num_classes=split.num_classes)
     log(f"data: {split.name} from {split.source}: {len(split.train[1])} train / {len(split.validation[1])} "
         f"validation / {len(split.test[1])} test images {split.train[0].shape[1:]}")

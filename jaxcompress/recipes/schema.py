@@ -336,7 +336,8 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"not valid TOML: {e}", source=source) from None
+        at = re.search(r"line (\d+)", str(e))
+        raise RecipeError(f"not valid TOML: {e}", line=int(at.group(1)) if at else None, source=source) from None
     c = _Checker(text, source)
     top_schema = {**TOP_KEYS, "data": _type(dict, "a table"), "model": _type(dict, "a table"),
                   "stages": _type(list, "an array of tables ([[stages]])")}
