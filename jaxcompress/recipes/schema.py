@@ -24,7 +24,7 @@ Example:
   ... ''')
   Traceback (most recent call last):
     ...
-  jaxcompress.recipes.schema.RecipeError: <recipe>:14: stages[1].sparsity ('pruned'): must be a number in [0, 1), got 1.5.
+  jaxcompress.recipes.schema.RecipeError: <recipe>:14: stages[1].sparsity: must be a number in [0, 1) (e.g. 0.9 for 90% of the weights zero), got 1.5 (stage 'pruned').
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _number(low: float, high: float, *, low_open=False, high_open=True, example=
         ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
         if not ok:
             interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            return f"must be a number in {interval}, got {v!r}.{example}"
+            return f"must be a number in {interval}{example}, got {v!r}."
         return None
     return check
 
@@ -299,7 +299,7 @@ class _Checker:
                           f"{'did you mean ' + repr(close) + '? ' if close else ''}allowed: {sorted(schema)}.")
             problem = schema[k](v)
             if problem:
-                self.fail(path + (k,), problem + extra)
+                self.fail(path + (k,), problem[:-1] + extra + "." if extra else problem)
 
 
 def _key_name(path: Sequence[Any]) -> str:
@@ -398,7 +398,7 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
     name = stage.get("name")
     if name is None:
         c.fail(path, "missing name; give each stage a name such as name = \"teacher\".")
-    extra = f" ({name!r})" if isinstance(name, str) else ""
+    extra = f" (stage {name!r})" if isinstance(name, str) else ""
     c.table(stage, STAGE_KEYS[kind], path, f"a {kind} stage", extra)
     if name in names:
         c.fail(path + ("name",), f"{name!r} names an earlier stage too; stage names must be unique.")
