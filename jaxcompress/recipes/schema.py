@@ -374,15 +374,7 @@ def _check_model(c: _Checker, model: Any, path: tuple, what: str) -> dict:
     kind = model.get("kind")
     if kind not in MODEL_KINDS:
         c.fail(path + ("kind",), f"must be one of {list(MODEL_KINDS)}, got {kind!r}.")
-    schema = {"kind": _choice(*MODEL_KINDS), **MODEL_KEYS[kind]}
-    for k, v in model.items():
-        if k not in schema:
-            close = _close(k, schema)
-            c.fail(path + (k,), f"unknown key for model kind {kind!r} in {what}; "
-                   f"{'did you mean ' + repr(close) + '? ' if close else ''}allowed: {sorted(schema)}.")
-        problem = schema[k](v)
-        if problem:
-            c.fail(path + (k,), problem)
+    c.table(model, {"kind": _choice(*MODEL_KINDS), **MODEL_KEYS[kind]}, path, f"{what} (model kind {kind!r})")
     return dict(model)
 
 
