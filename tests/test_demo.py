@@ -63,9 +63,9 @@ def test_demo_falls_back_to_digits_offline(tmp_path, monkeypatch):
     assert len(report["stages"]) == 4
     # the given stage lengths hold, even one equal to MNIST's default (qat 0.5); the batch size left
     # unset takes the digits default
-    config = report["config"]
-    assert [config[k] for k in ("teacher_epochs", "student_epochs", "prune_epochs", "qat_epochs")] == [1, 1, 1, 0.5]
-    assert config["batch_size"] == 64
+    config = report["config"]  # the recipe that ran
+    assert [s["epochs"] for s in config["stages"][:4]] == [1, 1, 1, 0.5]
+    assert config["data"]["batch_size"] == 64
     assert report["stages"][0]["test_accuracy"] > 0.5  # 22 steps on 1,437 real digits beat chance (0.1)
 
 
@@ -74,6 +74,13 @@ def test_demo_with_data_dir_missing_files_fails_clearly(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and str(tmp_path) in err
+
+
+def test_shipped_demo_recipe_holds_the_density_rules():
+    from jaxcompress.recipes.schema import load_recipe
+
+    pruned = load_recipe("demo")["stages"][2]
+    assert [tuple(r) for r in pruned["density_rules"]] == DENSITY_RULES and pruned["erk_power"] == 0.0
 
 
 def test_demo_density_rules_meet_target_and_favour_sensitive_layers():

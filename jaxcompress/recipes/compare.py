@@ -1,0 +1,60 @@
+"""Comparing finished runs side by side: one table and one accuracy-vs-bytes Pareto plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from jaxcompress.recipes.report import _accuracy, pareto_front, plot_accuracy_vs_bytes
+
+
+def read_reports(dirs: Sequence[str | Path]) -> dict[str, dict]:
+    """``{run label: report}`` from each directory's ``report.json`` (label: the directory name).
+
+    Raises:
+      ValueError: a directory without a readable ``report.json``.
+    """
+    reports = {}
+    for d in dirs:
+        path = Path(d) / "report.json"
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{str(d)!r} holds no readable report.json ({type(e).__name__}: {e}); "
+                             "give directories written by `jaxcompress run`.") from None
+        label = Path(d).resolve().name
+        while label in reports:
+            label += "'"
+        reports[label] = report
+    return reports
+
+
+def compare_markdown(reports: dict[str, dict]) -> str:
+    """A side-by-side table of every stage of every run, with the Pareto-optimal rows marked."""
+    rows = [(label, s) for label, r in reports.items() for s in r["stages"]]
+    front = set(pareto_front([(s["file_bytes"], s["test_accuracy"]) for _, s in rows]))
+    lines = [
+        "# jaxcompress runs compared",
+        "",
+        "| run | recipe | data | seeds | stage | validation accuracy | test accuracy | file bytes | Pareto |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | :---: |",
+    ]
+    for i, (label, s) in enumerate(rows):
+        r = reports[label]
+        lines.append(f"| {label} | {r.get('recipe', 'demo')} | {r['dataset']} | {len(r.get('seeds', [0]))} | "
+                     f"{s['name']} | {_accuracy(s, 'validation_accuracy')} | {_accuracy(s, 'test_accuracy')} | "
+                     f"{s['file_bytes']:,.0f} | {'*' if i in front else ''} |")
+    lines += ["", "Pareto: no other row is both smaller on disk and at least as accurate on the test set."]
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Writes ``OUT/compare.md`` and ``OUT/compare.png`` for the runs in ``dirs``; returns their paths."""
+    reports = read_reports(dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "compare.md"
+    md.write_text(compare_markdown(reports))
+    png = plot_accuracy_vs_bytes({k: r["stages"] for k, r in reports.items()}, out / "compare.png",
+                                 "test accuracy vs file bytes")
+    return [md, png]

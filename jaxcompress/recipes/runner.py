@@ -1,0 +1,393 @@
+"""Running a recipe: every stage trained, scored, saved and checkpointed, once per seed.
+
+Honest by construction: a validation split is carved out of the training set before anything
+trains; the runner selects nothing by test accuracy (each stage keeps its last step, and the
+only numbers a stage is judged by during a run are on validation data); the test set is scored
+once per stage's final model (``test_evaluations`` in each row) and, for an export, once more on
+the weights read back from the file, to show the file holds the model; every stage of every
+seed, including one that failed, is appended to ``OUT/runs.jsonl`` as it ends.
+
+Layout of ``OUT``: ``seed_S/stage_NAME/`` holds the stage's checkpoints, ``model.npz`` (the
+packed artifact) and ``result.json``; a re-run with the same recipe restores finished stages
+from their checkpoints and continues an unfinished one from its last checkpoint; once a stage is
+trained again, every later stage is too.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import numpy as np
+import optax
+
+from jaxcompress.core.transform import Transform, chain
+from jaxcompress.data import load_dataset
+from jaxcompress.data.batching import epochs as epoch_batches
+from jaxcompress.data.batching import num_batches
+from jaxcompress.distill.losses import kd_loss
+from jaxcompress.export.artifact import save
+from jaxcompress.export.reader import load
+from jaxcompress.export.size import size_report
+from jaxcompress.prune import erk_sparsities, fixed_masks, pruning, sparsity_report, sparsity_rules
+from jaxcompress.prune.schedules import one_shot_schedule, polynomial_schedule
+from jaxcompress.prune.structures import NM, Channels, Unstructured
+from jaxcompress.quant.weights import weight_quantization
+from jaxcompress.recipes.models import build_model
+from jaxcompress.recipes.schema import RecipeError, check_stage_rules
+from jaxcompress.train.checkpoint import Checkpointer
+from jaxcompress.train.loop import fit
+from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
+from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
+from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train_step
+
+SELECTION = ("none: each stage keeps its last step; validation accuracy is recorded per stage and the test "
+             "set is scored once per stage's final model")
+
+
+class Split(NamedTuple):
+    """The data a recipe runs on: train, validation (carved from the training set) and test."""
+
+    name: str
+    source: str
+    num_classes: int
+    train: tuple
+    validation: tuple
+    test: tuple
+
+
+class _Model(NamedTuple):
+    """A finished stage's model, as later stages start from it."""
+
+    module: Any
+    params: Any
+    model_state: Any
+    masks: Any
+    quant: Optional[dict]
+    view: Any
+    description: Optional[dict]
+
+
+def load_split(data: dict, log: Callable[[str], None] = print) -> Split:
+    """Loads the recipe's data set and carves the validation split out of its training set."""
+    ds = load_dataset(data["name"], data.get("dir"), download=data["download"],
+                      fallback_to_digits=data["fallback_to_digits"], log=log)
+    xs, ys = ds.train_images, ds.train_labels
+    xt, yt = ds.test_images, ds.test_labels
+    if data.get("train_subset"):
+        xs, ys = xs[: data["train_subset"]], ys[: data["train_subset"]]
+    if data.get("test_subset"):
+        xt, yt = xt[: data["test_subset"]], yt[: data["test_subset"]]
+    v = data["validation"]
+    n_val = int(round(v * len(ys))) if isinstance(v, float) else int(v)
+    if not 1 <= n_val < len(ys):
+        raise RecipeError(f"carves {n_val} of {len(ys)} training examples for validation; give a fraction in (0, 1) "
+                          "or a count that leaves training examples.", key="data.validation")
+    order = np.random.default_rng(data["split_seed"]).permutation(len(ys))
+    val, train = order[:n_val], np.sort(order[n_val:])
+    return Split(ds.name, ds.source, ds.num_classes, (xs[train], ys[train]), (xs[val], ys[val]), (xt, yt))
+
+
+def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: int = 128) -> dict:
+    """The recipe cut to a few seconds: the first seed, a few hundred images, at most one epoch a stage.
+
+    For checking that a recipe runs end to end, not for its numbers.
+
+    Example:
+      >>> from jaxcompress.recipes.schema import load_recipe
+      >>> r = smoke_recipe(load_recipe("demo"))
+      >>> r["data"]["train_subset"], max(s.get("epochs", 0) for s in r["stages"])
+      (320, 1.0)
+    """
+    out = json.loads(json.dumps(recipe))
+    out["seeds"] = out["seeds"][:1]
+    out["data"].update(train_subset=min(out["data"].get("train_subset") or train, train), validation=validation,
+                       test_subset=min(out["data"].get("test_subset") or test, test), batch_size=32)
+    for stage in out["stages"]:
+        if "epochs" in stage:
+            stage["epochs"] = min(float(stage["epochs"]), 1.0)
+    return out
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _optimizer(stage: dict):
+    return {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](stage["learning_rate"])
+
+
+def _and_masks(a, b):
+    if a is None:
+        return b
+    return jax.tree.map(lambda x, y: x if y is None else (y if x is None else x & y), a, b,
+                        is_leaf=lambda x: x is None)
+
+
+def _quant_transform(quant: dict) -> Transform:
+    return weight_quantization(quant["bits"], symmetric=quant["symmetric"],
+                               channel_axis=-1 if quant["per_channel"] else None,
+                               group_size=quant.get("group_size"),
+                               rules=None if quant.get("rules") is None else [tuple(r) for r in quant["rules"]])
+
+
+def _pruner(stage: dict, params, num_steps: int) -> Transform:
+    if stage.get("density_rules"):
+        per_leaf = erk_sparsities(params, stage["sparsity"], rules=[tuple(r) for r in stage["density_rules"]],
+                                  power=stage["erk_power"])
+        rules = sparsity_rules(per_leaf)
+    else:
+        rules = None if stage.get("rules") is None else [tuple(r) for r in stage["rules"]]
+    if stage["schedule"] == "polynomial" and num_steps > 0:
+        end = max(int(stage["schedule_end"] * num_steps), 1)
+        schedule = polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1))
+    else:
+        schedule = one_shot_schedule()
+    structure = {"unstructured": Unstructured(), "channels": Channels(), "2:4": NM(2, 4)}[stage["structure"]]
+    return pruning(stage["sparsity"], criterion=stage["criterion"], structure=structure, scope=stage["scope"],
+                   schedule=schedule, rules=rules)
+
+
+class _Run:
+    """One seed of a recipe."""
+
+    def __init__(self, recipe: dict, split: Split, out: Path, seed: int, *, progress: bool, log: Callable):
+        self.recipe, self.split, self.seed, self.progress, self.log = recipe, split, seed, progress, log
+        self.out = out
+        self.dir = out / f"seed_{seed}"
+        self.models: dict[str, _Model] = {}
+        self.rows: dict[str, dict] = {}
+        self.recomputed = False
+        data = recipe["data"]
+        self.batch_size = data["batch_size"]
+        self.eval_batch_size = min(data["eval_batch_size"], len(split.test[1]), len(split.validation[1]))
+        self.parallel, self.devices = recipe["parallel"], recipe.get("devices")
+        self.axis_name = step_axis_name(self.parallel)
+
+    def _num_steps(self, epochs: float) -> int:
+        if epochs == 0:
+            return 0
+        return max(int(round(epochs * num_batches(len(self.split.train[1]), self.batch_size))), 1)
+
+    def _evaluate(self, apply, state, transform, which: str) -> float:
+        x, y = getattr(self.split, which)
+        step = jax.jit(make_eval_step(apply, transform=transform))
+        return evaluate(step, state, {"image": x, "label": y}, batch_size=self.eval_batch_size)["accuracy"]
+
+    def stage(self, index: int, stage: dict) -> None:
+        sdir = self.dir / f"stage_{stage['name'].replace(' ', '_')}"
+        key = _fingerprint(self.recipe["data"], self.seed, self.recipe["stages"][: index + 1])
+        result_file = sdir / "result.json"
+        if self.recomputed and sdir.exists():
+            shutil.rmtree(sdir)  # an earlier stage changed: this one's outputs are stale
+        if sdir.exists() and (sdir / "fingerprint").exists() and (sdir / "fingerprint").read_text() != key:
+            raise RecipeError(f"{sdir} was written by a different recipe (or data, seed); use another --out "
+                              "or remove that directory.", key=f"stages[{index}]")
+        sdir.mkdir(parents=True, exist_ok=True)
+        (sdir / "fingerprint").write_text(key)
+        if stage["kind"] == "export":
+            return self._export(stage, sdir, result_file)
+        t0 = time.time()
+        label = stage.get("label", stage["name"])
+        if stage["kind"] in ("train", "distill"):
+            module = build_model(stage["model"], self.split.num_classes)
+            init_key = jax.random.fold_in(jax.random.key(self.seed), index)
+            params, model_state = split_variables(module.init(init_key, self.split.train[0][:1]))
+            masks, quant = None, None
+        else:
+            src = self.models[stage["from"]]
+            module, params, model_state, masks, quant = src.module, src.params, src.model_state, src.masks, src.quant
+        apply = linen_apply_fn(module)
+        num_steps = self._num_steps(stage["epochs"])
+        parts, prune_at = [], None
+        if masks is not None:
+            parts.append(fixed_masks(masks))
+        if stage["kind"] == "prune":
+            prune_at = len(parts)
+            parts.append(_pruner(stage, params, num_steps))
+        if stage["kind"] == "quantize":
+            quant = {k: stage.get(k) for k in ("bits", "symmetric", "per_channel", "group_size", "rules")}
+        if quant is not None:
+            parts.append(_quant_transform(quant))
+        transform = None if not parts else parts[0] if len(parts) == 1 else chain(*parts)
+        teacher = self.models.get(stage.get("teacher")) if stage.get("teacher") else None
+        kd = None if teacher is None else Teacher(linen_apply_fn(teacher.module), functools.partial(
+            kd_loss, temperature=stage["temperature"], kd_weight=stage["kd_weight"], ce_weight=stage["ce_weight"]))
+        opt = _optimizer(stage)
+        state = init_train_state(params, opt, transform=transform, model_state=model_state,
+                                 rng=self.seed * 1000 + index)
+        ckpt = Checkpointer(sdir / "checkpoints", every=self.recipe["checkpoint_every"], keep=2)
+        try:
+            restored = ckpt.restore(state)
+            done = restored is not None and restored.step == num_steps and result_file.exists()
+            if done:
+                state = restored.state
+                row = json.loads(result_file.read_text())
+                self.log(f"{label}: restored from {sdir.relative_to(self.out)} (step {num_steps})")
+            else:
+                self.recomputed = True
+                start = 0
+                if restored is not None and restored.step < num_steps:
+                    state, start = restored.state, restored.step
+                    self.log(f"{label}: resuming at step {start} of {num_steps}")
+                state, loss = self._train(stage, index, label, apply, opt, transform, kd, teacher, state, start,
+                                          num_steps, ckpt)
+                ckpt.save(state, force=True, data_position={"step": num_steps})
+                row = {"name": label, "stage": stage["name"], "kind": stage["kind"], "steps": num_steps,
+                       "epochs": stage["epochs"], "train_loss": loss,
+                       "validation_accuracy": self._evaluate(apply, state, transform, "validation"),
+                       "test_accuracy": self._evaluate(apply, state, transform, "test"), "test_evaluations": 1}
+        finally:
+            ckpt.close()
+        cstate = state.compression_state
+        view = state.params if transform is None else transform.apply(state.params, cstate)
+        description = None if transform is None else transform.describe(state.params, cstate)
+        if prune_at is not None:
+            inner = cstate[prune_at] if len(parts) > 1 else cstate
+            masks = _and_masks(masks, inner.masks)
+        if not done:
+            artifact = sdir / "model.npz"
+            saved = save(artifact, view, description, metadata={"recipe": self.recipe["name"], "stage": stage["name"],
+                                                                  "seed": self.seed})
+            size = size_report(view, description, artifact=saved)
+            bits = quant["bits"] if quant else 32
+            row.update(params=size.params, nonzero_params=size.nonzero_params,
+                       weight_bits={"binary": 1, "ternary": 2}.get(bits, bits), bytes_float32=size.bytes_float32,
+                       bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,
+                       artifact=str(artifact.relative_to(self.out)), seconds=round(time.time() - t0, 2))
+            if masks is not None:
+                row["sparsity"] = sparsity_report(view, masks)[1].sparsity
+            result_file.write_text(json.dumps(row, indent=2) + "\n")
+            self.log(f"{label}: validation {row['validation_accuracy']:.4f}, test {row['test_accuracy']:.4f}, "
+                     f"{row['file_bytes']:,} file bytes, {row['seconds']:.1f} s")
+        self.rows[stage["name"]] = row
+        self.models[stage["name"]] = _Model(module, state.params, state.model_state, masks, quant, view, description)
+
+    def _train(self, stage, index, label, apply, opt, transform, kd, teacher, state, start, num_steps, ckpt):
+        if num_steps == start:
+            return state, None
+        if self.parallel != "none":
+            per_device_batch_size(self.batch_size, len(jax.devices()) if self.devices is None else self.devices)
+        step = make_train_step(apply, opt, transform=transform, teacher=kd, axis_name=self.axis_name)
+        dp = data_parallel(step, parallel=self.parallel, devices=self.devices)
+        xs, ys = self.split.train
+        per_epoch = num_batches(len(ys), self.batch_size)
+        batches = epoch_batches(xs, ys, self.batch_size, seed=self.seed * 1000 + index,
+                                num_epochs=math.ceil(num_steps / per_epoch))
+        batches = itertools.islice(batches, start, None)  # the data position of the checkpoint
+        every, count = self.recipe["checkpoint_every"], [start]
+
+        def step_and_save(state, batch, *extra):
+            state, metrics = dp.step(state, batch, *extra)
+            count[0] += 1
+            if count[0] % every == 0 and count[0] < num_steps:
+                ckpt.save(dp.get_state(state), force=True, data_position={"step": count[0]})
+            return state, metrics
+
+        teacher_variables = None if teacher is None else dp.put_teacher((teacher.view, teacher.model_state))
+        state, metrics = fit(step_and_save, dp.put_state(state), batches, num_steps=num_steps - start,
+                             teacher_variables=teacher_variables, desc=label, progress=self.progress)
+        return dp.get_state(state), metrics.get("loss")
+
+    def _export(self, stage: dict, sdir: Path, result_file: Path) -> None:
+        src = self.models[stage["from"]]
+        row = self.rows[stage["from"]]
+        target = sdir / stage["file"]
+        if result_file.exists() and target.exists() and not self.recomputed:
+            row.update(json.loads(result_file.read_text()))
+            return
+        saved = save(target, src.view, src.description, float_dtype=stage["float_dtype"],
+                     metadata={"recipe": self.recipe["name"], "stage": stage["from"], "seed": self.seed,
+                               "test_accuracy": row["test_accuracy"]})
+        loaded, _ = load(target, like=src.view)  # the model as a user gets it from the file
+        state = init_train_state(loaded, optax.sgd(0.0), model_state=src.model_state)
+        acc = self._evaluate(linen_apply_fn(src.module), state, None, "test")
+        extra = {"exported": str(target.relative_to(self.out)), "exported_file_bytes": saved.file_bytes,
+                 "test_accuracy_from_file": acc}
+        result_file.write_text(json.dumps(extra, indent=2) + "\n")
+        row.update(extra)
+        self.log(f"{row['name']}: exported to {extra['exported']} ({saved.file_bytes:,} bytes), "
+                 f"test accuracy from the file {acc:.4f}")
+
+
+def _summary(runs: list[list[dict]]) -> list[dict]:
+    """One row per stage: the single run's row, or the mean over seeds with ``*_std`` for accuracies."""
+    if len(runs) == 1:
+        return [dict(r) for r in runs[0]]
+    out = []
+    for rows in zip(*runs):
+        row = dict(rows[0])
+        for k, v in rows[0].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(k) is not None for r in rows):
+                values = np.array([r[k] for r in rows], dtype=np.float64)
+                row[k] = float(values.mean())
+                if "accuracy" in k:
+                    row[f"{k}_std"] = float(values.std(ddof=1))
+        row["seeds"] = len(rows)
+        out.append(row)
+    return out
+
+
+def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
+               split: Optional[Split] = None) -> dict:
+    """Runs every stage of ``recipe`` (from :func:`~jaxcompress.recipes.schema.load_recipe`) for each seed.
+
+    Args:
+      recipe: a validated recipe dict.
+      out: the output directory (created; a re-run resumes from its checkpoints).
+      progress: show progress bars.
+      log: where progress messages go.
+      split: the data, when already loaded with :func:`load_split` (default: loaded here).
+
+    Returns:
+      The report: ``recipe, dataset, source, split, seeds, selection, runs`` (per seed, the stage
+      rows), ``stages`` (the rows, or their means and ``*_std`` over seeds), ``config`` and
+      ``environment``. A stage row holds ``name, stage, kind, steps, epochs, train_loss,
+      validation_accuracy, test_accuracy, test_evaluations, params, nonzero_params, weight_bits,
+      bytes_float32, bytes_compressed, file_bytes, artifact, seconds`` (``sparsity`` when pruned;
+      ``exported, exported_file_bytes, test_accuracy_from_file`` when an export stage saved it).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = load_split(recipe["data"], log) if split is None else split
+    check_stage_rules(recipe, split.train[0].shape[1:], num_classes=split.num_classes)
+    log(f"data: {split.name} from {split.source}: {len(split.train[1])} train / {len(split.validation[1])} "
+        f"validation / {len(split.test[1])} test images {split.train[0].shape[1:]}")
+    runs = []
+    t0 = time.time()
+    with open(out / "runs.jsonl", "a") as journal:
+        for seed in recipe["seeds"]:
+            run = _Run(recipe, split, out, seed, progress=progress, log=log)
+            for index, stage in enumerate(recipe["stages"]):
+                try:
+                    run.stage(index, stage)
+                except Exception as e:
+                    journal.write(json.dumps({"seed": seed, "stage": stage["name"], "error": f"{type(e).__name__}: {e}"})
+                                  + "\n")
+                    raise
+                if stage["kind"] != "export":
+                    journal.write(json.dumps({"seed": seed, "time": round(time.time(), 1),
+                                              **run.rows[stage["name"]]}) + "\n")
+                journal.flush()
+            runs.append(list(run.rows.values()))
+    return {
+        "recipe": recipe["name"],
+        "dataset": split.name,
+        "source": split.source,
+        "split": {"train": len(split.train[1]), "validation": len(split.validation[1]), "test": len(split.test[1]),
+                  "split_seed": recipe["data"]["split_seed"]},
+        "seeds": list(recipe["seeds"]),
+        "selection": SELECTION,
+        "runs": [{"seed": s, "stages": rows} for s, rows in zip(recipe["seeds"], runs)],
+        "stages": _summary(runs),
+        "config": recipe,
+        "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()},
+        "total_seconds": round(time.time() - t0, 1),
+    }

@@ -1,0 +1,199 @@
+"""Recipes: the schema's errors (key and line, in under a second), a smoke run, resume, compare."""
+import json
+import shutil
+import time
+
+import pytest
+
+from jaxcompress import cli
+from jaxcompress.recipes.schema import RecipeError, load_recipe, locate, parse_recipe, shipped_recipes
+from jaxcompress.recipes.runner import run_recipe, smoke_recipe
+
+GOOD = """\
+name = "tiny"
+seeds = [0]
+checkpoint_every = 4
+
+[data]
+name = "mnist"
+train_subset = 300
+test_subset = 100
+validation = 60
+batch_size = 40
+
+[model]
+kind = "mlp"
+features = [32]
+
+[[stages]]
+name = "teacher"
+kind = "train"
+model = { kind = "mlp", features = [64] }
+epochs = 1
+
+[[stages]]
+name = "student"
+kind = "distill"
+teacher = "teacher"
+epochs = 1
+
+[[stages]]
+name = "pruned"
+kind = "prune"
+sparsity = 0.8
+rules = [["^head/", 0.5], [".*", true]]
+epochs = 1
+
+[[stages]]
+name = "int8"
+kind = "quantize"
+bits = 8
+epochs = 0.5
+
+[[stages]]
+name = "export"
+kind = "export"
+"""
+
+
+def _line_of(text, needle, occurrence=0):
+    return [i for i, line in enumerate(text.splitlines(), start=1) if needle in line][occurrence]
+
+
+def test_good_recipe_parses_with_defaults():
+    r = parse_recipe(GOOD)
+    assert [s["kind"] for s in r["stages"]] == ["train", "distill", "prune", "quantize", "export"]
+    assert r["stages"][2]["from"] == "student" and r["stages"][4]["from"] == "int8"
+    assert r["stages"][2]["model"] == {"kind": "mlp", "features": [32]}
+    assert r["stages"][0]["model"]["features"] == [64]
+    assert r["data"]["split_seed"] == 0 and r["stages"][1]["temperature"] == 4.0
+
+
+# (description, edit of GOOD, exception type, key in the message, line of the key: the text it is on)
+BAD = [
+    ("unknown stage", ('kind = "quantize"', 'kind = "quantise"'), "stages[3].kind", 'kind = "quantise"'),
+    ("missing teacher", ('teacher = "teacher"\n', ''), "stages[1]", "[[stages]]", 1),
+    ("teacher not a stage", ('teacher = "teacher"', 'teacher = "teachr"'), "stages[1].teacher", 'teacher = "teachr"'),
+    ("sparsity 1.5", ("sparsity = 0.8", "sparsity = 1.5"), "stages[2].sparsity", "sparsity = 1.5"),
+    ("rule matches nothing", ('[["^head/", 0.5]', '[["^Dense_0/", 0.5]'), "stages[2].rules", "rules = "),
+    ("typo in a key", ("epochs = 0.5", "epoch = 0.5"), "stages[3].epoch", "epoch = 0.5"),
+    ("typo in [data]", ("test_subset = 100", "tset_subset = 100"), "data.tset_subset", "tset_subset"),
+    ("bad model kind", ('kind = "mlp"\nfeatures', 'kind = "mpl"\nfeatures'), "model.kind", 'kind = "mpl"'),
+    ("bad bits", ("bits = 8", "bits = 9"), "stages[3].bits", "bits = 9"),
+    ("bad seeds", ("seeds = [0]", "seeds = [0, 0]"), "seeds", "seeds = [0, 0]"),
+    ("bad validation", ("validation = 60", "validation = 1.5"), "data.validation", "validation = 1.5"),
+    ("unknown data set", ('name = "mnist"', 'name = "mnits"'), "data.name", 'name = "mnits"'),
+    ("bad rule regex", ('"^head/"', '"^head/("'), "stages[2].rules", "rules = "),
+    ("duplicate stage name", ('name = "int8"', 'name = "pruned"'), "stages[3].name", 'name = "pruned"', 1),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_recipe_fails_fast_naming_key_and_line(case, tmp_path):
+    _, (old, new), key, needle, *occurrence = case
+    assert old in GOOD
+    text = GOOD.replace(old, new, 1)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert time.perf_counter() - t0 < 1.0
+    line = _line_of(text, needle, *occurrence) if needle != "[[stages]]" else _line_of(text, needle, 1)
+    assert e.value.key == key and e.value.line == line
+    assert f"bad.toml:{line}: {key}" in str(e.value)
+
+
+def test_typo_suggests_the_key():
+    with pytest.raises(RecipeError, match="did you mean 'epochs'"):
+        parse_recipe(GOOD.replace("epochs = 0.5", "epoch = 0.5"))
+
+
+def test_invalid_toml_reports_its_line():
+    with pytest.raises(RecipeError, match="line 2") as e:
+        parse_recipe('name = "x"\nseeds = = [0]\n')
+    assert e.value.line == 2
+
+
+def test_locate_finds_keys_in_tables_and_array_tables():
+    assert locate(GOOD, ("data", "validation")) == _line_of(GOOD, "validation = 60")
+    assert locate(GOOD, ("stages", 2, "sparsity")) == _line_of(GOOD, "sparsity = 0.8")
+    assert locate(GOOD, ("stages", 4, "file")) == _line_of(GOOD, "[[stages]]", 4)  # not written: its table
+    assert locate(GOOD, ("seeds",)) == 2
+
+
+def test_every_shipped_recipe_validates():
+    assert "demo" in shipped_recipes()
+    for name in shipped_recipes():
+        load_recipe(name)
+
+
+def _recipe(mnist_dir):
+    r = parse_recipe(GOOD)
+    r["data"]["dir"] = str(mnist_dir)
+    return r
+
+
+def test_smoke_run_resume_and_compare(mnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    report = run_recipe(_recipe(mnist_dir), out, progress=False, log=lambda m: None)
+    rows = report["stages"]
+    assert [r["stage"] for r in rows] == ["teacher", "student", "pruned", "int8"]
+    assert report["split"] == {"train": 240, "validation": 60, "test": 100, "split_seed": 0}
+    for r in rows:
+        assert r["test_evaluations"] == 1 and 0 <= r["validation_accuracy"] <= 1
+        assert (out / r["artifact"]).stat().st_size == r["file_bytes"]
+    assert rows[0]["test_accuracy"] > 0.3  # 6 steps on real digits beat chance
+    assert rows[2]["sparsity"] > 0.75 and rows[3]["weight_bits"] == 8
+    assert rows[3]["file_bytes"] < rows[2]["file_bytes"] < rows[1]["file_bytes"]
+    assert rows[3]["test_accuracy_from_file"] == pytest.approx(rows[3]["test_accuracy"], abs=1e-9)
+    journal = [json.loads(l) for l in (out / "runs.jsonl").read_text().splitlines()]
+    assert [j["stage"] for j in journal] == ["teacher", "student", "pruned", "int8"]
+
+    # resume: the last trained stage's outputs are gone; the others are restored, not retrained
+    shutil.rmtree(out / "seed_0" / "stage_int8")
+    messages = []
+    again = run_recipe(_recipe(mnist_dir), out, progress=False, log=messages.append)
+    assert sum("restored from" in m for m in messages) == 3
+    for a, b in zip(rows, again["stages"]):
+        assert a["test_accuracy"] == b["test_accuracy"] and a["file_bytes"] == b["file_bytes"]
+
+    # the same directory with another recipe is refused, not silently mixed
+    changed = _recipe(mnist_dir)
+    changed["stages"][0]["epochs"] = 2.0
+    with pytest.raises(RecipeError, match="different recipe"):
+        run_recipe(changed, out, progress=False, log=lambda m: None)
+
+    from jaxcompress.recipes.report import write_report
+
+    write_report(report, out)
+    second = tmp_path / "run2"
+    write_report({**report, "recipe": "other"}, second)
+    assert cli.main(["report", str(out), str(second), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table.count("| run | tiny |") == 4 and table.count("| run2 | other |") == 4
+    assert "| * |" in table  # the Pareto rows are marked
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+
+
+def test_cli_run_bad_recipe_exits_2_before_training(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace("sparsity = 0.8", "sparsity = 1.5"))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"bad.toml:{_line_of(GOOD, 'sparsity = 0.8')}: stages[2].sparsity" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_report_refuses_a_directory_without_report(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_shipped_recipe_smoke(name, mnist_dir, tmp_path):
+    out = tmp_path / name
+    rc = cli.main(["run", name, "--smoke", "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"]["train"] == 256 and len(report["stages"]) >= 1
