@@ -19,13 +19,14 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxcompress.benchmark import compare, verdict
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.core.validation import check_int
+from jaxcompress.export.shrink import _get
 from jaxcompress.infer.layers import PATHS, Layer, describe_layer, layer_arrays, run_layer
 from jaxcompress.quant.activations import COLLECTION
+from jaxcompress.quant.affine import affine_qparams
 
 _LAYERS = (nn.Dense, nn.Conv)
 
@@ -62,15 +63,6 @@ class Plan(NamedTuple):
 
     paths: dict
     timings: dict
-
-
-def _get(tree, path: str):
-    node = tree
-    for key in path.split("/"):
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
 
 
 def _without(tree, paths):
@@ -150,8 +142,6 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
     if extra:
         raise ValueError(f"model_state[{COLLECTION!r}] has ranges for {extra}, which are not Dense/Conv layers; "
                          "compressed inference quantizes the inputs of Dense and Conv layers only.")
-    from jaxcompress.quant.affine import affine_qparams
-
     layers, arrays, inputs, removed = {}, {}, {}, []
     for name, (m, x) in calls.items():
         spec = description.get(f"{name}/kernel")
