@@ -1,0 +1,162 @@
+"""CPU inference latency of int8, weight-only int8/int4 and float32 paths, and the path the library picks.
+
+Models: LeNet-5 trained briefly on MNIST (its predictions are also checked), the CIFAR CNN
+(``teacher_cnn``, random weights, 32x32x3 random inputs: latency only) and LeNet-300-100 (MLP,
+random weights, 28x28x1 inputs), each at batch 1 and 256. Per model, three compressed versions:
+
+* W8A8: ``weight_quantization(8)`` (per-channel symmetric) plus calibrated 8-bit affine input
+  ranges (``calibrate_activations`` on 1,024 training-set images, then ``quantize_activations``):
+  the fake-quant model whose predictions the inference must reproduce;
+* W8 and W4: ``weight_quantization(8)`` / ``(4)`` alone (weight-only).
+
+Programs timed with :func:`jaxcompress.benchmark.compare` (interleaved shuffled blocks, an A/A
+control of the baseline, bootstrap 95% intervals), baseline ``float32``: the plain model on float
+weights. ``int8`` runs every layer int8 x int8 -> int32 (W8A8), ``weight_int8`` / ``weight_int4``
+every layer on codes dequantized inside the program (W8 / W4), ``chosen_*`` the per-layer plan
+:func:`jaxcompress.infer.choose_paths` measured for that model and batch. The top-level ratio is
+the worst ``chosen_w8a8 / float32`` over models and batches. Agreement: the chosen W8A8 plan's
+predictions against the fake-quant model's on the 10,000 MNIST test images (LeNet-5, both batch
+sizes' plans).
+
+Usage: python experiments/benchmarks/int8_inference.py --out FILE.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxcompress as jc
+from jaxcompress import infer
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
+from jaxcompress.data import epochs, load_mnist
+from jaxcompress.models import MLP, LeNet5, teacher_cnn
+from jaxcompress.quant.activations import calibrate_activations, quantize_activations
+from jaxcompress.train import split_variables
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_lenet(x, y, steps):
+    model = LeNet5()
+    params, _ = split_variables(model.init(jax.random.key(0), x[:1]))
+    opt = optax.adam(optax.cosine_decay_schedule(1e-3, steps))
+    state = jc.init_train_state(params, opt)
+    step = jax.jit(jc.make_train_step(jc.linen_apply_fn(model), opt), donate_argnums=0)
+    state, _ = jc.fit(step, state, epochs(x, y, 128, seed=0, num_epochs=2), num_steps=steps, progress=False)
+    return model, state.params
+
+
+def versions(model, params, calib):
+    """``{name: (view, description, model_state)}`` for W8A8, W8 and W4."""
+    out = {}
+    for name, bits in (("w8a8", 8), ("w8", 8), ("w4", 4)):
+        t = jc.weight_quantization(bits)
+        s = t.init(params)
+        view, desc = t.apply(params, s), t.describe(params, s)
+        ms = calibrate_activations(jc.linen_apply_fn(model), view, {}, [{"image": calib}]) if name == "w8a8" else {}
+        out[name] = (view, desc, ms)
+    return out
+
+
+def fake_quant_fn(model, view, ms):
+    apply_fn = quantize_activations(jc.linen_apply_fn(model), 8)
+    return jax.jit(lambda x: apply_fn(view, ms, {"image": x}, train=False)[0])
+
+
+def predictions(fn, x, batch):
+    return np.concatenate([np.asarray(jnp.argmax(fn(x[i:i + batch]), -1)) for i in range(0, len(x), batch)])
+
+
+def bench(model, params, x, calib, args):
+    vs = versions(model, params, calib)
+    prepared = {k: infer.prepare(model, v, d, x, model_state=ms) for k, (v, d, ms) in vs.items()}
+    plans = {k: infer.choose_paths(p, blocks=args.layer_blocks, calls=args.calls) for k, p in prepared.items()}
+    programs = {"float32": (lambda p, v: model.apply({"params": p}, v), params)}
+    uniform = {"int8": ("w8a8", "int8"), "weight_int8": ("w8", "weight_int8"), "weight_int4": ("w4", "weight_int4")}
+    for name, (ver, path) in uniform.items():
+        programs[name] = infer.inference_program(prepared[ver], infer.uniform_plan(prepared[ver], path))
+    for ver in prepared:
+        programs[f"chosen_{ver}"] = infer.inference_program(prepared[ver], plans[ver])
+    jitted = {k: (jax.jit(f), w) for k, (f, w) in programs.items()}
+    r = compare({k: (lambda f, w: lambda: f(w, x))(f, w) for k, (f, w) in jitted.items()}, baseline="float32",
+                blocks=args.blocks, calls=args.calls)
+    del r["seconds"], r["order"]
+    r["cost"] = {k: cost_analysis(f, w, x) for k, (f, w) in programs.items()}
+    r["plans"] = {k: {"paths": p.paths, "layer_timings": p.timings} for k, p in plans.items()}
+    r["verdict_chosen_w8a8_vs_1"] = verdict(r["ratios"]["chosen_w8a8"], 1.0)
+    return r, prepared, plans, vs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--blocks", type=int, default=20)
+    ap.add_argument("--layer-blocks", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--train-steps", type=int, default=800)
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    args = ap.parse_args()
+    if args.quick:
+        args.blocks, args.layer_blocks, args.calls, args.train_steps = 4, 3, 2, 100
+    t0 = time.time()
+    data = load_mnist(args.data_dir, download=False)
+    x_tr, y_tr = data.train_images[:55000], data.train_labels[:55000]
+    lenet, lenet_params = train_lenet(x_tr, y_tr, args.train_steps)
+    calib_mnist = jnp.asarray(x_tr[:1024])
+    rng = np.random.default_rng(0)
+    cifar_x = jnp.asarray(rng.uniform(size=(1024, 32, 32, 3)), jnp.float32)
+    models = {"lenet5": (lenet, lenet_params, calib_mnist, data.test_images),
+              "cifar_cnn": (teacher_cnn(), None, cifar_x, cifar_x),
+              "mlp_300_100": (MLP(), None, calib_mnist, data.test_images)}
+    results, agreement = {}, {}
+    for name, (model, params, calib, pool) in models.items():
+        if params is None:
+            params, _ = split_variables(model.init(jax.random.key(1), calib[:1]))
+        for batch in (1, 256):
+            x = jnp.asarray(pool[:batch])
+            r, prepared, plans, vs = bench(model, params, x, calib, args)
+            results[f"{name}/batch{batch}"] = r
+            print(f"{name} batch {batch}: " + ", ".join(
+                f"{k} {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in r["ratios"].items()))
+            if name == "lenet5":
+                test = jnp.asarray(data.test_images if not args.quick else data.test_images[:1000])
+                n_eval = len(test) if batch == 256 else (len(test) if not args.quick else 200)
+                view, _, ms = vs["w8a8"]
+                ref = predictions(fake_quant_fn(model, view, ms), test[:n_eval], 256)
+                got = predictions(infer.inference_fn(prepared["w8a8"], plans["w8a8"]), test[:n_eval], batch)
+                labels = np.asarray((data.test_labels if not args.quick else data.test_labels[:1000])[:n_eval])
+                float_pred = predictions(jax.jit(lambda v: model.apply({"params": params}, v)), test[:n_eval], 256)
+                agreement[f"batch{batch}"] = {
+                    "images": int(n_eval), "agreement_with_fake_quant": float(np.mean(got == ref)),
+                    "chosen_accuracy": float(np.mean(got == labels)), "fake_quant_accuracy": float(np.mean(ref == labels)),
+                    "float32_accuracy": float(np.mean(float_pred == labels))}
+                print(f"  agreement with fake-quant on {n_eval} test images: {agreement[f'batch{batch}']}")
+    worst = max(results, key=lambda k: results[k]["ratios"]["chosen_w8a8"]["ratio"])
+    result = {
+        "benchmark": "int8_inference",
+        "ratio": results[worst]["ratios"]["chosen_w8a8"]["ratio"],
+        "ratio_definition": "largest over models and batches of median latency(chosen per-layer plan of the W8A8 "
+                            "model) / median latency(float32 model); lower is better",
+        "worst_case": worst,
+        "target": "chosen path never slower than float32 (ratio <= 1.0) and predictions equal the fake-quant "
+                  "model's on >= 99.9% of MNIST test images",
+        "results": results,
+        "agreement_lenet5_mnist": agreement,
+        "control_name": CONTROL,
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
+        "seconds": round(time.time() - t0, 1),
+        "environment": environment(quick=args.quick),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""One Dense or Conv layer and the ways to run it: float, weight-only int8/int4, int8 x int8, sparse.
+
+Every path computes the same function, the layer of the fake-quantized model (input
+fake-quantized with its calibrated range, weights on their grid, BatchNorm folded in), and
+differs only in how: float32 on dequantized weights, int8 or packed int4 codes dequantized inside
+the jitted program (XLA fuses the conversion into the product's operand), int8 x int8 -> int32
+products with the zero point's contribution subtracted per output channel, or a sparse product.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.core.transform import LeafSpec
+from jaxcompress.infer import kernels, sparse
+from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
+
+#: Every path name, in the order candidates are listed.
+PATHS = ("float", "weight_int8", "weight_int4", "int8", "bcoo", "bcsr", "gather")
+
+
+class Layer(NamedTuple):
+    """What is static about one layer call (hashable: it is a jit static argument).
+
+    Attributes:
+      path: the module path (``'conv1'``, ``'stage1_block0/conv2'``).
+      kind: ``'dense'`` or ``'conv'``.
+      kernel_shape: the kernel's shape.
+      strides, padding, kernel_dilation, feature_group_count: the convolution's (explicit
+        ``((low, high), ...)`` padding); ``None``/1 for Dense.
+      act: ``(quant_min, quant_max)`` of the input grid, or ``None`` (float input).
+      norm: the path of the BatchNorm folded into this layer, or ``None``.
+      candidates: the paths this layer can run.
+    """
+
+    path: str
+    kind: str
+    kernel_shape: tuple
+    strides: Optional[tuple] = None
+    padding: Optional[tuple] = None
+    kernel_dilation: Optional[tuple] = None
+    feature_group_count: int = 1
+    act: Optional[tuple] = None
+    norm: Optional[str] = None
+    candidates: tuple = ("float",)
+
+
+def explicit_padding(conv: nn.Conv, in_shape) -> tuple:
+    """``((low, high), ...)`` of a Flax ``Conv`` for an NHWC input of ``in_shape``."""
+    n = len(in_shape) - 2
+    k = tuple(conv.kernel_size)
+    strides = _tuple(conv.strides, n)
+    dil = _tuple(conv.kernel_dilation, n)
+    pad = conv.padding
+    if isinstance(pad, str):
+        if pad not in ("SAME", "VALID", "SAME_LOWER"):
+            raise ValueError(f"Conv {'/'.join(conv.path)!r}: padding {pad!r} is not supported for inference; "
+                             "use 'SAME', 'VALID' or explicit pads.")
+        eff = tuple((kk - 1) * d + 1 for kk, d in zip(k, dil))
+        return tuple(tuple(p) for p in jax.lax.padtype_to_pads(in_shape[1:-1], eff, strides, pad))
+    if isinstance(pad, int):
+        return ((pad, pad),) * n
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
+
+
+def _tuple(v, n):
+    if v is None:
+        return (1,) * n
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec]) -> Layer:
+    """The :class:`Layer` of a Flax ``Dense``/``Conv`` called on ``x``, with its candidate paths."""
+    path = "/".join(module.path)
+    if isinstance(module, nn.Conv):
+        if x.ndim != len(module.kernel_size) + 2:
+            raise ValueError(f"Conv {path!r}: inference needs one batch axis; got an input of shape {x.shape}.")
+        if module.mask is not None or _tuple(module.input_dilation, x.ndim - 2) != (1,) * (x.ndim - 2):
+            raise ValueError(f"Conv {path!r}: masked or input-dilated convolutions are not supported for inference.")
+        n = x.ndim - 2
+        kshape = tuple(module.kernel_size) + (x.shape[-1] // module.feature_group_count, module.features)
+        base = dict(kind="conv", strides=_tuple(module.strides, n), padding=explicit_padding(module, x.shape),
+                    kernel_dilation=_tuple(module.kernel_dilation, n), feature_group_count=module.feature_group_count)
+    else:
+        kshape = (x.shape[-1], module.features)
+        base = dict(kind="dense")
+    cands = ["float"]
+    if spec is not None and spec.bits is not None and spec.scheme == "symmetric" and spec.group_size is None \
+            and spec.channel_axis in (None, -1, len(kshape) - 1):
+        cands.append("weight_int8")
+        if spec.bits <= 4:
+            cands.append("weight_int4")
+        if act is not None and act[0] >= -128 and act[1] - act[0] <= 255:
+            cands.append("int8")
+    if spec is not None and spec.mask is not None and base["kind"] == "dense":
+        cands += ["bcoo", "bcsr", "gather"]
+    return Layer(path=path, kernel_shape=kshape, act=act, norm=norm, candidates=tuple(cands), **base)
+
+
+def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], act_range, bits: int, symmetric: bool,
+                 norm_params=None, norm_stats=None, epsilon: float = 1e-5) -> dict:
+    """Every array any candidate path of ``layer`` needs: ``{path name: {array name: array}}``.
+
+    ``kernel`` may be the latent weights or the compressed view: the description's mask is
+    applied and the codes are ``round(kernel / scale)``, the fake quantizer's own rounding.
+    """
+    out_ch = layer.kernel_shape[-1]
+    k = jnp.asarray(kernel, jnp.float32)
+    if spec is not None and spec.mask is not None:
+        k = jnp.where(jnp.asarray(spec.mask), k, 0.0)
+    w_scale, q = jnp.ones((out_ch,), jnp.float32), None
+    quantized = "weight_int8" in layer.candidates
+    if quantized:
+        lim = 2 ** (spec.bits - 1)
+        s_full = jnp.broadcast_to(jnp.asarray(spec.scale, jnp.float32), k.shape)
+        q = jnp.clip(jnp.round(k * (1.0 / s_full)), -lim, lim - 1).astype(jnp.int8)
+        if np.size(spec.scale) not in (1, out_ch):
+            raise ValueError(f"layer {layer.path!r}: scale of shape {np.shape(spec.scale)} is neither per tensor "
+                             f"nor per output channel ({out_ch}).")
+        w_scale = jnp.broadcast_to(jnp.asarray(spec.scale, jnp.float32).reshape(-1), (out_ch,))
+    b = None if bias is None else jnp.asarray(bias, jnp.float32)
+    if layer.norm is not None:
+        p = norm_params or {}
+        w_scale, b = kernels.fold_batch_norm(w_scale, b, p.get("scale"), p.get("bias"), norm_stats["mean"],
+                                             norm_stats["var"], epsilon)
+    if b is None:
+        b = jnp.zeros((out_ch,), jnp.float32)
+    wf = q.astype(jnp.float32) * w_scale if quantized else k * w_scale
+    arrays: dict[str, Any] = {}
+    x_q = {}
+    if act_range is not None:
+        s, z, _, _ = affine_qparams(act_range[0], act_range[1], bits, symmetric=symmetric)
+        x_q = {"x_scale": s, "x_zero": z}
+    if quantized:
+        arrays["weight_int8"] = {"q": q, "scale": w_scale, "bias": b, **x_q}
+        if "weight_int4" in layer.candidates:
+            arrays["weight_int4"] = {"q4": kernels.pack_int4(q), "scale": w_scale, "bias": b, **x_q}
+        if "int8" in layer.candidates:
+            shift = -128 if layer.act[0] >= 0 else 0  # an unsigned grid as a signed one
+            zs = (x_q["x_zero"] + shift).astype(jnp.int32)
+            ksum = jnp.sum(q.astype(jnp.int32), axis=tuple(range(q.ndim - 1)))
+            arrays["int8"] = {"q": q, "out_scale": x_q["x_scale"] * w_scale, "bias": b, "x_scale": x_q["x_scale"],
+                              "x_zero": x_q["x_zero"], "zero_correction": zs * ksum}
+    arrays["float"] = {"kernel": wf, "bias": b, **x_q}
+    if "gather" in layer.candidates:
+        idx, val = sparse.ell(np.asarray(wf))
+        arrays["gather"] = {"idx": idx, "val": val, "bias": b, **x_q}
+        arrays["bcoo"] = {"wt": sparse.bcoo(wf), "bias": b, **x_q}
+        arrays["bcsr"] = {"wt": sparse.bcsr(wf), "bias": b, **x_q}
+    return arrays
+
+
+def _input(layer: Layer, a: dict, x):
+    if layer.act is None:
+        return x.astype(jnp.float32)
+    return fake_quant_affine(x.astype(jnp.float32), a["x_scale"], a["x_zero"], layer.act[0], layer.act[1])
+
+
+def _float_op(layer: Layer, x, w):
+    if layer.kind == "dense":
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    return jax.lax.conv_general_dilated(x, w, layer.strides, layer.padding, rhs_dilation=layer.kernel_dilation,
+                                        dimension_numbers=kernels.conv_dims(x.shape, w.shape),
+                                        feature_group_count=layer.feature_group_count)
+
+
+def run_layer(layer: Layer, path: str, a: dict, x) -> jax.Array:
+    """The output of ``layer`` on input ``x`` by ``path``, with ``a = layer_arrays(...)[path]``."""
+    if path == "int8":
+        qmin, qmax = layer.act
+        shift = -128 if qmin >= 0 else 0
+        xq = (kernels.quantize(x, a["x_scale"], a["x_zero"], qmin, qmax) + shift).astype(jnp.int8)
+        if layer.kind == "dense":
+            acc = kernels.int8_dot(xq, a["q"])
+        else:
+            zero = (a["x_zero"] + shift).astype(jnp.int8)
+            pads = ((0, 0),) + tuple(layer.padding) + ((0, 0),)
+            xq = jnp.pad(xq, pads, constant_values=zero)  # padding holds the real value 0
+            acc = kernels.int8_conv(xq, a["q"], layer.strides, "VALID", kernel_dilation=layer.kernel_dilation,
+                                    feature_group_count=layer.feature_group_count)
+        return (acc - a["zero_correction"]).astype(jnp.float32) * a["out_scale"] + a["bias"]
+    x = _input(layer, a, x)
+    if path == "float":
+        return _float_op(layer, x, a["kernel"]) + a["bias"]
+    if path in ("weight_int8", "weight_int4"):
+        q = a["q"] if path == "weight_int8" else kernels.unpack_int4(a["q4"], layer.kernel_shape)
+        return _float_op(layer, x, q.astype(jnp.float32) * a["scale"]) + a["bias"]
+    if path == "gather":
+        return sparse.ell_matmul(x, a["idx"], a["val"]) + a["bias"]
+    if path in ("bcoo", "bcsr"):
+        return sparse.sparse_matmul(x, a["wt"]) + a["bias"]
+    raise ValueError(f"unknown path {path!r}; expected one of {PATHS}.")

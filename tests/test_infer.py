@@ -1,0 +1,137 @@
+"""Compressed inference: integer kernels against NumPy, BatchNorm folding, plans, sparse paths."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxcompress as jc
+from jaxcompress import infer
+from jaxcompress.models import CNN, MLP
+from jaxcompress.quant.activations import calibrate_activations, quantize_activations
+from jaxcompress.train import split_variables
+
+
+def _np_conv_same(x, w):
+    """int64 NumPy reference of a stride-1 'SAME' NHWC x HWIO convolution with zero padding."""
+    kh, kw = w.shape[:2]
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = np.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    out = np.zeros(x.shape[:3] + (w.shape[-1],), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum("nhwc,co->nhwo", xp[:, i:i + x.shape[1], j:j + x.shape[2]], w[i, j])
+    return out
+
+
+def test_int8_dot_and_conv_equal_numpy_int32():
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, size=(5, 300), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(300, 7), dtype=np.int8)
+    got = infer.int8_dot(jnp.asarray(a), jnp.asarray(b))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), a.astype(np.int64) @ b.astype(np.int64))
+    x = rng.integers(-128, 128, size=(2, 6, 5, 4), dtype=np.int8)
+    w = rng.integers(-128, 128, size=(3, 3, 4, 8), dtype=np.int8)
+    pads = jax.lax.padtype_to_pads((6, 5), (3, 3), (1, 1), "SAME")
+    got = infer.int8_conv(jnp.asarray(x), jnp.asarray(w), (1, 1), pads)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), _np_conv_same(x.astype(np.int64), w.astype(np.int64)))
+
+
+def test_requantize_matches_float64_derivation():
+    rng = np.random.default_rng(1)
+    acc = rng.integers(-2**20, 2**20, size=4096).astype(np.int32)
+    m = np.float32(3.1e-4)
+    want = np.clip(np.round(acc.astype(np.float64) * np.float64(m)) + 5, -128, 127)
+    got = np.asarray(infer.requantize(jnp.asarray(acc), m, 5))
+    assert got.dtype == np.int8
+    # float32 products equal float64's except within rounding of a half-integer: none here.
+    np.testing.assert_array_equal(got, want)
+
+
+def test_int4_pack_roundtrip():
+    q = jnp.arange(-8, 8).reshape(4, 4)[:, :3]
+    assert infer.pack_int4(q).shape == (6,)
+    np.testing.assert_array_equal(infer.unpack_int4(infer.pack_int4(q), q.shape), q)
+
+
+def test_folded_batch_norm_equals_unfolded():
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=(10, 4)).astype(np.float32)
+    s, b = rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    g, beta, mean, var = rng.normal(size=4), rng.normal(size=4), rng.normal(size=4), rng.uniform(0.1, 2, 4)
+    ref = ((y * s + b) - mean) / np.sqrt(var + 1e-5) * g + beta
+    fs, fb = infer.fold_batch_norm(jnp.asarray(s, jnp.float32), jnp.asarray(b, jnp.float32), g, beta, mean, var, 1e-5)
+    np.testing.assert_allclose(y * np.asarray(fs) + np.asarray(fb), ref, rtol=1e-5, atol=1e-5)
+
+
+def _fake_quant_model(model, x, bits=8, model_state=None):
+    params, ms = split_variables(model.init(jax.random.key(1), x))
+    if model_state is not None:
+        ms = model_state(ms)
+    t = jc.weight_quantization(bits)
+    s = t.init(params)
+    view, desc = t.apply(params, s), t.describe(params, s)
+    apply_fn = jc.linen_apply_fn(model)
+    ms = calibrate_activations(apply_fn, view, ms, [{"image": x}])
+    ref = jax.jit(lambda v, m, b: quantize_activations(apply_fn, 8)(v, m, b, train=False)[0])(view, ms, {"image": x})
+    return infer.prepare(model, view, desc, x, model_state=ms), ref
+
+
+def test_folded_model_and_every_path_equal_fake_quant():
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+    stats = lambda ms: {"batch_stats": jax.tree.map(  # noqa: E731
+        lambda a: a + jax.random.uniform(jax.random.key(3), a.shape), ms["batch_stats"])}
+    prepared, ref = _fake_quant_model(CNN(channels=(4, 8), hidden=8, batch_norm=True), x, model_state=stats)
+    assert prepared.layers["conv1"].norm == "bn1" and prepared.layers["fc1"].norm is None
+    for path in ("float", "int8"):
+        out = infer.inference_fn(prepared, infer.uniform_plan(prepared, path))(x)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_weight_int4_path_equals_view():
+    x = jax.random.uniform(jax.random.key(0), (4, 10, 10, 1))
+    prepared, ref = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x, bits=4)
+    assert all("weight_int4" in l.candidates for l in prepared.layers.values())
+    out = infer.inference_fn(prepared, infer.uniform_plan(prepared, "weight_int4"))(x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_chosen_plan_matches_fake_quant_argmax():
+    x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+    prepared, ref = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
+    plan = infer.choose_paths(prepared, blocks=2, calls=1, warmup=1)
+    assert set(plan.paths) == set(prepared.layers)
+    assert all(p in prepared.layers[n].candidates for n, p in plan.paths.items())
+    assert "baseline_control" in plan.timings["conv1"]["ratios"]
+    out = infer.inference_fn(prepared, plan)(x)
+    np.testing.assert_array_equal(np.argmax(out, -1), np.argmax(ref, -1))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.95])
+def test_sparse_paths_equal_dense(sparsity):
+    model = MLP((64,))
+    x = jax.random.normal(jax.random.key(0), (5, 40))
+    params = model.init(jax.random.key(1), x)["params"]
+    t = jc.pruning(sparsity, rules=[("head", None), ("kernel", True)])
+    s = t.init(params)
+    view = t.apply(params, s)
+    prepared = infer.prepare(model, view, t.describe(params, s), x)
+    assert prepared.layers["fc1"].candidates == ("float", "bcoo", "bcsr", "gather")
+    ref = model.apply({"params": view}, x)
+    for path in ("bcoo", "bcsr", "gather"):
+        np.testing.assert_allclose(infer.inference_fn(prepared, infer.uniform_plan(prepared, path))(x), ref,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    model = MLP((4,))
+    x = jnp.ones((2, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    with pytest.raises(TypeError, match="description"):
+        infer.prepare(model, params, {"fc1/kernel": 8}, x)
+    prepared = infer.prepare(model, params, {}, x)
+    with pytest.raises(ValueError, match="path must be"):
+        infer.uniform_plan(prepared, "int3")
+    with pytest.raises(ValueError, match="no path for layers"):
+        infer.inference_fn(prepared, infer.Plan({}, {}))
