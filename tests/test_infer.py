@@ -7,7 +7,8 @@ import pytest
 import jaxcompress as jc
 from jaxcompress import infer
 from jaxcompress.models import CNN, MLP
-from jaxcompress.quant.activations import calibrate_activations, quantize_activations
+from jaxcompress.core.transform import intercepted
+from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.train import split_variables
 
 
@@ -69,13 +70,19 @@ def _fake_quant_model(model, x, bits=8, model_state=None):
     params, ms = split_variables(model.init(jax.random.key(1), x))
     if model_state is not None:
         ms = model_state(ms)
-    t = jc.weight_quantization(bits)
+    t = jc.weight_quantization(bits, activation_bits=8, activation_range="calibrated")
     s = t.init(params)
-    view, desc = t.apply(params, s), t.describe(params, s)
+    view = t.apply(params, s)
     apply_fn = jc.linen_apply_fn(model)
-    ms = calibrate_activations(apply_fn, view, ms, [{"image": x}])
-    ref = jax.jit(lambda v, m, b: quantize_activations(apply_fn, 8)(v, m, b, train=False)[0])(view, ms, {"image": x})
-    return infer.prepare(model, view, desc, x, model_state=ms), ref
+    s = calibrate_activations(t, s, apply_fn, view, ms, [{"image": x}])
+    desc = t.describe(params, s)
+
+    def run(v, m, b):
+        with intercepted(t, s, train=False):
+            return apply_fn(v, m, b, train=False)[0]
+
+    ref = jax.jit(run)(view, ms, {"image": x})
+    return infer.prepare(model, view, desc, x, model_state=ms, ranges=s.ranges), ref
 
 
 def test_folded_model_and_every_path_equal_fake_quant():

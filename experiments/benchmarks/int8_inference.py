@@ -4,9 +4,10 @@ Models: LeNet-5 trained briefly on MNIST (its predictions are also checked), the
 (``teacher_cnn``, random weights, 32x32x3 random inputs: latency only) and LeNet-300-100 (MLP,
 random weights, 28x28x1 inputs), each at batch 1 and 256. Per model, three compressed versions:
 
-* W8A8: ``weight_quantization(8)`` (per-channel symmetric) plus calibrated 8-bit affine input
-  ranges (``calibrate_activations`` on 1,024 training-set images, then ``quantize_activations``):
-  the fake-quant model whose predictions the inference must reproduce;
+* W8A8: ``weight_quantization(8, activation_bits=8, activation_range='calibrated')``
+  (per-channel symmetric weights, 8-bit affine input ranges calibrated with
+  ``calibrate_activations`` on 1,024 training-set images): the fake-quant model whose
+  predictions the inference must reproduce;
 * W8 and W4: ``weight_quantization(8)`` / ``(4)`` alone (weight-only).
 
 Programs timed with :func:`jaxcompress.benchmark.compare` (interleaved shuffled blocks, an A/A
@@ -36,7 +37,8 @@ from jaxcompress import infer
 from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
 from jaxcompress.data import epochs, load_mnist
 from jaxcompress.models import MLP, LeNet5, teacher_cnn
-from jaxcompress.quant.activations import calibrate_activations, quantize_activations
+from jaxcompress.core.transform import intercepted
+from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.train import split_variables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,20 +55,27 @@ def train_lenet(x, y, steps):
 
 
 def versions(model, params, calib):
-    """``{name: (view, description, model_state)}`` for W8A8, W8 and W4."""
+    """``{name: (view, description, transform, state)}`` for W8A8, W8 and W4."""
     out = {}
     for name, bits in (("w8a8", 8), ("w8", 8), ("w4", 4)):
-        t = jc.weight_quantization(bits)
+        act = dict(activation_bits=8, activation_range="calibrated") if name == "w8a8" else {}
+        t = jc.weight_quantization(bits, **act)
         s = t.init(params)
-        view, desc = t.apply(params, s), t.describe(params, s)
-        ms = calibrate_activations(jc.linen_apply_fn(model), view, {}, [{"image": calib}]) if name == "w8a8" else {}
-        out[name] = (view, desc, ms)
+        view = t.apply(params, s)
+        if act:
+            s = calibrate_activations(t, s, jc.linen_apply_fn(model), view, {}, [{"image": calib}])
+        out[name] = (view, t.describe(params, s), t, s)
     return out
 
 
-def fake_quant_fn(model, view, ms):
-    apply_fn = quantize_activations(jc.linen_apply_fn(model), 8)
-    return jax.jit(lambda x: apply_fn(view, ms, {"image": x}, train=False)[0])
+def fake_quant_fn(model, view, t, s):
+    apply_fn = jc.linen_apply_fn(model)
+
+    def run(x):
+        with intercepted(t, s, train=False):
+            return apply_fn(view, {}, {"image": x}, train=False)[0]
+
+    return jax.jit(run)
 
 
 def predictions(fn, x, batch):
@@ -75,7 +84,7 @@ def predictions(fn, x, batch):
 
 def bench(model, params, x, calib, args):
     vs = versions(model, params, calib)
-    prepared = {k: infer.prepare(model, v, d, x, model_state=ms) for k, (v, d, ms) in vs.items()}
+    prepared = {k: infer.prepare(model, v, d, x, ranges=getattr(s, "ranges", None)) for k, (v, d, _, s) in vs.items()}
     plans = {k: infer.choose_paths(p, blocks=args.layer_blocks, calls=args.calls) for k, p in prepared.items()}
     programs = {"float32": (lambda p, v: model.apply({"params": p}, v), params)}
     uniform = {"int8": ("w8a8", "int8"), "weight_int8": ("w8", "weight_int8"), "weight_int4": ("w4", "weight_int4")}
@@ -128,8 +137,8 @@ def main():
             if name == "lenet5":
                 test = jnp.asarray(data.test_images if not args.quick else data.test_images[:1000])
                 n_eval = len(test) if batch == 256 else (len(test) if not args.quick else 200)
-                view, _, ms = vs["w8a8"]
-                ref = predictions(fake_quant_fn(model, view, ms), test[:n_eval], 256)
+                view, _, t, s = vs["w8a8"]
+                ref = predictions(fake_quant_fn(model, view, t, s), test[:n_eval], 256)
                 got = predictions(infer.inference_fn(prepared["w8a8"], plans["w8a8"]), test[:n_eval], batch)
                 labels = np.asarray((data.test_labels if not args.quick else data.test_labels[:1000])[:n_eval])
                 float_pred = predictions(jax.jit(lambda v: model.apply({"params": params}, v)), test[:n_eval], 256)

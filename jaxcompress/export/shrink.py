@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.paths import get_path
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.core.validation import check_fraction
 from jaxcompress.models.cnn import CNN, LeNet5
@@ -160,15 +161,6 @@ def _rebuild(module: nn.Module, widths: dict) -> nn.Module:
     raise TypeError(f"no rebuild rule for {type(module).__name__}; pass rebuild=(module, widths) -> module.")
 
 
-def _get(tree, path: str):
-    node = tree
-    for key in path.split("/"):
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def _set(tree: dict, path: str, value) -> None:
     keys = path.split("/")
     node = tree
@@ -182,8 +174,8 @@ def _copy(tree):
 
 
 def _layer(params, path: str, what: str):
-    layer = _get(params, path)
-    if layer is None or _get(layer, "kernel") is None:
+    layer = get_path(params, path)
+    if layer is None or get_path(layer, "kernel") is None:
         raise ValueError(f"{what} {path!r} is not a layer with a 'kernel' in the params; check the ChannelGroup paths.")
     return layer
 
@@ -250,12 +242,12 @@ def tied_channel_masks(params: Any, groups: Sequence[ChannelGroup], sparsity: Un
         keep[np.argsort(score, kind="stable")[: num_pruned(c, per_group[g.name])]] = False  # ties: earlier first
         for i, p in enumerate(g.producers):
             _set(masks, f"{p}/kernel", jnp.asarray(np.broadcast_to(keep, np.shape(layers[i]["kernel"]))))
-            if _get(params, f"{p}/bias") is not None:
+            if get_path(params, f"{p}/bias") is not None:
                 _set(masks, f"{p}/bias", jnp.asarray(keep))
             norm = g.norms[i] if i < len(g.norms) else None
             if norm is not None:
                 for leaf in ("scale", "bias"):
-                    if _get(params, f"{norm}/{leaf}") is not None:
+                    if get_path(params, f"{norm}/{leaf}") is not None:
                         _set(masks, f"{norm}/{leaf}", jnp.asarray(keep))
     return masks
 
@@ -277,17 +269,17 @@ def _masks_from(description) -> dict:
 
 def _dead_value(params, model_state, group: ChannelGroup, i: int, removed: np.ndarray) -> np.ndarray:
     """What producer ``i`` emits (after its norm) at the removed channels: its bias, normalised."""
-    bias = _get(params, f"{group.producers[i]}/bias")
+    bias = get_path(params, f"{group.producers[i]}/bias")
     v = np.zeros(len(removed)) if bias is None else np.asarray(bias, np.float64)[removed]
     norm = group.norms[i] if i < len(group.norms) else None
     if norm is not None:
-        stats = _get(model_state.get("batch_stats", {}), norm) if model_state else None
+        stats = get_path(model_state.get("batch_stats", {}), norm) if model_state else None
         if stats is None:
             raise ValueError(f"BatchNorm {norm!r} of group {group.name!r} has no batch_stats in model_state.")
         mean = np.asarray(stats["mean"], np.float64)[removed]
         var = np.asarray(stats["var"], np.float64)[removed]
-        scale = _get(params, f"{norm}/scale")
-        offset = _get(params, f"{norm}/bias")
+        scale = get_path(params, f"{norm}/scale")
+        offset = get_path(params, f"{norm}/bias")
         scale = 1.0 if scale is None else np.asarray(scale, np.float64)[removed]
         offset = 0.0 if offset is None else np.asarray(offset, np.float64)[removed]
         v = (v - mean) / np.sqrt(var + BN_EPSILON) * scale + offset
@@ -352,7 +344,7 @@ def shrink(
     model_state = {} if model_state is None else model_state
     params = jax.tree.map(np.asarray, _copy(params))
     for path, m in masks.items():  # the masked view
-        leaf = _get(params, path)
+        leaf = get_path(params, path)
         if leaf is None:
             raise ValueError(f"description names {path!r}, which is not a leaf of params.")
         _set(params, path, np.where(m, np.asarray(leaf), 0).astype(np.asarray(leaf).dtype))
@@ -361,7 +353,7 @@ def shrink(
     for g in groups:
         for p in g.producers + g.consumers:
             _layer(params, p, "layer")
-        c = int(jnp.shape(_get(params, f"{g.producers[0]}/kernel"))[-1])
+        c = int(jnp.shape(get_path(params, f"{g.producers[0]}/kernel"))[-1])
         keep = np.zeros(c, bool)
         for p in g.producers:
             m = masks.get(f"{p}/kernel")
@@ -382,7 +374,7 @@ def shrink(
                     "and BatchNorm scale and offset, so a removed channel is exactly zero."
                 )
             for q in g.consumers:
-                k = _get(params, f"{q}/kernel")
+                k = get_path(params, f"{q}/kernel")
                 if jnp.ndim(k) != 2:
                     raise ValueError(
                         f"group {g.name!r}: removed channels emit a constant (bias kept by the masks) into the "
@@ -391,25 +383,25 @@ def shrink(
                     )
                 k3 = np.asarray(k, np.float64).reshape(-1, c, k.shape[-1])
                 shift = np.einsum("c,pco->o", dead, k3[:, removed, :])
-                b = _get(params, f"{q}/bias")
+                b = get_path(params, f"{q}/bias")
                 if b is None:
                     raise ValueError(f"group {g.name!r}: consumer {q!r} has no bias to absorb the removed constant.")
                 _set(params, f"{q}/bias", (np.asarray(b, np.float64) + shift).astype(np.asarray(b).dtype))
         for p in g.producers:
             widths[p] = len(kept)
-            _set(params, f"{p}/kernel", np.take(_get(params, f"{p}/kernel"), kept, axis=-1))
-            if _get(params, f"{p}/bias") is not None:
-                _set(params, f"{p}/bias", np.take(_get(params, f"{p}/bias"), kept, axis=-1))
+            _set(params, f"{p}/kernel", np.take(get_path(params, f"{p}/kernel"), kept, axis=-1))
+            if get_path(params, f"{p}/bias") is not None:
+                _set(params, f"{p}/bias", np.take(get_path(params, f"{p}/bias"), kept, axis=-1))
         for norm in g.norms:
             if norm is None:
                 continue
             for tree, leaves in ((params, ("scale", "bias")), (state.get("batch_stats", {}), ("mean", "var"))):
                 for leaf in leaves:
-                    v = _get(tree, f"{norm}/{leaf}")
+                    v = get_path(tree, f"{norm}/{leaf}")
                     if v is not None:
                         _set(tree, f"{norm}/{leaf}", np.take(v, kept, axis=-1))
         for q in g.consumers:
-            k = _get(params, f"{q}/kernel")
+            k = get_path(params, f"{q}/kernel")
             shape = np.shape(k)
             if len(shape) == 2 and shape[0] != c:  # a Dense after a flatten: P positions x c channels
                 k3 = np.reshape(k, (-1, c, shape[-1]))

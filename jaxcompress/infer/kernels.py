@@ -9,7 +9,7 @@ output channel. :func:`requantize` maps an int32 accumulator straight onto the n
 
 Input codes are signed: an unsigned grid ``[0, 255]`` with zero point ``Z`` is the signed grid
 ``[-128, 127]`` with zero point ``Z - 128`` (the same real values), so both of
-``quantize_activations``' grids run on int8.
+the activation quantizer's grids (affine and symmetric) run on int8.
 """
 from __future__ import annotations
 

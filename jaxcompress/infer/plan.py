@@ -23,9 +23,8 @@ import jax
 from jaxcompress.benchmark import compare, verdict
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.core.validation import check_int
-from jaxcompress.export.shrink import _get
+from jaxcompress.core.paths import get_path
 from jaxcompress.infer.layers import PATHS, Layer, describe_layer, layer_arrays, run_layer
-from jaxcompress.quant.activations import COLLECTION
 from jaxcompress.quant.affine import affine_qparams
 
 _LAYERS = (nn.Dense, nn.Conv)
@@ -103,8 +102,8 @@ def _trace(module, variables, x, call_kwargs):
 
 
 def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec], example: Any, *,
-            model_state: Optional[Mapping] = None, act_bits: int = 8, act_symmetric: bool = False,
-            call_kwargs: Optional[dict] = None) -> Prepared:
+            model_state: Optional[Mapping] = None, ranges: Optional[Mapping] = None, act_bits: int = 8,
+            act_symmetric: bool = False, call_kwargs: Optional[dict] = None) -> Prepared:
     """Builds every inference path of every Dense/Conv layer of ``module`` from its description.
 
     Args:
@@ -115,10 +114,12 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
         path, the mask and/or the symmetric per-channel or per-tensor grid.
       example: an input batch; its layers' inputs are what :func:`choose_paths` times on, so
         give the batch size you will serve.
-      model_state: other collections, e.g. ``{'batch_stats': ...}``; calibrated activation
-        ranges (``'quant_stats'``, from ``calibrate_activations``) make the int8 x int8 path
-        available and are applied on every path, as ``quantize_activations`` does.
-      act_bits, act_symmetric: the activation grid ``quantize_activations`` was given.
+      model_state: other collections, e.g. ``{'batch_stats': ...}``.
+      ranges: calibrated activation ranges ``{layer: {'min', 'max'}}``, the ``ranges`` of a
+        ``weight_quantization(..., activation_range='calibrated')`` state after
+        ``calibrate_activations``; they make the int8 x int8 path available and are applied on
+        every path, as the quantizer's interceptor does in eval mode.
+      act_bits, act_symmetric: that quantizer's activation grid.
       call_kwargs: keyword arguments of ``module.apply`` (default ``{'train': False}``).
 
     Returns:
@@ -126,7 +127,7 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
 
     Raises:
       TypeError: ``description`` is not ``{path: LeafSpec}``.
-      ValueError: a calibrated range for a layer that is not a Dense/Conv, or an unsupported
+      ValueError: a range for a layer that is not a Dense/Conv, or an unsupported
         convolution (circular padding, input dilation, a mask).
     """
     if not isinstance(description, Mapping) or any(not isinstance(v, LeafSpec) for v in description.values()):
@@ -134,13 +135,13 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
                         f"got {type(description).__name__}.")
     act_bits = check_int("act_bits", act_bits, minimum=2, maximum=8)
     call_kwargs = {"train": False} if call_kwargs is None else dict(call_kwargs)
-    state = {k: v for k, v in dict(model_state or {}).items() if k != COLLECTION}
-    ranges = dict((model_state or {}).get(COLLECTION, {}))
+    state = dict(model_state or {})
+    ranges = dict(ranges or {})
     variables = {"params": params, **state}
     calls, folds = _trace(module, variables, example, call_kwargs)
     extra = sorted(set(ranges) - set(calls))
     if extra:
-        raise ValueError(f"model_state[{COLLECTION!r}] has ranges for {extra}, which are not Dense/Conv layers; "
+        raise ValueError(f"ranges has entries for {extra}, which are not Dense/Conv layers; "
                          "compressed inference quantizes the inputs of Dense and Conv layers only.")
     layers, arrays, inputs, removed = {}, {}, {}, []
     for name, (m, x) in calls.items():
@@ -151,11 +152,11 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
             act = (qmin, qmax)
         fold = folds.get(name)
         layer = describe_layer(m, x, act=act, norm=None if fold is None else fold[0], spec=spec)
-        p = _get(params, name)
+        p = get_path(params, name)
         norm_params = norm_stats = None
         if fold is not None:
-            norm_params = _get(params, fold[0]) or {}
-            norm_stats = _get(state.get("batch_stats", {}), fold[0])
+            norm_params = get_path(params, fold[0]) or {}
+            norm_stats = get_path(state.get("batch_stats", {}), fold[0])
             removed.append(fold[0])
         rng = None if act is None else (ranges[name]["min"], ranges[name]["max"])
         arrays[name] = layer_arrays(layer, p["kernel"], p.get("bias"), spec, rng, act_bits, act_symmetric,
