@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from jaxcompress.recipes.report import _accuracy, pareto_front, plot_accuracy_vs_bytes
+from jaxcompress.recipes.report import format_accuracy, pareto_front, plot_accuracy_vs_bytes
 
 
 def read_reports(dirs: Sequence[str | Path]) -> dict[str, dict]:
@@ -42,7 +42,7 @@ def compare_markdown(reports: dict[str, dict]) -> str:
     for i, (label, s) in enumerate(rows):
         r = reports[label]
         lines.append(f"| {label} | {r.get('recipe', 'demo')} | {r['dataset']} | {len(r.get('seeds', [0]))} | "
-                     f"{s['name']} | {_accuracy(s, 'validation_accuracy')} | {_accuracy(s, 'test_accuracy')} | "
+                     f"{s['name']} | {format_accuracy(s, 'validation_accuracy')} | {format_accuracy(s, 'test_accuracy')} | "
                      f"{s['file_bytes']:,.0f} | {'*' if i in front else ''} |")
     lines += ["", "Pareto: no other row is both smaller on disk and at least as accurate on the test set."]
     return "\n".join(lines) + "\n"

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 
-def _accuracy(row: dict, key: str) -> str:
+def format_accuracy(row: dict, key: str) -> str:
+    """``row[key]`` as a percentage, with its ``KEY_std`` over seeds when there is one, else ``-``."""
     value = row.get(key)
     if value is None:
         return "-"
@@ -37,7 +38,7 @@ def report_markdown(report: dict) -> str:
     for s in report["stages"]:
         ratio = s["bytes_float32"] / max(s["file_bytes"], 1)
         lines.append(
-            f"| {s['name']} | {_accuracy(s, 'validation_accuracy')} | {_accuracy(s, 'test_accuracy')} | "
+            f"| {s['name']} | {format_accuracy(s, 'validation_accuracy')} | {format_accuracy(s, 'test_accuracy')} | "
             f"{s['params']:,.0f} | {s['nonzero_params']:,.0f} | {s['weight_bits']:g} | {s['bytes_float32']:,.0f} | "
             f"{s['file_bytes']:,.0f} | {ratio:.1f}x | {s['seconds']:.1f} |"
         )
