@@ -402,6 +402,18 @@ def main(argv=None) -> dict:
     return out
 
 
+# What was run before the committed run, and what it showed (kept with the results).
+DEVELOPMENT_NOTE = (
+    "Before the committed run: an earlier version of this script (without weight decay, LeNet-300-100 only, "
+    "one seed) chose weight decay 0, paper sparsity, 4-bit on validation (1.66%) and scored it on the test set: "
+    "1.82%, above the bar. Weight decay (and float16 biases) were then added to the search, all of it "
+    "on validation; the configurations of that earlier run are rows of the LeNet-300-100 table below (weight "
+    "decay 0). Weight decay values 0, 5e-4 and 5e-3 were also probed on validation with a script that called "
+    "these functions; those configurations are likewise rows of the table. No other test score was seen, apart "
+    "from smoke runs of barely trained models on 256 test images."
+)
+
+
 def _pm(stat: dict, fmt: str) -> str:
     return format(stat["mean"], fmt) + ("" if len(stat["values"]) < 2 else " ± " + format(stat["std"], fmt))
 
@@ -435,6 +447,24 @@ def markdown(out: dict) -> str:
             f"{_pm(s['dense_test_error_pct'], '.2f')}% ({p['reference_error_pct']:.2f}%) | >= {bar['ratio']:g}x at <= "
             f"{bar['error_pct']:g}% | {met} |"
         )
+    lines += ["", "Verdict:", ""]
+    for m in out["models"]:
+        bar, seeds = m["bar"], m["seeds"]
+        worst_ratio, worst_err = min(s["ratio"] for s in seeds), max(s["test_error_pct"] for s in seeds)
+        verdict = "met" if m["bar_met_every_seed"] else ("met on the mean only" if m["bar_met_mean"] else "not met")
+        paper_bits = [r for r in m["configurations"] if r["bits_setting"].startswith("paper")
+                      and r["weight_decay"] == m["chosen_row"]["weight_decay"] and r["sparsity_setting"] == "paper"
+                      and r["bias_dtype"] == m["chosen_row"]["bias_dtype"]]
+        lines.append(
+            f"- {m['title']}: the bar (>= {bar['ratio']:g}x at <= {bar['error_pct']:g}% test error) is **{verdict}**; "
+            f"worst seed {worst_ratio:.1f}x and {worst_err:.2f}% (margin {bar['error_pct'] - worst_err:.2f} points). "
+            f"Chosen bits: {m['chosen_row']['bits_setting']}"
+            + (f"; with the paper's bit widths ({paper_bits[0]['bits_setting']}) our file is {paper_bits[0]['file_bytes']:,} "
+               f"bytes, {paper_bits[0]['ratio']:.1f}x, below the paper's {m['published']['ratio']}x: each stored weight "
+               "(value + position) costs more bits in our file than the paper reports (the per-tensor table gives ours)." if paper_bits and
+               not m["chosen_row"]["bits_setting"].startswith("paper") else ".")
+        )
+    lines += ["", DEVELOPMENT_NOTE]
     lines += ["", "Per seed (the chosen configuration; seed 0 is the run the choice was made on):", "",
               "| model | seed | file bytes | ratio | validation error | test error | dense file bytes | dense test error |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
