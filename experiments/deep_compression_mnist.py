@@ -208,9 +208,6 @@ class Runner:
         return state.params, state.compression_state.masks
 
     def share(self, params, masks, bits: dict):
-        # fixed_masks keeps the caller's arrays in its state and the jitted step donates that
-        # state, so each run gets its own copy of the masks.
-        masks = jax.tree.map(jnp.copy, masks)
         transform = jc.chain(fixed_masks(masks), weight_sharing(rules=rules_for({k: 2**b for k, b in bits.items()})))
         return transform, self._train(params, transform, self.steps(self.epochs["share"]), self.share_lr, "share", 2)
 
@@ -277,7 +274,7 @@ def search(runner: Runner, grid: dict) -> tuple[list, dict]:
                 break
             sparsity = cfg["sparsity"][sp_name]
             pruned, masks = runner.prune(dense, sparsity)
-            held = fixed_masks(jax.tree.map(jnp.copy, masks))
+            held = fixed_masks(masks)
             pruned_val = runner.error(held.apply(pruned, held.init(pruned)), "val")
             for bits_name in grid["bits"]:
                 bits = cfg["bits"][bits_name]
