@@ -146,18 +146,23 @@ def dkd_loss(
     nt = ~gt
     # Every KL below is taken from differences of the raw logits over T (kl_div_logits), exact at
     # high T where differences of log-softmaxes cancel to noise.
-    zt = t / temperature
+    zt, zs = t / temperature, s / temperature
     diff = (t - s) / temperature
-    lse_all = jax.nn.logsumexp(zt, axis=-1)
-    lse_nt = jax.nn.logsumexp(jnp.where(nt, zt, -jnp.inf), axis=-1)
-    # NCKD: KL(p' || q') over the non-target classes, p' the renormalised teacher softmax.
-    log_pn = jnp.where(nt, zt - lse_nt[..., None], -jnp.inf)
-    nckd, mean_nt = kl_div_logits(log_pn, diff, where=nt)
+
+    def parts(z):
+        lse_all = jax.nn.logsumexp(z, axis=-1)
+        lse_nt = jax.nn.logsumexp(jnp.where(nt, z, -jnp.inf), axis=-1)
+        log_nontarget = jnp.where(nt, z - lse_nt[..., None], -jnp.inf)  # the renormalised softmax
+        log_binary = jnp.stack([jnp.sum(jnp.where(gt, z, 0.0), -1) - lse_all, lse_nt - lse_all], -1)
+        return log_nontarget, log_binary
+
+    (log_pn, log_pb), (log_qn, log_qb) = parts(zt), parts(zs)
+    # NCKD: KL(p' || q') over the non-target classes.
+    nckd, mean_nt = kl_div_logits(log_pn, log_qn, diff, where=nt)
     # TCKD: the binary [target, rest] distributions; the "logits" of rest are the non-target
     # log-sum-exps, whose teacher-minus-student difference is E_p'[diff] - NCKD.
     diff_target = jnp.sum(jnp.where(gt, diff, 0.0), -1)
-    log_pb = jnp.stack([jnp.sum(jnp.where(gt, zt, 0.0), -1) - lse_all, lse_nt - lse_all], -1)
-    tckd, _ = kl_div_logits(log_pb, jnp.stack([diff_target, mean_nt - nckd], -1))
+    tckd, _ = kl_div_logits(log_pb, log_qb, jnp.stack([diff_target, mean_nt - nckd], -1))
     loss = temperature**2 * (tckd_weight * tckd + nckd_weight * nckd)
     if ce_weight > 0:
         loss = loss + ce_weight * cross_entropy(s, labels)

@@ -172,27 +172,31 @@ def _log_mean_exp_neg(log_p: jax.Array, e: jax.Array) -> jax.Array:
     return jnp.maximum(out, 0.0)
 
 
-def kl_div_logits(log_p: jax.Array, diff: jax.Array, where: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-    """``KL(p || q)`` over the last axis from ``log p`` and ``diff = log p - log q`` up to a constant.
+def kl_div_logits(
+    log_p: jax.Array, log_q: jax.Array, diff: jax.Array, where: Optional[jax.Array] = None
+) -> tuple[jax.Array, jax.Array]:
+    """``KL(p || q)`` over the last axis (the classes in ``where``, each side renormalised there).
 
-    ``diff`` is best the difference of the raw logits divided by ``T`` (``(t - s) / T``): its
-    precision is then independent of ``T``, where ``t / T - s / T`` loses it at high ``T``.
-    ``KL = log E_p[exp(-(diff - E_p[diff]))]`` (the constant cancels), computed by
-    :func:`_log_mean_exp_neg`. Classes outside ``where`` or with ``log p = -inf`` count as absent.
+    ``diff = log p - log q`` up to a constant per row, best the difference of the raw logits
+    divided by ``T`` (``(t - s) / T``): its precision is then independent of ``T``, where
+    ``t / T - s / T`` loses it at high ``T``. ``KL = log E_p[exp(-(diff - E_p[diff]))]`` (the
+    constant cancels), computed by :func:`_log_mean_exp_neg`. That identity needs every class
+    of ``q`` in the support of ``p``; a row where the teacher rules a class out (``log p = -inf``)
+    takes the direct sum ``sum p (log p - log q)`` instead.
 
     Returns:
       ``(kl, E_p[diff])``.
     """
-    # log p > -inf, not p > 0: a class whose p underflows can still carry most of q
-    support = log_p > -jnp.inf
-    if where is not None:
-        support = support & where
-    log_p = jnp.where(support, log_p, -jnp.inf)
-    p = jnp.exp(log_p)
+    inside = jnp.ones(log_p.shape, bool) if where is None else where
+    support = inside & (log_p > -jnp.inf)
+    p = jnp.where(support, jnp.exp(log_p), 0.0)
     d = jnp.where(support, diff, 0.0)
     mean = jnp.sum(p * d, axis=-1, keepdims=True)
     e = jnp.where(support, d - mean, 0.0)
-    return _log_mean_exp_neg(log_p, e), mean[..., 0]
+    stable = _log_mean_exp_neg(jnp.where(support, log_p, -jnp.inf), e)
+    direct = jnp.sum(jnp.where(support, p * (jnp.where(support, log_p, 0.0) - jnp.where(support, log_q, 0.0)), 0.0), -1)
+    ruled_out = jnp.any(inside & ~support, axis=-1)
+    return jnp.where(ruled_out, jnp.maximum(direct, 0.0), stable), mean[..., 0]
 
 
 def kd_loss(
@@ -249,7 +253,8 @@ def kd_loss(
     t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     s = student_logits.astype(jnp.float32)
     log_p = jax.nn.log_softmax(t / temperature, axis=-1)
-    kl, _ = kl_div_logits(log_p, (t - s) / temperature)
+    log_q = jax.nn.log_softmax(s / temperature, axis=-1)
+    kl, _ = kl_div_logits(log_p, log_q, (t - s) / temperature)
     loss = kd_weight * kl * temperature**2
     if ce_weight != 0:
         if labels is None:

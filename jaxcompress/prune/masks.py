@@ -153,8 +153,13 @@ def apply_masks(params: Any, masks: Any) -> Any:
         check_mask(path_name(path), m)
     # where, not multiply: a pruned entry is exactly 0 even if its latent weight is NaN or inf
     return jax.tree.map(
-        lambda m, p: p if m is None else jnp.where(m != 0, p, jnp.zeros_like(p)), masks, params, is_leaf=is_none
+        lambda m, p: p if m is None else jnp.where(_as_bool(m), p, jnp.zeros_like(p)), masks, params, is_leaf=is_none
     )
+
+
+def _as_bool(mask):
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != jnp.zeros((), mask.dtype)
 
 
 def check_mask(path: str, mask: Any) -> None:

@@ -44,7 +44,7 @@ def _nonzero_mean(a, channel_axis):
     axes = None if ax is None else tuple(i for i in range(a.ndim) if i != ax)
     ok = (a != 0) & jnp.isfinite(a)
     count = jnp.sum(ok, axis=axes, keepdims=True)
-    return jnp.sum(jnp.where(ok, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(count, 1), axes
+    return jnp.sum(jnp.where(ok, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(count, 1).astype(a.dtype), axes
 
 
 def binary_scale(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
@@ -86,7 +86,7 @@ def ternary_scale(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: 
     kept = keep & jnp.isfinite(a)  # an inf is kept (the extreme code) but not averaged
     alpha = jnp.sum(jnp.where(kept, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(
         jnp.sum(kept, axis=axes, keepdims=True), 1
-    )
+    ).astype(a.dtype)
     return alpha, keep
 
 
@@ -124,7 +124,7 @@ def lsq_init_step(x: jax.Array, bits: int, *, signed: bool = True) -> jax.Array:
     _, qp = _lsq_levels(bits, signed)
     a = jnp.abs(jnp.asarray(x, jnp.float32))
     ok = jnp.isfinite(a)
-    mean = jnp.sum(jnp.where(ok, a, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+    mean = jnp.sum(jnp.where(ok, a, 0.0)) / jnp.maximum(jnp.sum(ok), 1).astype(jnp.float32)
     return jnp.maximum(2.0 * mean / jnp.sqrt(jnp.float32(qp)), EPS)
 
 
