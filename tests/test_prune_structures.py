@@ -120,7 +120,7 @@ def test_random_structured_matches_torch_in_count():
 
 @SETTINGS
 @given(
-    n=st.integers(0, 4), extra=st.integers(0, 4), groups=st.integers(1, 4), other=st.integers(1, 5),
+    n=st.integers(1, 4), extra=st.integers(0, 4), groups=st.integers(1, 4), other=st.integers(1, 5),
     axis=st.sampled_from([0, 1, -1, -2]), seed=st.integers(0, 2**31 - 1),
 )
 def test_nm_exactly_n_per_group_and_top_n(n, extra, groups, other, axis, seed):

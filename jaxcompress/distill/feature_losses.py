@@ -54,7 +54,8 @@ def init_regressor(rng: jax.Array, student_shape, teacher_shape, *, scale: Optio
 
 def apply_regressor(regressor: dict, features: jax.Array) -> jax.Array:
     """Applies :func:`init_regressor` params on the last axis: ``features @ kernel + bias``."""
-    return jnp.einsum("...c,cd->...d", features, regressor["kernel"]) + regressor["bias"]
+    out = jnp.einsum("...c,cd->...d", features, regressor["kernel"])
+    return out + jnp.expand_dims(regressor["bias"], tuple(range(out.ndim - 1)))  # explicit rank
 
 
 def hint_loss(student_features: jax.Array, teacher_features: jax.Array, *, regressor: Optional[dict] = None) -> jax.Array:
@@ -188,7 +189,7 @@ def rkd_distance_loss(student_embeddings: jax.Array, teacher_embeddings: jax.Arr
 
     def dist(e):
         d = _safe_norm(e[:, None, :] - e[None, :, :])
-        mean = jnp.sum(d) / jnp.maximum(jnp.sum(d > 0), 1)
+        mean = jnp.sum(d) / jnp.maximum(jnp.sum(d > 0), 1).astype(d.dtype)
         return d / jnp.maximum(mean, 1e-12)
 
     return jnp.mean(_smooth_l1(dist(s), jax.lax.stop_gradient(dist(t))), axis=-1)

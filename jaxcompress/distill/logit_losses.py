@@ -1,23 +1,20 @@
 """Logit distillation beyond Hinton KD: hard-label KD and decoupled KD (DKD), per example."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.validation import check_positive
-from jaxcompress.distill.losses import check_labels, check_logits, cross_entropy
-
-
-def check_weight(name: str, value) -> float:
-    """Checks that a loss weight is a real number ``>= 0`` and returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}: {value!r}.")
-    if not float(value) >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value}; a negative weight would reward the mismatch.")
-    return float(value)
+from jaxcompress.distill.losses import (
+    check_labels,
+    check_logits,
+    check_temperature,
+    check_weight,
+    cross_entropy,
+    kl_div_logits,
+    valid_labels,
+)
 
 
 def check_rate(name: str, value) -> float:
@@ -38,14 +35,6 @@ def check_pair(student_logits, teacher_logits) -> tuple[jax.Array, jax.Array]:
             f"student must predict the same classes (got {s.shape[-1]} and {t.shape[-1]})."
         )
     return s.astype(jnp.float32), jax.lax.stop_gradient(t.astype(jnp.float32))
-
-
-def _kl(log_p, log_q, where=None):
-    """``sum p (log p - log q)`` over the last axis; entries outside ``where`` count as zero."""
-    terms = jnp.exp(log_p) * (log_p - log_q)
-    if where is not None:
-        terms = jnp.where(where, terms, 0.0)
-    return jnp.sum(terms, axis=-1)
 
 
 def hard_label_kd_loss(
@@ -118,13 +107,16 @@ def dkd_loss(
 
     Hinton KD is ``TCKD + (1 - p_g) NCKD``; DKD frees NCKD from the ``(1 - p_g)`` factor. The paper's
     CIFAR-100 setting is ``tckd_weight=1, nckd_weight=8, T=4`` (the ``alpha, beta`` of the paper).
-    All terms are computed from log-softmaxes (``log(1 - p_g)`` as a log-sum-exp over non-targets).
+    All terms are computed from differences of the logits over ``T``
+    (:func:`~jaxcompress.distill.losses.kl_div_logits`): never negative, and accurate against
+    float64 at every temperature in :data:`~jaxcompress.distill.losses.TEMPERATURE_RANGE`.
 
     Args:
       student_logits: float ``(..., num_classes)``, ``num_classes >= 2``.
       teacher_logits: float, same shape (no gradient).
-      labels: int ground-truth classes ``(...)``.
-      temperature: ``T > 0``.
+      labels: int ground-truth classes ``(...)`` in ``[0, num_classes)`` (inside ``jit`` an
+        invalid one gives NaN for its example).
+      temperature: ``T`` in :data:`~jaxcompress.distill.losses.TEMPERATURE_RANGE`.
       tckd_weight: ``alpha >= 0``.
       nckd_weight: ``beta >= 0``.
       ce_weight: ground-truth cross-entropy weight ``>= 0``.
@@ -133,7 +125,8 @@ def dkd_loss(
       float32 ``(...)``.
 
     Raises:
-      ValueError: shapes differ, ``T <= 0`` or a weight is negative.
+      ValueError: shapes differ, ``T`` out of range, a weight negative or NaN, concrete labels
+        out of range.
 
     Example:
       >>> import jax.numpy as jnp
@@ -141,7 +134,7 @@ def dkd_loss(
       >>> float(dkd_loss(z, z, labels=jnp.array([0]), ce_weight=0.0)[0])
       0.0
     """
-    temperature = check_positive("temperature", temperature)
+    temperature = check_temperature(temperature)
     tckd_weight = check_weight("tckd_weight", tckd_weight)
     nckd_weight = check_weight("nckd_weight", nckd_weight)
     ce_weight = check_weight("ce_weight", ce_weight)
@@ -149,23 +142,28 @@ def dkd_loss(
     labels = check_labels(labels, s)
     if s.shape[-1] < 2:
         raise ValueError(f"dkd_loss needs at least 2 classes, got logits shape {s.shape}.")
-    gt = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)
+    gt = jax.nn.one_hot(labels, s.shape[-1], dtype=bool)  # all False for an invalid traced label
+    nt = ~gt
+    # Every KL below is taken from differences of the raw logits over T (kl_div_logits), exact at
+    # high T where differences of log-softmaxes cancel to noise.
+    zt, zs = t / temperature, s / temperature
+    diff = (t - s) / temperature
 
     def parts(z):
-        z = z / temperature
-        lse_all = jax.nn.logsumexp(z, axis=-1, keepdims=True)
-        z_nt = jnp.where(gt, -jnp.inf, z)
-        lse_nt = jax.nn.logsumexp(jnp.where(gt, jnp.min(z, -1, keepdims=True), z_nt), axis=-1, b=~gt, keepdims=True)
-        log_target = jnp.sum(jnp.where(gt, z, 0.0), -1, keepdims=True) - lse_all
-        binary = jnp.concatenate([log_target, lse_nt - lse_all], axis=-1)  # log [p_g, 1 - p_g]
-        nontarget = jnp.where(gt, 0.0, z - lse_nt)  # log p' on non-targets
-        return binary, nontarget
+        lse_all = jax.nn.logsumexp(z, axis=-1)
+        lse_nt = jax.nn.logsumexp(jnp.where(nt, z, -jnp.inf), axis=-1)
+        log_nontarget = jnp.where(nt, z - lse_nt[..., None], -jnp.inf)  # the renormalised softmax
+        log_binary = jnp.stack([jnp.sum(jnp.where(gt, z, 0.0), -1) - lse_all, lse_nt - lse_all], -1)
+        return log_nontarget, log_binary
 
-    t_bin, t_nt = parts(t)
-    s_bin, s_nt = parts(s)
-    tckd = _kl(t_bin, s_bin)
-    nckd = _kl(t_nt, s_nt, where=~gt)
+    (log_pn, log_pb), (log_qn, log_qb) = parts(zt), parts(zs)
+    # NCKD: KL(p' || q') over the non-target classes.
+    nckd, mean_nt = kl_div_logits(log_pn, log_qn, diff, where=nt)
+    # TCKD: the binary [target, rest] distributions; the "logits" of rest are the non-target
+    # log-sum-exps, whose teacher-minus-student difference is E_p'[diff] - NCKD.
+    diff_target = jnp.sum(jnp.where(gt, diff, 0.0), -1)
+    tckd, _ = kl_div_logits(log_pb, log_qb, jnp.stack([diff_target, mean_nt - nckd], -1))
     loss = temperature**2 * (tckd_weight * tckd + nckd_weight * nckd)
     if ce_weight > 0:
         loss = loss + ce_weight * cross_entropy(s, labels)
-    return loss
+    return jnp.where(valid_labels(labels, s.shape[-1]), loss, jnp.nan)

@@ -1,11 +1,14 @@
 """Pruning masks: exact-count magnitude masks, applying masks to params, and describing them."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxcompress.core.finite import is_concrete
 from jaxcompress.core.paths import path_name
 from jaxcompress.core.rules import is_none
 from jaxcompress.core.transform import LeafSpec
@@ -23,8 +26,31 @@ def num_pruned(size: int, sparsity):
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
 
 
+def check_keeps_some(name: str, sparsity: float, groups: int, where: str = "the tensor") -> None:
+    """Raises ``ValueError`` when ``sparsity`` would remove every one of ``groups`` (``round(s * n) == n``).
+
+    A sparsity below 1 can still round to all of a small layer; removing a whole layer silently
+    disconnects the model, so the pruning transforms refuse it with the largest sparsity that
+    keeps one group. (The array functions such as :func:`magnitude_mask` remove exactly
+    ``round(s * n)``, as ``torch.nn.utils.prune`` does, whatever that leaves.)
+
+    Example:
+      >>> check_keeps_some('sparsity', 0.999999, 128)
+      Traceback (most recent call last):
+      ...
+      ValueError: sparsity=0.999999 removes all 128 weights (or groups) of the tensor; use at most 0.99 (127/128 keeps one).
+    """
+    if groups > 0 and num_pruned(groups, sparsity) >= groups:
+        most = (groups - 1) / groups
+        raise ValueError(
+            f"{name}={sparsity} removes all {groups} weights (or groups) of {where}; use at most "
+            f"{math.floor(most * 100) / 100:g} ({groups - 1}/{groups} keeps one)."
+        )
+
+
 def mask_from_count(scores: jax.Array, num_remove) -> jax.Array:
-    """A keep-mask removing exactly ``num_remove`` lowest-scoring entries (ties: earlier first).
+    """A keep-mask removing exactly ``num_remove`` lowest-scoring entries (ties: earlier first;
+    a NaN score ranks lowest, with ``-inf``).
 
     No sort: the ``num_remove``-th smallest score is found by a 32-step radix select on the
     order-preserving integer image of the float32 scores (one counting pass per bit), then ties at
@@ -33,6 +59,7 @@ def mask_from_count(scores: jax.Array, num_remove) -> jax.Array:
     """
     flat = jnp.ravel(jnp.asarray(scores, jnp.float32))
     flat = jnp.where(flat == 0, jnp.float32(0), flat)  # -0.0 ties with 0.0 (XLA folds `x + 0`)
+    flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)  # a NaN score is removed first
     bits = jax.lax.bitcast_convert_type(flat, jnp.uint32)
     # Order-preserving map float32 -> uint32: flip every bit of negatives, the sign bit of the rest.
     keys = jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
@@ -105,13 +132,15 @@ def apply_masks(params: Any, masks: Any) -> Any:
     Args:
       params: a pytree of arrays.
       masks: a pytree of the same structure with a boolean (or 0/1) array of the same shape at
-        each pruned leaf and ``None`` elsewhere.
+        each pruned leaf and ``None`` elsewhere. Inside ``jit`` a numeric mask cannot be read
+        and any non-zero value keeps its weight.
 
     Returns:
-      The masked params (a new pytree).
+      The masked params (a new pytree); removed entries are exactly 0 (also a NaN weight).
 
     Raises:
-      ValueError: if ``masks`` and ``params`` differ in structure or in a leaf's shape.
+      ValueError: if ``masks`` and ``params`` differ in structure or in a leaf's shape, or a
+        concrete numeric mask holds a value other than 0 and 1 (naming the leaf).
 
     Example:
       >>> import jax.numpy as jnp
@@ -120,9 +149,37 @@ def apply_masks(params: Any, masks: Any) -> Any:
       [1.0, 0.0]
     """
     check_same_structure("masks", masks, params)
+    for path, m in jax.tree.leaves_with_path(masks, is_leaf=is_none):
+        check_mask(path_name(path), m)
+    # where, not multiply: a pruned entry is exactly 0 even if its latent weight is NaN or inf
     return jax.tree.map(
-        lambda m, p: p if m is None else p * m.astype(p.dtype), masks, params, is_leaf=is_none
+        lambda m, p: p if m is None else jnp.where(_as_bool(m), p, jnp.zeros_like(p)), masks, params, is_leaf=is_none
     )
+
+
+def _as_bool(mask):
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != jnp.zeros((), mask.dtype)
+
+
+def check_mask(path: str, mask: Any) -> None:
+    """A mask must be bool, or numbers that are all 0 or 1 (checked when concrete); else ``ValueError``
+    (``TypeError`` for a dtype that is neither), naming the leaf."""
+    if mask is None:
+        return
+    dtype = jnp.asarray(mask).dtype if not hasattr(mask, "dtype") else mask.dtype
+    if dtype == jnp.bool_:
+        return
+    if not (jnp.issubdtype(dtype, jnp.number)):
+        raise TypeError(f"the mask at {path!r} must be bool (True keeps), got dtype {dtype}.")
+    if is_concrete(mask):
+        arr = np.asarray(mask)
+        bad = ~((arr == 0) | (arr == 1))
+        if bad.any():
+            raise ValueError(
+                f"the mask at {path!r} must be bool or hold only 0 and 1, got {arr[bad].ravel()[:3].tolist()}; "
+                "a mask keeps or removes a weight, it does not scale it. Use mask.astype(bool) or mask > 0."
+            )
 
 
 def describe_masks(params: Any, masks: Any, structure: Any = None) -> dict:

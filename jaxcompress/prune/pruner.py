@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jaxcompress.core.rules import Rules, check_float_targets, is_none, select_values, warn_unused_rules
 from jaxcompress.core.transform import Transform, UpdateInfo
 from jaxcompress.core.validation import check_fraction
-from jaxcompress.prune.masks import apply_masks, describe_masks, global_mask_from_count, num_pruned
+from jaxcompress.core.paths import path_name
+from jaxcompress.prune.masks import apply_masks, check_keeps_some, describe_masks, global_mask_from_count, num_pruned
 from jaxcompress.prune.schedules import IterativeSchedule, PolynomialSchedule, one_shot_schedule
 from jaxcompress.prune.structures import NM, Structure, Unstructured, group_count, mask_for_count, validate
 
@@ -44,6 +45,19 @@ def _targets(params, rules, sparsity, structure):
     return targets
 
 
+def _check_keeps_some(params, targets, structure, scope, sparsity) -> None:
+    """Refuses a sparsity that rounds to every weight (or group) of a leaf, or of all of them."""
+    if isinstance(structure, NM):
+        return
+    flat = [(path_name(p), t, w) for (p, t), w in zip(
+        jax.tree.leaves_with_path(targets, is_leaf=is_none), jax.tree.leaves(params)) if t is not None]
+    if scope == "global":
+        check_keeps_some("sparsity", sparsity, sum(int(jnp.size(w)) for _, _, w in flat), "all pruned leaves together")
+        return
+    for name, t, w in flat:
+        check_keeps_some("sparsity", t, group_count(structure, jnp.shape(w)), f"leaf {name!r}")
+
+
 def pruning(
     sparsity: float,
     *,
@@ -74,7 +88,8 @@ def pruning(
         the gradient at the pruned view, dense (inside the train step): ``|w * g|`` is the
         first-order estimate of the loss change when ``w`` is removed from the view, and ``-w * g``
         is Sanh et al.'s movement score (their straight-through gradient). At ``init`` (no
-        gradients) both fall back to magnitude.
+        gradients) both fall back to magnitude, and so does a leaf whose gradients hold NaN or
+        inf at an update (movement scores are then not accumulated for that step).
       structure: ``Unstructured()``, ``Channels(axis, ord)``, ``Blocks(shape)`` or ``NM(n, m, axis)``.
       scope: ``'layer'`` (each leaf its own sparsity; rule values may override it) or ``'global'``
         (one threshold over all selected leaves, unstructured only, like ``global_unstructured``).
@@ -91,8 +106,10 @@ def pruning(
 
     Raises:
       ValueError / TypeError: bad sparsity, criterion, scope, structure (e.g. an axis the tensor
-        does not have, ``n > m``), schedule, or a rule selecting a non-float leaf. Rules matching
-        nothing give a ``UserWarning`` at ``init``.
+        does not have, ``n > m``, ``n = 0``), schedule, or a rule selecting a non-float leaf; at
+        ``init``, a sparsity that rounds to every weight (group) of a leaf (e.g. 0.999999 of 128
+        weights): the error names the leaf and the largest sparsity that keeps one. Rules
+        matching nothing give a ``UserWarning`` at ``init``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -131,7 +148,8 @@ def pruning(
         if criterion == "movement" and mv is not None:
             return mv
         if criterion == "saliency" and g is not None:
-            return jnp.abs(w * g)
+            # non-finite gradients say nothing: the leaf falls back to magnitude for this update
+            return jnp.where(jnp.all(jnp.isfinite(g)), jnp.abs(w * g), jnp.abs(w))
         return jnp.abs(w)
 
     def count_for(n, t, step):
@@ -179,6 +197,7 @@ def pruning(
             t not in (None, sparsity) for t in jax.tree.leaves(targets, is_leaf=is_none)
         ):
             raise ValueError("scope='global' uses one sparsity for all leaves; rule values must be True or None.")
+        _check_keeps_some(params, targets, structure, scope, sparsity)
         like = lambda dtype: jax.tree.map(  # noqa: E731
             lambda t, w: None if t is None else jnp.ones(jnp.shape(w), dtype), targets, params, is_leaf=is_none
         )
@@ -205,7 +224,9 @@ def pruning(
         if criterion == "movement" and grads is not None:
             state = state._replace(
                 scores=jax.tree.map(
-                    lambda s, w, g: None if s is None else s - w * g, state.scores, params, grads, is_leaf=is_none
+                    # a leaf with non-finite gradients keeps its scores for this step
+                    lambda s, w, g: None if s is None else jnp.where(jnp.all(jnp.isfinite(g)), s - w * g, s),
+                    state.scores, params, grads, is_leaf=is_none
                 )
             )
         masks = jax.lax.cond(

@@ -51,7 +51,7 @@ class NM(NamedTuple):
     """Keep ``n`` of every ``m`` consecutive weights along ``axis``.
 
     Attributes:
-      n: weights kept per group.
+      n: weights kept per group, ``1 <= n <= m``.
       m: group size; the axis length must be divisible by it.
       axis: the grouped axis; ``-2`` is the input dimension of Flax Dense and Conv kernels.
     """
@@ -94,7 +94,10 @@ def validate(structure, shape) -> None:
                 raise ValueError(f"Blocks.shape={block} does not divide the trailing axes of shape {tuple(shape)}.")
         return
     if isinstance(structure, NM):
-        n = check_int("NM.n", structure.n, minimum=0)
+        if isinstance(structure.n, int) and not isinstance(structure.n, bool) and structure.n == 0:
+            raise ValueError("NM.n must be >= 1, got 0: NM(0, m) would remove every weight; keep at least "
+                             "one per group, e.g. NM(2, 4).")
+        n = check_int("NM.n", structure.n, minimum=1)
         m = check_int("NM.m", structure.m, minimum=1)
         if n > m:
             raise ValueError(f"NM needs n <= m, got n={n}, m={m}: keep n of every m weights, e.g. NM(2, 4).")

@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.finite import finite_min_max
 from jaxcompress.core.rules import Rules, explain
 from jaxcompress.core.transform import Trainable, Transform, intercepted
 from jaxcompress.core.validation import check_int
@@ -72,8 +73,9 @@ def layer_of(path: str) -> Optional[str]:
 
 
 def _batch_range(x, axis_name=None):
-    xs = jax.lax.stop_gradient(x).astype(jnp.float32)
-    lo, hi = jnp.min(xs), jnp.max(xs)
+    """The min/max of the finite entries of ``x`` (one NaN pixel must not poison the batch's
+    grid); ``(inf, -inf)`` when there are none."""
+    lo, hi = finite_min_max(jax.lax.stop_gradient(x).astype(jnp.float32))
     if axis_name is not None:
         # Under pmap each device sees a slice of the batch: the range of the global batch is the
         # min/max over devices, which makes the result equal to a single-device run.
@@ -89,7 +91,9 @@ def layer_range(x, stored, train: bool, momentum: float, axis_name=None):
     lo, hi = _batch_range(x, axis_name)
     if stored is None:
         return lo, hi
-    return momentum * stored[0] + (1 - momentum) * lo, momentum * stored[1] + (1 - momentum) * hi
+    seen = lo <= hi  # a batch without finite values leaves the stored range as it is
+    return (jnp.where(seen, momentum * stored[0] + (1 - momentum) * lo, stored[0]),
+            jnp.where(seen, momentum * stored[1] + (1 - momentum) * hi, stored[1]))
 
 
 def fold_range(stored: dict, batch, momentum: float, train: bool = True) -> dict:
@@ -103,7 +107,9 @@ def fold_range(stored: dict, batch, momentum: float, train: bool = True) -> dict
     else:
         new_lo, new_hi = stored["min"], stored["max"]
     unset = stored["min"] > stored["max"]
-    return {"min": jnp.where(unset, lo, new_lo), "max": jnp.where(unset, hi, new_hi)}
+    unseen = ~(lo <= hi)  # a batch without finite values (or NaN bounds) moves nothing
+    new_lo, new_hi = jnp.where(unseen, stored["min"], new_lo), jnp.where(unseen, stored["max"], new_hi)
+    return {"min": jnp.where(unset & ~unseen, lo, new_lo), "max": jnp.where(unset & ~unseen, hi, new_hi)}
 
 
 def empty_range() -> dict:

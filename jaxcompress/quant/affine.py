@@ -13,9 +13,11 @@ elsewhere; ``ste='identity'`` passes it everywhere. No gradient reaches ``scale`
 ``zero_point`` here (learned steps are :func:`~jaxcompress.quant.lowbit.lsq_fake_quant`).
 
 Safe behaviour: scales are clamped to ``>= 1e-8`` (PyTorch observers' ``eps`` is 2^-23 times
-the range), so an all-zero or constant tensor quantizes without NaN. Non-finite inputs are not
-checked inside jit (that would cost a host round-trip); a NaN in ``x`` stays NaN in the output
-and ``+-inf`` clip to the grid ends. Use :func:`check_finite` outside jit to fail early.
+the range), so an all-zero or constant tensor quantizes without NaN. Non-finite values follow
+the library's policy (:mod:`jaxcompress.core.finite`): ranges are the min/max of the finite
+values only, a NaN in ``x`` stays NaN at its own position and ``+-inf`` clip to the grid ends;
+a concrete NaN or infinite ``scale``/``zero_point`` is a ``ValueError``. Use
+:func:`check_finite` outside jit to refuse non-finite weights instead.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.finite import finite_min_max, is_concrete
 from jaxcompress.core.validation import check_axis, check_int
 
 #: The smallest scale or step of every quantizer: a zero or constant range gives no NaN.
@@ -125,6 +128,10 @@ def fake_quant_affine(
     x = jnp.asarray(x)
     if not int(quant_min) < int(quant_max):
         raise ValueError(f"quant_min={quant_min} must be < quant_max={quant_max}.")
+    for name, v in (("scale", scale), ("zero_point", zero_point)):
+        if is_concrete(v) and not np.isfinite(np.asarray(v, np.float64)).all():
+            raise ValueError(f"{name} must be finite, got {np.asarray(v).ravel()[:4].tolist()}; compute it "
+                             "from finite values (affine_qparams of a finite range).")
     scale = jnp.maximum(jnp.asarray(scale, jnp.float32), EPS)
     zero_point = jnp.asarray(zero_point, jnp.float32)
     ax = check_axis("axis", axis, x.ndim)
@@ -220,9 +227,8 @@ def _grouped(x: jax.Array, channel_axis, group_size, group_axis):
 
 
 def _qparams(xr, axes, bits, symmetric, narrow) -> QuantParams:
-    xs = jax.lax.stop_gradient(xr)
-    x_min = jnp.min(xs, axis=axes, keepdims=True)
-    x_max = jnp.max(xs, axis=axes, keepdims=True)
+    # over the finite values only: one NaN or inf must not move every other value's grid
+    x_min, x_max = finite_min_max(jax.lax.stop_gradient(xr), axis=axes, keepdims=True)
     return QuantParams(*affine_qparams(x_min, x_max, bits, symmetric=symmetric, narrow=narrow and symmetric))
 
 
@@ -292,7 +298,9 @@ def fake_quant(
       ste: ``'clipped'`` or ``'identity'`` straight-through estimator.
 
     Returns:
-      An array like ``x`` with at most ``2^bits`` distinct values per channel/group.
+      An array like ``x`` with at most ``2^bits`` distinct values per channel/group. The range
+      is that of the finite values: a NaN stays NaN at its position only, ``+-inf`` go to the
+      grid ends.
 
     Raises:
       TypeError / ValueError: bits outside ``2..8``, a missing axis, a group size that does not
@@ -302,6 +310,8 @@ def fake_quant(
       >>> import jax.numpy as jnp
       >>> fake_quant(jnp.array([[0.1, -1.0], [0.5, 2.0]]), 2, channel_axis=-1).tolist()
       [[0.0, 0.0], [0.5, 2.0]]
+      >>> fake_quant(jnp.array([1.0, jnp.nan, -0.5, jnp.inf]), 2).tolist()
+      [1.0, nan, 0.0, 1.0]
     """
     bits = check_int("bits", bits, minimum=2, maximum=8)
     check_ste(ste)

@@ -15,6 +15,12 @@
 
 Binary and ternary use the identity straight-through estimator (gradient 1 everywhere), as the
 papers do for the latent weights.
+
+Non-finite values (:mod:`jaxcompress.core.finite`): scales and means are taken over the finite
+weights only, so a NaN stays NaN at its own position and ``+-inf`` take the extreme code
+(``+-alpha``, or the grid ends). A concrete LSQ ``step`` that is not finite, or PACT ``alpha``
+that is not finite and ``> 0``, is a ``ValueError``; a step or a traced alpha at or below
+``1e-8`` is clamped there.
 """
 from __future__ import annotations
 
@@ -23,21 +29,22 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.core.finite import check_finite_positive, straight_through
 from jaxcompress.core.validation import check_axis, check_int, check_positive
 from jaxcompress.quant.affine import EPS
 
 
-def _ste(x, q):
-    """Forward value ``q`` exactly, gradient of the identity to ``x``."""
-    return jax.lax.stop_gradient(q) + (x - jax.lax.stop_gradient(x))
+_ste = straight_through  # forward ``q``, the identity's gradient to ``x`` (none where ``x`` is inf)
 
 
 def _nonzero_mean(a, channel_axis):
-    """Mean of ``a`` over its non-zero entries per slice along ``channel_axis`` (0 where none), keepdims."""
+    """Mean of ``a`` over its finite non-zero entries per slice along ``channel_axis`` (0 where
+    none), keepdims."""
     ax = check_axis("channel_axis", channel_axis, a.ndim)
     axes = None if ax is None else tuple(i for i in range(a.ndim) if i != ax)
-    count = jnp.sum(a != 0, axis=axes, keepdims=True)
-    return jnp.sum(a, axis=axes, keepdims=True) / jnp.maximum(count, 1), axes
+    ok = (a != 0) & jnp.isfinite(a)
+    count = jnp.sum(ok, axis=axes, keepdims=True)
+    return jnp.sum(jnp.where(ok, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(count, 1).astype(a.dtype), axes
 
 
 def binary_scale(w: jax.Array, *, channel_axis: Optional[int] = -1) -> jax.Array:
@@ -76,9 +83,10 @@ def ternary_scale(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: 
     a = jnp.abs(jax.lax.stop_gradient(jnp.asarray(w))).astype(jnp.float32)
     mean, axes = _nonzero_mean(a, channel_axis)
     keep = a > threshold * mean
-    alpha = jnp.sum(jnp.where(keep, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(
-        jnp.sum(keep, axis=axes, keepdims=True), 1
-    )
+    kept = keep & jnp.isfinite(a)  # an inf is kept (the extreme code) but not averaged
+    alpha = jnp.sum(jnp.where(kept, a, 0.0), axis=axes, keepdims=True) / jnp.maximum(
+        jnp.sum(kept, axis=axes, keepdims=True), 1
+    ).astype(a.dtype)
     return alpha, keep
 
 
@@ -101,7 +109,8 @@ def ternarize(w: jax.Array, *, channel_axis: Optional[int] = -1, threshold: floa
     """
     w = jnp.asarray(w)
     alpha, keep = ternary_scale(w, channel_axis=channel_axis, threshold=threshold)
-    q = jnp.where(keep, jnp.sign(jax.lax.stop_gradient(w)) * alpha, 0.0).astype(w.dtype)
+    ws = jax.lax.stop_gradient(w)
+    q = jnp.where(keep, jnp.sign(ws) * alpha, jnp.where(jnp.isnan(ws), ws, 0.0)).astype(w.dtype)
     return _ste(w, q)
 
 
@@ -111,9 +120,12 @@ def _lsq_levels(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def lsq_init_step(x: jax.Array, bits: int, *, signed: bool = True) -> jax.Array:
-    """LSQ's initial step: ``2 * mean|x| / sqrt(Qp)`` (a float32 scalar, ``>= 1e-8``)."""
+    """LSQ's initial step: ``2 * mean|x| / sqrt(Qp)`` over the finite ``x`` (a float32 scalar, ``>= 1e-8``)."""
     _, qp = _lsq_levels(bits, signed)
-    return jnp.maximum(2.0 * jnp.mean(jnp.abs(jnp.asarray(x, jnp.float32))) / jnp.sqrt(qp), EPS)
+    a = jnp.abs(jnp.asarray(x, jnp.float32))
+    ok = jnp.isfinite(a)
+    mean = jnp.sum(jnp.where(ok, a, 0.0)) / jnp.maximum(jnp.sum(ok), 1).astype(jnp.float32)
+    return jnp.maximum(2.0 * mean / jnp.sqrt(jnp.float32(qp)), EPS)
 
 
 def _scale_grad(v, g):
@@ -153,6 +165,7 @@ def lsq_fake_quant(
       [0.5, -1.0, 0.5]
     """
     qn, qp = _lsq_levels(bits, signed)
+    check_finite_positive("step", step, "initialise it with lsq_init_step(x, bits).", positive=False)
     x = jnp.asarray(x)
     g = 1.0 / jnp.sqrt(x.size * qp) if grad_scale is None else grad_scale
     # a step at or below 1e-8 is clamped there (no NaN from x / 0; no gradient below the clamp)
@@ -181,10 +194,12 @@ def pact(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
       [0.0, 0.0, 3.0]
     """
     bits = check_int("bits", bits, minimum=2, maximum=8)
+    check_finite_positive("alpha", alpha, "PACT clips to [0, alpha]; start it at the inputs' max (e.g. 10).")
     x = jnp.asarray(x)
-    alpha = jnp.asarray(alpha, x.dtype)
+    # a traced alpha that trained to <= 0 is clamped, so the grid step is never 0 (no 0 / 0)
+    alpha = jnp.maximum(jnp.asarray(alpha, x.dtype), EPS)
     levels = 2**bits - 1
     # clip(x, 0, alpha) written so d/d alpha is 1 above alpha (jnp.clip's gradient is ambiguous there).
-    y = jnp.where(x >= alpha, alpha, jnp.where(x >= 0, x, jnp.zeros_like(x)))
+    y = jnp.where(x >= alpha, alpha, jnp.where((x >= 0) | jnp.isnan(x), x, jnp.zeros_like(x)))
     step = jax.lax.stop_gradient(alpha) / levels
     return _ste(y, jnp.round(y / step) * step)

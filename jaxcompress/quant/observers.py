@@ -1,5 +1,6 @@
 """Range observers for post-training calibration: min/max, moving average, percentile, MSE.
 
+Ranges are taken over the finite values (a NaN or inf input does not move them).
 An :class:`Observer` is three pure functions: ``summarize(x)`` runs inside jit on one batch of a
 layer's input and returns a small tuple of arrays; ``combine(acc, summary)`` folds batches on the
 host; ``range(acc)`` gives the final ``(min, max)``. :func:`~jaxcompress.quant.activations.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.core.finite import finite_min_max
 from jaxcompress.core.validation import check_fraction, check_int, check_positive
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 
@@ -42,7 +44,7 @@ def minmax() -> Observer:
       [-1.0, 2.0]
     """
     return Observer(
-        summarize=lambda x: (jnp.min(x), jnp.max(x)),
+        summarize=lambda x: finite_min_max(jnp.asarray(x)),
         combine=lambda a, b: (np.minimum(a[0], b[0]), np.maximum(a[1], b[1])),
         range=lambda a: (a[0], a[1]),
     )
@@ -61,7 +63,7 @@ def moving_average_minmax(momentum: float = 0.9) -> Observer:
     """
     m = check_fraction("momentum", momentum)
     return Observer(
-        summarize=lambda x: (jnp.min(x), jnp.max(x)),
+        summarize=lambda x: finite_min_max(jnp.asarray(x)),
         combine=lambda a, b: (m * a[0] + (1 - m) * b[0], m * a[1] + (1 - m) * b[1]),
         range=lambda a: (a[0], a[1]),
     )

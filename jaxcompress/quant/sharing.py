@@ -41,7 +41,8 @@ class SharingState(NamedTuple):
 
 def kmeans_1d(w: jax.Array, clusters: int, *, iters: int = 30) -> tuple[jax.Array, jax.Array]:
     """Lloyd's k-means on the non-zero values of ``w`` from centroids spaced linearly over their
-    ``[min, max]``; zeros take no part (each is assigned its nearest centroid).
+    ``[min, max]``; zeros, NaN and ``+-inf`` take no part (each is assigned its nearest centroid;
+    ``+-inf`` the extreme ones).
 
     Empty clusters keep their previous centroid.
 
@@ -56,12 +57,15 @@ def kmeans_1d(w: jax.Array, clusters: int, *, iters: int = 30) -> tuple[jax.Arra
     """
     clusters = check_int("clusters", clusters, minimum=2)
     iters = check_int("iters", iters, minimum=0)
-    flat = jnp.asarray(w, jnp.float32).ravel()
-    valid = flat != 0
-    lo = jnp.min(jnp.where(valid, flat, jnp.inf))
-    hi = jnp.max(jnp.where(valid, flat, -jnp.inf))
+    raw = jnp.asarray(w, jnp.float32).ravel()
+    valid = (raw != 0) & jnp.isfinite(raw)  # NaN and inf take no part in the clustering
+    lo = jnp.min(jnp.where(valid, raw, jnp.inf))
+    hi = jnp.max(jnp.where(valid, raw, -jnp.inf))
     any_valid = jnp.any(valid)
-    c0 = jnp.linspace(jnp.where(any_valid, lo, 0.0), jnp.where(any_valid, hi, 0.0), clusters)
+    lo, hi = jnp.where(any_valid, lo, 0.0), jnp.where(any_valid, hi, 0.0)
+    # assigned as their nearest finite value: +-inf the extreme centroids (NaN: any, masked by the view)
+    flat = jnp.clip(jnp.nan_to_num(raw, nan=0.0), lo, hi)
+    c0 = jnp.linspace(lo, hi, clusters)
 
     def assign(c):
         return jnp.argmin(jnp.abs(flat[:, None] - c[None, :]), axis=1)
@@ -124,10 +128,12 @@ def weight_sharing(clusters: int = 16, *, iters: int = 30, rules: Optional[Rules
             if c is None:
                 return w
             ws = jax.lax.stop_gradient(w)
-            shared = jnp.where(ws == 0, 0.0, c[a]).astype(w.dtype)
+            # zeros stay zero, a NaN stays NaN at its own position only
+            shared = jnp.where(ws == 0, 0.0, jnp.where(jnp.isnan(ws), ws, c[a])).astype(w.dtype)
             # the value is the codebook's; gradients reach the centroids (gathered) and, straight
             # through, the latent weights
-            return shared + (w - ws)
+            delta = w - ws  # 0 in value; no gradient (and no inf - inf) at non-finite weights
+            return shared + jnp.where(jnp.isfinite(ws), delta, jnp.zeros_like(delta))
 
         return jax.tree.map(view, state.centroids.value, state.assignments, params, is_leaf=is_none)
 

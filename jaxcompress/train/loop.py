@@ -37,7 +37,8 @@ def fit(
       log_every: steps between reads of the metrics (each read waits for the device).
 
     Returns:
-      ``(state, last_metrics)`` with the metrics as Python floats.
+      ``(state, last_metrics)`` with the metrics as Python floats; for a step built with
+      ``skip_nonfinite=True`` also ``skipped_steps``, the number of steps skipped in this run.
 
     Raises:
       ValueError: ``num_steps < 1``, or ``batches`` ran out before ``num_steps``.
@@ -45,12 +46,15 @@ def fit(
     num_steps = check_int("num_steps", num_steps, minimum=1)
     extra = () if teacher_variables is None else (teacher_variables,)
     metrics: dict = {}
+    skipped = None
     done = 0
     bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, mininterval=1.0)
     for batch in batches:
         if done == num_steps:
             break
         state, metrics = step(state, batch, *extra)
+        if "skipped" in metrics:  # summed on the device: no wait per step
+            skipped = metrics["skipped"] if skipped is None else skipped + metrics["skipped"]
         done += 1
         if done % log_every == 0 or done == num_steps:
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in metrics.items()})
@@ -58,4 +62,7 @@ def fit(
     bar.close()
     if done < num_steps:
         raise ValueError(f"batches ran out after {done} of num_steps={num_steps} steps; give a longer iterable.")
-    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if skipped is not None:
+        out["skipped_steps"] = int(jax.device_get(skipped))
+    return state, out

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import Transform, identity, trainable_part
 from jaxcompress.core.validation import is_prng_key
 
@@ -58,6 +59,10 @@ def init_train_state(
     Returns:
       A :class:`TrainState` at step 0. Its arrays are copies: a step that donates the state never
       deletes the caller's ``params`` or ``model_state``.
+
+    Raises:
+      TypeError: a wrong optimizer, transform or rng, or a params leaf that is not floating
+        point (named; integer leaves cannot be trained: keep them in ``model_state``).
     """
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
@@ -70,6 +75,7 @@ def init_train_state(
     if isinstance(rng, bool) or not (isinstance(rng, int) or is_prng_key(rng) or raw_key):
         raise TypeError(f"rng must be an int seed or a jax.random.key, got {type(rng).__name__}: {rng!r}.")
     key = jax.random.key(rng) if isinstance(rng, int) else rng
+    check_float_params(params)
     params = jax.tree.map(jnp.array, params)  # copies: donation must not delete the caller's arrays
     # copies too: a transform may hand back the caller's arrays (fixed_masks(masks)), and a
     # donating step must not delete them
@@ -83,6 +89,17 @@ def init_train_state(
         model_state={} if model_state is None else jax.tree.map(jnp.array, model_state),
         rng=key,
     )
+
+
+def check_float_params(params: Any) -> None:
+    """Raises ``TypeError`` naming the first params leaf that is not floating point."""
+    for path, leaf in jax.tree.leaves_with_path(params):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"params leaf {path_name(path)!r} has dtype {dtype}; gradients train float leaves only. Keep "
+                "integer values (counters, indices, tables) in model_state, or cast the leaf to float."
+            )
 
 
 def _init_trainable_opt(optimizer, compression_state):

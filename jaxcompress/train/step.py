@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcompress.core.finite import all_finite
+from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import Transform, UpdateInfo, identity, intercepted, trainable_part, with_trainable
 from jaxcompress.core.validation import check_int
 from jaxcompress.distill.capture import logits_of
 from jaxcompress.distill.losses import cross_entropy
-from jaxcompress.train.state import ApplyFn, TrainState
+from jaxcompress.train.state import ApplyFn, TrainState, check_float_params
 
 #: ``loss_fn(outputs, batch) -> per-example loss`` (any shape; the step takes the mean).
 LossFn = Callable[[Any, dict], jax.Array]
@@ -148,6 +150,17 @@ def _mean_metrics(metrics: dict) -> dict:
     return {k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in metrics.items()}
 
 
+def check_batch(batch: Any) -> None:
+    """Raises ``ValueError`` when a batch entry has no examples (a leading axis of length 0)."""
+    for path, leaf in jax.tree.leaves_with_path(batch):
+        shape = jnp.shape(leaf)
+        if shape and shape[0] == 0:
+            raise ValueError(
+                f"batch entry {path_name(path)!r} has 0 examples (shape {shape}); the mean loss of an empty "
+                "batch is undefined. Drop empty batches before the step (e.g. a data subset smaller than a batch)."
+            )
+
+
 def _check_callable(name: str, value: Any) -> None:
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {type(value).__name__}: {value!r}.")
@@ -163,6 +176,7 @@ def make_train_step(
     teacher: Optional[Teacher] = None,
     axis_name: Optional[str] = None,
     augment: Optional[Callable[[jax.Array, dict], dict]] = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """Builds a pure train step ``(TrainState, batch[, teacher_variables]) -> (TrainState, metrics)``.
 
@@ -196,15 +210,24 @@ def make_train_step(
         the transform's interceptor reduces batch statistics over it too.
       augment: optional ``augment(rng, batch) -> batch`` run inside the step before the forward
         passes, so teacher and student see the same augmented batch (function matching).
+      skip_nonfinite: when the loss or any gradient is NaN or inf (one bad pixel, a label out of
+        range inside ``jit``), skip the update as ``optax.apply_if_finite`` does: params,
+        optimizer states, compression and model state stay as they were and ``step`` does not
+        advance (only the rng moves on); the metrics get ``skipped`` (1.0 for a skipped step,
+        else 0.0; :func:`~jaxcompress.train.loop.fit` sums them). One compiled program, no
+        retracing. Off by default: a non-finite loss then writes NaN into the params.
 
     Returns:
       The step; wrap it with ``jax.jit(step, donate_argnums=0)`` (the teacher's variables, the
       third argument, are not donated) or use :func:`~jaxcompress.train.parallel.data_parallel`.
-      Metrics: ``loss`` and the means of ``metrics_fn``'s values (training mode, on the view).
+      Metrics: ``loss`` and the means of ``metrics_fn``'s values (training mode, on the view),
+      and ``skipped`` with ``skip_nonfinite``.
 
     Raises:
-      TypeError: an argument of the wrong kind (at build time); ValueError (at trace time): a
-        teacher without teacher variables, a batch without the entries the losses read.
+      TypeError: an argument of the wrong kind (at build time), a params leaf that is not
+        floating point (at trace time, naming the leaf: integer leaves cannot be trained; keep
+        them in ``model_state``). ValueError (at trace time): an empty batch, a teacher without
+        teacher variables, a batch without the entries the losses read.
     """
     transform = identity() if transform is None else transform
     if not isinstance(transform, Transform):
@@ -219,6 +242,8 @@ def make_train_step(
         _check_callable("metrics_fn", metrics_fn)
     if augment is not None:
         _check_callable("augment", augment)
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}: {skip_nonfinite!r}.")
 
     def teacher_outputs(batch, teacher_variables):
         if "teacher_logits" in batch:
@@ -239,6 +264,8 @@ def make_train_step(
         if teacher is None and teacher_variables is not None:
             raise ValueError("teacher_variables were given to a step built without teacher=; pass "
                              "make_train_step(..., teacher=Teacher(apply_fn, loss)).")
+        check_float_params(state.params)
+        check_batch(batch)
         rng, step_rng = jax.random.split(state.rng)
         if axis_name is not None:
             step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
@@ -300,6 +327,11 @@ def make_train_step(
             model_state=model_state,
             rng=rng,
         )
+        if skip_nonfinite:
+            # the same on every device: the loss and gradients are already averaged over axis_name
+            ok = jnp.isfinite(metrics["loss"]) & all_finite((view_grads, trainable_grads))
+            new_state = jax.lax.cond(ok, lambda: new_state, lambda: state._replace(rng=rng))
+            metrics["skipped"] = jnp.where(ok, 0.0, 1.0).astype(jnp.float32)
         return new_state, metrics
 
     step.axis_name = axis_name  # read by data_parallel to refuse a step built for another mode
