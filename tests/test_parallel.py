@@ -209,3 +209,29 @@ def test_identical_model_state_is_not_averaged_under_pmap():
     out = jax.pmap(lambda t: _average_varying(t, "d"), axis_name="d")(tree)
     np.testing.assert_array_equal(np.asarray(out["same"]), tree["same"])
     np.testing.assert_allclose(np.asarray(out["differs"]), 3.5)
+
+
+def test_teacher_sharded_over_the_mesh_gives_the_replicated_result():
+    """A teacher too large for one device can be laid out by the caller: kernels split over 'data'."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    with jax.enable_x64(True):
+        step, state, teacher = _setup(step_axis_name("shard"), "dynamic")
+        dp = data_parallel(step, parallel="shard", devices=8, donate=False)
+        x, y = _data()
+        batch = {"image": x[:GLOBAL_BATCH].astype(np.float64), "label": y[:GLOBAL_BATCH]}
+        state = dp.put_state(state)
+        replicated = dp.put_teacher(teacher)
+
+        def lay_out(leaf):  # split every kernel's output axis over the 8 devices where it divides
+            spec = PartitionSpec(*([None] * (leaf.ndim - 1) + ["data"])) if leaf.ndim >= 2 and leaf.shape[-1] % 8 == 0 \
+                else PartitionSpec()
+            return jax.device_put(leaf, NamedSharding(dp.mesh, spec))
+
+        sharded = jax.tree.map(lay_out, teacher)
+        kernel = sharded[0]["conv2"]["kernel"]
+        assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 8
+        a, ma = dp.step(state, batch, replicated)
+        b, mb = dp.step(state, batch, sharded)
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-12)
+    _assert_close(dp.get_state(b).params, dp.get_state(a).params, rel=1e-12)
