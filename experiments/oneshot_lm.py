@@ -40,7 +40,9 @@ from jaxcompress.prune.structures import NM
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train.loop import fit
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
-from jaxcompress.train.step import evaluate, make_eval_step, make_train_step, token_loss, token_metrics
+from jaxcompress.train.evaluation import evaluate, make_eval_step
+from jaxcompress.train.objectives import token_loss, token_metrics
+from jaxcompress.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"

@@ -60,13 +60,13 @@ from jaxcompress.train.state import TrainState as TrainState
 from jaxcompress.train.state import init_train_state as init_train_state
 from jaxcompress.train.state import linen_apply_fn as linen_apply_fn
 from jaxcompress.train.step import Teacher as Teacher
-from jaxcompress.train.step import classification_loss as classification_loss
-from jaxcompress.train.step import classification_metrics as classification_metrics
-from jaxcompress.train.step import evaluate as evaluate
-from jaxcompress.train.step import make_eval_step as make_eval_step
+from jaxcompress.train.objectives import classification_loss as classification_loss
+from jaxcompress.train.objectives import classification_metrics as classification_metrics
+from jaxcompress.train.evaluation import evaluate as evaluate
+from jaxcompress.train.evaluation import make_eval_step as make_eval_step
 from jaxcompress.train.step import make_train_step as make_train_step
-from jaxcompress.train.step import token_loss as token_loss
-from jaxcompress.train.step import token_metrics as token_metrics
+from jaxcompress.train.objectives import token_loss as token_loss
+from jaxcompress.train.objectives import token_metrics as token_metrics
 
 # Export.
 from jaxcompress.export.size import size_report as size_report

@@ -18,7 +18,9 @@ from jaxcompress.core.transform import intercepted
 from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.train.loop import fit
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
-from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train_step, token_loss, token_metrics
+from jaxcompress.train.evaluation import evaluate, make_eval_step
+from jaxcompress.train.objectives import token_loss, token_metrics
+from jaxcompress.train.step import Teacher, make_train_step
 
 T, B, VOCAB = 16, 8, 256
 STUDENT = TransformerLM(vocab_size=VOCAB, max_len=T, dim=32, depth=1, heads=2, mlp_ratio=2)

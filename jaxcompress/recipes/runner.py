@@ -46,7 +46,8 @@ from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.loop import fit
 from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
-from jaxcompress.train.step import Teacher, evaluate, make_eval_step, make_train_step
+from jaxcompress.train.evaluation import evaluate, make_eval_step
+from jaxcompress.train.step import Teacher, make_train_step
 
 SELECTION = ("none: each stage keeps its last step; validation accuracy is recorded per stage and the test "
              "set is scored once per stage's final model")

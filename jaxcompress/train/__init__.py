@@ -4,12 +4,12 @@ from jaxcompress.train.state import init_train_state as init_train_state
 from jaxcompress.train.state import linen_apply_fn as linen_apply_fn
 from jaxcompress.train.state import split_variables as split_variables
 from jaxcompress.train.step import Teacher as Teacher
-from jaxcompress.train.step import evaluate as evaluate
-from jaxcompress.train.step import classification_loss as classification_loss
-from jaxcompress.train.step import classification_metrics as classification_metrics
-from jaxcompress.train.step import token_loss as token_loss
-from jaxcompress.train.step import token_metrics as token_metrics
-from jaxcompress.train.step import make_eval_step as make_eval_step
+from jaxcompress.train.evaluation import evaluate as evaluate
+from jaxcompress.train.objectives import classification_loss as classification_loss
+from jaxcompress.train.objectives import classification_metrics as classification_metrics
+from jaxcompress.train.objectives import token_loss as token_loss
+from jaxcompress.train.objectives import token_metrics as token_metrics
+from jaxcompress.train.evaluation import make_eval_step as make_eval_step
 from jaxcompress.train.step import make_train_step as make_train_step
 from jaxcompress.train.parallel import DATA_AXIS as DATA_AXIS
 from jaxcompress.train.parallel import PARALLEL_MODES as PARALLEL_MODES
@@ -28,6 +28,4 @@ from jaxcompress.train.checkpoint import Checkpointer as Checkpointer
 from jaxcompress.train.checkpoint import Restored as Restored
 from jaxcompress.train.parallel import replicate as replicate
 from jaxcompress.train.loop import fit as fit
-from jaxcompress.train.step import classification_loss as classification_loss
-from jaxcompress.train.step import classification_metrics as classification_metrics
 from jaxcompress.train.checkpoint import CheckpointError as CheckpointError
