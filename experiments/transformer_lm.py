@@ -312,12 +312,14 @@ def markdown(r):
                      f"{s['validation']['perplexity']:.3f} | {s['validation']['bits_per_byte']:.3f} | "
                      f"{s['test']['perplexity']:.3f} | {s['test']['bits_per_byte']:.3f} |")
     w = st["student_kd_pruned50_w8a8"]
-    verdict = ("KD **beat** the label-only student" if kd_vs < 0 else "KD **did not beat** the label-only student")
+    verdict = ("The KD student had the lower perplexity" if kd_vs < 0
+               else "The KD student did not have the lower perplexity")
     lines += [
         "",
         f"{verdict} on validation (perplexity {st['student_kd']['validation']['perplexity']:.3f} vs "
         f"{st['student_labels_only']['validation']['perplexity']:.3f}, difference {kd_vs:+.3f}; on test "
-        f"{kd_test:+.3f}), one seed, same step budget (the KD steps also run the teacher's forward pass).",
+        f"{kd_test:+.3f}), same step budget (the KD steps also run the teacher's forward pass). One seed: "
+        "this is a measurement, not a claim that KD is better, which would need >= 3 seeds.",
         f"Validation perplexity of KD students by temperature: "
         + ", ".join(f"{k} {v:.3f}" for k, v in st["student_kd"]["chosen_on_validation_from"].items()) + ".",
         f"Block-kernel sparsity of the pruned view: {st['student_kd_pruned50']['block_kernel_sparsity']:.3f} "

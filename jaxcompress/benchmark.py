@@ -160,8 +160,23 @@ def environment(**extra: Any) -> dict:
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(), **extra}
 
 
+def summary(timing: Mapping[str, Any], name: str) -> str:
+    """One line: ``name``'s ratio to the baseline and the A/A control, each with its interval.
+
+    Example:
+      >>> t = {'ratios': {'c': {'ratio': 1.1, 'low': 1.0, 'high': 1.2},
+      ...                 CONTROL: {'ratio': 1.0, 'low': 0.9, 'high': 1.1}}}
+      >>> summary(t, 'c')
+      'c 1.100 [1.000, 1.200], A/A 1.000 [0.900, 1.100]'
+    """
+    r, aa = timing["ratios"][name], timing["ratios"][CONTROL]
+    return (f"{name} {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
+            f"A/A {aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}]")
+
+
 def write_result(path: Any, result: dict, *, ratio: Optional[float] = None) -> None:
-    """Writes ``result`` as JSON to ``path`` and prints the top-level ratio as the last line."""
+    """Writes ``result`` as JSON to ``path`` (creating its folder) and prints the top-level ratio last."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     value = result.get("ratio") if ratio is None else ratio

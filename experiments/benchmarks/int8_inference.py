@@ -163,7 +163,6 @@ def main():
         "seconds": round(time.time() - t0, 1),
         "environment": environment(quick=args.quick),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result)
 
 

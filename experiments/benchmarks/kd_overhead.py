@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import jaxcompress as jc
-from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, summary, verdict, write_result
 from jaxcompress.models import student_cnn, teacher_cnn
 from jaxcompress.train import split_variables
 
@@ -84,9 +84,7 @@ def main():
         "timing": timing,
         "environment": environment(quick=args.quick),
     }
-    aa = timing["ratios"][CONTROL]
-    print(f"interval [{cand['low']:.3f}, {cand['high']:.3f}], A/A {aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}], "
-          f"FLOP ratio {record['flop_ratio']:.4f}")
+    print(f"{summary(timing, 'kd_step')}, FLOP ratio {record['flop_ratio']:.4f}")
     write_result(args.out, record)
 
 

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxcompress as jc  # noqa: E402
-from jaxcompress.benchmark import CONTROL, compare, environment, write_result  # noqa: E402
+from jaxcompress.benchmark import CONTROL, compare, environment, summary, write_result  # noqa: E402
 from jaxcompress.models import student_cnn, teacher_cnn  # noqa: E402
 from jaxcompress.prune.schedules import one_shot_schedule  # noqa: E402
 from jaxcompress.train import data_parallel, shard_batch, split_for_pmap, split_variables, step_axis_name  # noqa: E402
@@ -111,12 +111,11 @@ def main():
         "ratio_means": f"{top} / shard_1 step time (lower is better)",
         "environment": environment(quick=args.quick, device_kind=jax.devices()[0].device_kind),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for name, t in medians.items():
         if name in runs:
             print(f"{name}: {t * 1e3:.2f} ms/step, all-reduce {result['allreduce_bytes_per_device'][name]} B/device")
-    aa = timing["ratios"][CONTROL]
-    print(f"interval [{ratio['low']:.3f}, {ratio['high']:.3f}], A/A {aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}]")
+    if top != "shard_1":
+        print(summary(timing, top))
     write_result(args.out, result)
 
 

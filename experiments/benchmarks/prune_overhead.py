@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import jaxcompress as jc
-from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, summary, verdict, write_result
 from jaxcompress.core import update_info
 from jaxcompress.models import LeNet5
 from jaxcompress.prune import polynomial_schedule
@@ -139,9 +139,7 @@ def main():
     for name, u in updates.items():
         print(f"{name}: {u['weights']:,} weights, mask update {u['update_step'] * 1e3:.1f} ms, "
               f"other steps {u['other_step'] * 1e3:.2f} ms")
-    print(f"interval [{cand['low']:.3f}, {cand['high']:.3f}], A/A {timing['ratios'][CONTROL]['ratio']:.3f} "
-          f"[{timing['ratios'][CONTROL]['low']:.3f}, {timing['ratios'][CONTROL]['high']:.3f}], "
-          f"FLOP ratio {result['flop_ratio']:.4f}")
+    print(f"{summary(timing, 'candidate')}, FLOP ratio {result['flop_ratio']:.4f}")
     write_result(args.out, result)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, summary, verdict, write_result
 from jaxcompress.models import LeNet5
 from jaxcompress.quant import weight_quantization
 from jaxcompress.train import init_train_state, linen_apply_fn, make_train_step, split_variables
@@ -94,9 +94,7 @@ def main() -> None:
         "timing": timing,
         "environment": environment(quick=args.quick),
     }
-    aa = timing["ratios"][CONTROL]
-    print(f"interval [{cand['low']:.3f}, {cand['high']:.3f}], A/A {aa['ratio']:.3f} [{aa['low']:.3f}, {aa['high']:.3f}], "
-          f"FLOP ratio {result['flop_ratio']:.4f}")
+    print(f"{summary(timing, 'w8a8')}, FLOP ratio {result['flop_ratio']:.4f}")
     write_result(args.out, result)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +88,6 @@ def main():
         "seconds": round(time.time() - t0, 1),
         "environment": environment(quick=args.quick),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_result(args.out, result)
 
 
