@@ -12,6 +12,17 @@ from jaxcompress.core.validation import check_int
 # GPT-2's initialisation of the embedding tables; Dense layers keep Flax's default.
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 
+#: Where the input of each of :class:`TransformerLM`'s Dense layers comes from, as the ``folds``
+#: of :func:`jaxcompress.oneshot.one_shot` (scale folds of SmoothQuant and AWQ, rotations):
+#: query, key and value read ``ln1``, fc1 reads ``ln2``, the output layer reads ``ln_f``, and
+#: attention's ``out`` reads the ``value`` projection's channels. ``fc2`` reads a GELU: none.
+TRANSFORMER_FOLDS = (
+    (r"^(block_\d+)/attn/(query|key|value)$", r"\1/ln1"),
+    (r"^(block_\d+)/attn/out$", r"\1/attn/value"),
+    (r"^(block_\d+)/mlp/fc1$", r"\1/ln2"),
+    (r"^head$", "ln_f"),
+)
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position ``t`` attends to positions ``<= t``.

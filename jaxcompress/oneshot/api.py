@@ -1,12 +1,21 @@
 """One call for one-shot, data-aware compression of a Linen model: :func:`one_shot`.
 
-A method is a frozen config (:class:`Wanda`, :class:`SparseGPT`, :class:`GPTQ`) whose
+A *solver* is a frozen config (:class:`Wanda`, :class:`SparseGPT`, :class:`GPTQ`) whose
 ``compress(kernel, stats)`` turns one Dense kernel and its calibration statistics into a
-:class:`~jaxcompress.oneshot.obs.LayerResult`. :func:`one_shot` calibrates the selected layers,
-applies the method layer by layer and returns the new params together with the transform that
-describes them (``fixed_masks`` for masks, ``grid_quantization`` for grids, chained when both),
-so size reports, export and fine-tuning through the train step read the result like any other
+:class:`~jaxcompress.oneshot.obs.LayerResult`, or :class:`RTN` (round to nearest with the
+library's one weight quantizer, optionally with calibrated 8-bit inputs: W8A8).
+:func:`one_shot` calibrates the selected layers, applies the solver layer by layer and returns
+the new params together with the transform that describes them (``fixed_masks`` for masks,
+``grid_quantization`` for grids, chained when both; ``weight_quantization`` for RTN), so size
+reports, export and fine-tuning through the train step read the result like any other
 compressed model.
+
+A *reparametrisation* (:class:`Rotation`, :class:`SmoothQuant`, :class:`AWQ`) rewrites the
+float params into an equivalent model that quantizes better, folding its scales or rotations
+into neighbouring layers (:mod:`jaxcompress.oneshot.folds`, :mod:`jaxcompress.oneshot.rotate`);
+a list ``[reparametrisations..., solver]`` composes them, e.g. ``[Rotation(head_dim=32),
+SparseGPT(0.5, structure=NM(2, 4), bits=4, group_size=128)]``; :class:`AWQ` alone implies its
+round-to-nearest solver.
 
 Sequential calibration (the papers' default): layers are compressed in the order the model calls
 them and each group is calibrated on the outputs of the already-compressed layers before it, by
@@ -16,6 +25,7 @@ calibration batches per group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -23,16 +33,22 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.core.paths import path_name
+from jaxcompress.core.paths import get_path, path_name
 from jaxcompress.core.rules import Rules
 from jaxcompress.core.transform import Transform, chain
 from jaxcompress.core.validation import check_fraction, check_int, check_positive
 from jaxcompress.oneshot import obs
 from jaxcompress.oneshot.calibration import LayerStats, calibrate_layers, call_order, selected_layers
+from jaxcompress.oneshot.folds import Folds, check_folds, fold_scales
 from jaxcompress.oneshot.grid import grid_quantization
+from jaxcompress.oneshot.rotate import rotate_transformer
+from jaxcompress.oneshot.smooth import awq_scales, smoothquant_scales
 from jaxcompress.oneshot.wanda import wanda_mask
 from jaxcompress.prune.pruner import fixed_masks
 from jaxcompress.prune.structures import NM, Structure, Unstructured
+from jaxcompress.quant.activations import calibrate_activations
+from jaxcompress.quant.affine import fake_quant
+from jaxcompress.quant.weights import weight_quantization
 
 
 def _check_structure(structure):
@@ -113,18 +129,139 @@ class GPTQ:
         return obs.gptq(kernel, stats.xtx, kw.pop("bits"), **kw)
 
 
-Method = Union[Wanda, SparseGPT, GPTQ]
+@dataclasses.dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest with the library's weight quantizer (min/max grids), optionally W8A8.
+
+    Attributes:
+      bits: weight bits ``2..8``.
+      group_size: inputs per group, or ``None`` for one grid per output channel.
+      symmetric, narrow: the grid (default asymmetric for weight-only, as GPTQ and AWQ).
+      activation_bits: quantize each selected layer's input to this many bits with a static
+        per-tensor range calibrated on the batches (min/max over all of them), or ``None``.
+      activation_symmetric: signed symmetric input grid instead of affine.
+    """
+
+    bits: int = 8
+    group_size: Optional[int] = None
+    symmetric: bool = False
+    narrow: bool = False
+    activation_bits: Optional[int] = None
+    activation_symmetric: bool = False
+    hessian = False
+    structure = None
+
+    def __post_init__(self):
+        check_int("bits", self.bits, minimum=2, maximum=8)
+        if self.group_size is not None:
+            check_int("group_size", self.group_size, minimum=1)
+        if self.activation_bits is not None:
+            check_int("activation_bits", self.activation_bits, minimum=2, maximum=8)
+
+    def transform(self, rules) -> Transform:
+        return weight_quantization(
+            self.bits, symmetric=self.symmetric, narrow=self.narrow, group_size=self.group_size, rules=rules,
+            activation_bits=self.activation_bits, activation_symmetric=self.activation_symmetric,
+            activation_range="dynamic" if self.activation_bits is None else "calibrated")
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuant:
+    """SmoothQuant: fold ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` into each layer group (before W8A8).
+
+    Attributes:
+      alpha: migration strength in ``[0, 1]`` (the paper's 0.5).
+    """
+
+    alpha: float = 0.5
+    hessian = False
+
+    def __post_init__(self):
+        check_fraction("alpha", self.alpha, allow_one=True)
+
+    def scales(self, kernels, stats: LayerStats):
+        return smoothquant_scales(stats.max_abs, kernels, self.alpha), None
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQ:
+    """AWQ: per group, the activation-aware scale searched for this weight grid, then folded.
+
+    Alone it implies :class:`RTN` with the same grid; before :class:`GPTQ` it composes.
+
+    Attributes:
+      bits, group_size, symmetric, narrow: the weight grid the search quantizes to.
+      n_grid: points of the exponent grid (the paper's 20).
+    """
+
+    bits: int = 4
+    group_size: Optional[int] = None
+    symmetric: bool = False
+    narrow: bool = False
+    n_grid: int = 20
+    hessian = True
+
+    def __post_init__(self):
+        check_int("bits", self.bits, minimum=2, maximum=8)
+        check_int("n_grid", self.n_grid, minimum=1)
+        if self.group_size is not None:
+            check_int("group_size", self.group_size, minimum=1)
+
+    def scales(self, kernels, stats: LayerStats):
+        quantize = functools.partial(fake_quant, bits=self.bits, symmetric=self.symmetric, narrow=self.narrow,
+                                     channel_axis=-1, group_size=self.group_size)
+        r = awq_scales(kernels, stats.sum_abs / jnp.maximum(stats.count, 1), stats.xtx, quantize, n_grid=self.n_grid)
+        return r.scale, float(r.ratio)
+
+    def solver(self) -> RTN:
+        return RTN(self.bits, group_size=self.group_size, symmetric=self.symmetric, narrow=self.narrow)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """Rotate the residual stream (and attention values per head) of a pre-LayerNorm Transformer.
+
+    See :func:`~jaxcompress.oneshot.rotate.rotate_transformer`; needs ``one_shot(folds=...)``.
+    The defaults name :class:`~jaxcompress.models.TransformerLM`'s parameters.
+
+    Attributes:
+      head_dim: attention head width for the per-head value rotation, or ``None``.
+      seed: the random rotation.
+      embeddings: regex on the embedding tables' leaf paths.
+      writers: regex on the layers writing into the stream.
+    """
+
+    head_dim: Optional[int] = None
+    seed: int = 0
+    embeddings: str = r"^(embed|pos_embed)/embedding$"
+    writers: str = r"^block_\d+/(attn/out|mlp/fc2)$"
+
+    def __post_init__(self):
+        if self.head_dim is not None:
+            check_int("head_dim", self.head_dim, minimum=1)
+        check_int("seed", self.seed)
+
+
+Method = Union[Wanda, SparseGPT, GPTQ, RTN]
+Reparametrisation = Union[Rotation, SmoothQuant, AWQ]
+_SOLVERS = (Wanda, SparseGPT, GPTQ, RTN)
+_REPARAMS = (Rotation, SmoothQuant, AWQ)
 
 
 class OneShotResult(NamedTuple):
     """What :func:`one_shot` returns.
 
     Attributes:
-      params: the compressed params (pruned weights 0, quantized kernels on their grids): the view.
+      params: the compressed params (pruned weights 0, quantized kernels on their grids): the view,
+        with any reparametrisation folded in. For :class:`RTN` the reparametrised float params,
+        which its transform rounds.
       transform: the transform describing them: ``fixed_masks(masks, structure=)``,
-        ``grid_quantization(grids)``, or their chain.
-      state: ``transform.init(params)``; ``transform.apply(params, state)`` equals ``params``.
-      report: ``{layer path: {'loss', 'sparsity', 'tokens', 'seconds'}}`` plus
+        ``grid_quantization(grids)``, or their chain; ``weight_quantization`` for :class:`RTN`.
+      state: the transform's state (``transform.init(params)``; for RTN with ``activation_bits``
+        the calibrated input ranges). For the grid solvers ``transform.apply(params, state)``
+        equals ``params``.
+      report: ``{layer path: {'loss', 'sparsity', 'tokens', 'seconds'}}``, an entry per
+        reparametrisation (``'Rotation'``, ``'SmoothQuant'``, ``'AWQ'``: seconds, groups) and
         ``'_total': {'calibration_seconds', 'solve_seconds', 'groups'}``.
     """
 
@@ -150,8 +287,69 @@ def _groups(apply_fn, params, model_state, batch, layers, sequential):
     return list(groups.values())
 
 
+def _pipeline(methods) -> tuple[list, Method]:
+    steps = list(methods) if isinstance(methods, (list, tuple)) else [methods]
+    for m in steps:
+        if not isinstance(m, _SOLVERS + _REPARAMS):
+            raise TypeError(
+                f"method must be a Wanda, SparseGPT, GPTQ, RTN, Rotation, SmoothQuant or AWQ config (or a list "
+                f"of them), got {type(m).__name__}."
+            )
+    if not steps:
+        raise ValueError("method is an empty list; give a solver such as GPTQ(4), optionally after reparametrisations.")
+    solvers = [m for m in steps if isinstance(m, _SOLVERS)]
+    if len(solvers) > 1 or (solvers and steps[-1] is not solvers[0]):
+        raise ValueError(
+            f"a one-shot pipeline is reparametrisations (Rotation, SmoothQuant, AWQ) followed by at most one "
+            f"solver (Wanda, SparseGPT, GPTQ, RTN) last, got {[type(m).__name__ for m in steps]}. For pruning and "
+            "quantization together use SparseGPT(..., bits=...)."
+        )
+    if solvers:
+        return steps[:-1], solvers[0]
+    if isinstance(steps[-1], AWQ):
+        return steps, steps[-1].solver()
+    raise ValueError(
+        f"{[type(m).__name__ for m in steps]} only reparametrises the model; end the list with a solver, e.g. "
+        "RTN(8, activation_bits=8) for W8A8."
+    )
+
+
+def _reparametrise(step, apply_fn, params, model_state, batches, layers, folds, mesh, report):
+    """One reparametrisation of the float params; adds its entry to ``report``."""
+    t0 = time.perf_counter()
+    name = type(step).__name__
+    if not folds:
+        raise ValueError(f"{name} folds its scales or rotations into neighbouring layers: pass one_shot(folds=...) "
+                         "naming each layer's input producer (for TransformerLM: models.transformer.TRANSFORMER_FOLDS).")
+    if isinstance(step, Rotation):
+        new = rotate_transformer(params, folds, embeddings=step.embeddings, writers=step.writers,
+                                 head_dim=step.head_dim, seed=step.seed)
+        ref = apply_fn(params, model_state, batches[0], train=False, rng=None)[0]
+        out = apply_fn(new, model_state, batches[0], train=False, rng=None)[0]
+        err = float(jnp.max(jnp.abs(out - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-12))
+        if not err <= 1e-3:
+            raise ValueError(
+                f"the rotation changes the model's outputs (relative {err:.2e}): the folds, embeddings or writers "
+                "do not describe this model's residual stream (every array added to it, every layer reading it)."
+            )
+        report[name] = {"seconds": time.perf_counter() - t0, "relative_output_change": err}
+        return new
+    groups = check_folds(apply_fn, params, model_state, batches[0], folds, layers)
+    consumers = [c for cs in groups.values() for c in cs]
+    stats = calibrate_layers(apply_fn, params, model_state, batches, layers=consumers, hessian=step.hessian, mesh=mesh)
+    scales, ratios = {}, {}
+    for producer, group in groups.items():
+        kernels = [get_path(params, c + "/kernel") for c in group]
+        scales[producer], ratios[producer] = step.scales(kernels, stats[group[0]])
+    report[name] = {"seconds": time.perf_counter() - t0, "groups": {p: g for p, g in groups.items()},
+                    "unscaled": sorted(set(layers) - set(consumers))}
+    if isinstance(step, AWQ):
+        report[name]["ratios"] = ratios
+    return fold_scales(params, scales, folds)
+
+
 def one_shot(
-    method: Method,
+    method: Union[Method, Reparametrisation, list],
     apply_fn: Callable,
     params: Any,
     model_state: Any,
@@ -160,11 +358,14 @@ def one_shot(
     rules: Optional[Rules] = None,
     sequential: Union[bool, str] = True,
     mesh=None,
+    folds: Folds = (),
 ) -> OneShotResult:
     """Compresses the selected Dense layers of a trained model in one shot from calibration data.
 
     Args:
-      method: :class:`Wanda`, :class:`SparseGPT` or :class:`GPTQ`.
+      method: a solver (:class:`Wanda`, :class:`SparseGPT`, :class:`GPTQ`, :class:`RTN`), or a
+        list of reparametrisations (:class:`Rotation`, :class:`SmoothQuant`, :class:`AWQ`)
+        ending with a solver; :class:`AWQ` alone is AWQ with its round-to-nearest solver.
       apply_fn: ``apply_fn(params, model_state, batch, *, train, rng) -> (outputs, model_state)``.
       params, model_state: the trained model.
       batches: calibration batches as ``apply_fn`` takes them (a few hundred sequences in total
@@ -177,12 +378,15 @@ def one_shot(
         (block by block); ``False`` calibrates every layer on the float model in one pass.
       mesh: a ``'data'`` mesh to split calibration batches over (see
         :func:`~jaxcompress.oneshot.calibration.calibrate_layers`), or ``None``.
+      folds: ``(regex, template)`` rules naming the producer of each layer's input (see
+        :mod:`jaxcompress.oneshot.folds`), needed by the reparametrisations; each fold is checked
+        on the model (a fold that changes the outputs is refused).
 
     Returns:
-      :class:`OneShotResult`.
+      :class:`OneShotResult`; its ``report`` has an entry per reparametrisation.
 
     Raises:
-      ValueError / TypeError: bad method, rules or batches.
+      ValueError / TypeError: bad method, rules, folds or batches.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -198,28 +402,40 @@ def one_shot(
       >>> r.transform.describe(r.params, r.state)['fc1/kernel'].mask.shape
       (8, 16)
     """
-    if not isinstance(method, (Wanda, SparseGPT, GPTQ)):
-        raise TypeError(f"method must be Wanda(...), SparseGPT(...) or GPTQ(...), got {type(method).__name__}.")
+    reparams, solver = _pipeline(method)
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; one-shot compression needs calibration batches.")
     layers = selected_layers(params, rules)
     if not layers:
         raise ValueError("the rules select no 2-D Dense kernel to compress; check them with jaxcompress.explain.")
+    report: dict = {}
+    for step in reparams:
+        params = _reparametrise(step, apply_fn, params, model_state, batches, layers, folds, mesh, report)
+    if isinstance(solver, RTN):
+        t0 = time.perf_counter()
+        selection = [(f"^{re.escape(name)}/kernel$", True) for name in layers] + [(".*", None)]
+        transform = solver.transform(selection)
+        state = transform.init(params)
+        if solver.activation_bits is not None:
+            state = calibrate_activations(transform, state, apply_fn, transform.apply(params, state), model_state,
+                                          batches)
+        report["_total"] = {"calibration_seconds": time.perf_counter() - t0, "solve_seconds": 0.0, "groups": 0}
+        return OneShotResult(params, transform, state, report)
     groups = _groups(apply_fn, params, model_state, batches[0], layers, sequential)
     kernels = {path_name(p)[: -len("/kernel")]: w for p, w in jax.tree.leaves_with_path(params)
                if path_name(p).endswith("/kernel")}
-    new, masks, grids, report = {}, {}, {}, {}
+    new, masks, grids = {}, {}, {}
     current = params
     calib_s = solve_s = 0.0
     for group in groups:
         t0 = time.perf_counter()
         stats = jax.block_until_ready(
-            calibrate_layers(apply_fn, current, model_state, batches, layers=group, hessian=method.hessian, mesh=mesh))
+            calibrate_layers(apply_fn, current, model_state, batches, layers=group, hessian=solver.hessian, mesh=mesh))
         calib_s += time.perf_counter() - t0
         for name in group:
             t0 = time.perf_counter()
-            out = jax.block_until_ready(method.compress(kernels[name], stats[name]))
+            out = jax.block_until_ready(solver.compress(kernels[name], stats[name]))
             dt = time.perf_counter() - t0
             solve_s += dt
             new[name + "/kernel"] = out.kernel
@@ -238,7 +454,7 @@ def one_shot(
     transforms = []
     if masks:
         transforms.append(fixed_masks(jax.tree.map_with_path(lambda p, w: masks.get(path_name(p)), params),
-                                      structure=method.structure))
+                                      structure=solver.structure))
     if grids:
         transforms.append(grid_quantization(jax.tree.map_with_path(lambda p, w: grids.get(path_name(p)), params)))
     transform = transforms[0] if len(transforms) == 1 else chain(*transforms)
