@@ -115,6 +115,39 @@ def test_awq_search_equals_numpy_reference():
     assert losses[best] < 0.9 * losses[0]  # and it beats round-to-nearest (r = 0) clearly
 
 
+def np_awq_clip(w, x, bits, group, n_grid=20, max_shrink=0.5):
+    """The reference implementation's auto_clip: per (group, output) the shrink with the least error."""
+    out = w.copy()
+    best = np.ones((w.shape[0] // group, w.shape[1]))
+    for g in range(0, w.shape[0], group):
+        xg, wg = x[:, g : g + group], w[g : g + group]
+        amax = np.abs(wg).max(0)
+        errs = []
+        for i in range(int(max_shrink * n_grid)):
+            lim = amax * (1 - i / n_grid)
+            q = np_group_rtn(np.clip(wg, -lim, lim), bits, group)
+            errs.append(np.sum((xg @ (wg - q)) ** 2, axis=0))
+        k = np.argmin(np.array(errs), axis=0)
+        best[g // group] = 1 - k / n_grid
+        lim = amax * best[g // group]
+        out[g : g + group] = np.clip(wg, -lim, lim)
+    return out, best
+
+
+def test_awq_clip_equals_numpy_reference():
+    from jaxcompress.oneshot import awq_clip
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(512, 32))
+    w = rng.standard_t(2, size=(32, 12))  # heavy tails: clipping pays off for some groups
+    quantize = functools.partial(fake_quant, bits=3, symmetric=False, narrow=False, channel_axis=-1, group_size=8)
+    got, shrink = awq_clip(jnp.asarray(w, jnp.float32), jnp.asarray(x.T @ x, jnp.float32), quantize, group_size=8)
+    want, best = np_awq_clip(w.astype(np.float32).astype(np.float64), x, 3, 8)
+    np.testing.assert_allclose(np.asarray(shrink), best, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    assert 0 < np.mean(best < 1) < 1  # some groups clip, some do not
+
+
 # --- folds ------------------------------------------------------------------------------------
 def test_folds_keep_the_function_and_a_wrong_fold_is_refused(lm):
     apply_fn, params, batches = lm

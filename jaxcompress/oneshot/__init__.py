@@ -27,6 +27,7 @@ from jaxcompress.oneshot.obs import gptq as gptq
 from jaxcompress.oneshot.obs import sparsegpt as sparsegpt
 from jaxcompress.oneshot.rotate import rotate_transformer as rotate_transformer
 from jaxcompress.oneshot.smooth import AWQSearch as AWQSearch
+from jaxcompress.oneshot.smooth import awq_clip as awq_clip
 from jaxcompress.oneshot.smooth import awq_scales as awq_scales
 from jaxcompress.oneshot.smooth import smoothquant_scales as smoothquant_scales
 from jaxcompress.oneshot.wanda import wanda_mask as wanda_mask

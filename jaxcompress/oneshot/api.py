@@ -42,7 +42,7 @@ from jaxcompress.oneshot.calibration import LayerStats, calibrate_layers, call_o
 from jaxcompress.oneshot.folds import Folds, check_folds, fold_scales
 from jaxcompress.oneshot.grid import grid_quantization
 from jaxcompress.oneshot.rotate import rotate_transformer
-from jaxcompress.oneshot.smooth import awq_scales, smoothquant_scales
+from jaxcompress.oneshot.smooth import awq_clip, awq_scales, smoothquant_scales
 from jaxcompress.oneshot.wanda import wanda_mask
 from jaxcompress.prune.pruner import fixed_masks
 from jaxcompress.prune.structures import NM, Structure, Unstructured
@@ -191,7 +191,9 @@ class AWQ:
 
     Attributes:
       bits, group_size, symmetric, narrow: the weight grid the search quantizes to.
-      n_grid: points of the exponent grid (the paper's 20).
+      n_grid: points of the exponent grid (the paper's 20), also of the clipping search.
+      clip: after scaling, shrink each group's range where that lowers its error
+        (:func:`~jaxcompress.oneshot.smooth.awq_clip`), as the reference implementation does.
     """
 
     bits: int = 4
@@ -199,6 +201,7 @@ class AWQ:
     symmetric: bool = False
     narrow: bool = False
     n_grid: int = 20
+    clip: bool = True
     hessian = True
 
     def __post_init__(self):
@@ -207,11 +210,17 @@ class AWQ:
         if self.group_size is not None:
             check_int("group_size", self.group_size, minimum=1)
 
+    def quantizer(self):
+        return functools.partial(fake_quant, bits=self.bits, symmetric=self.symmetric, narrow=self.narrow,
+                                 channel_axis=-1, group_size=self.group_size)
+
     def scales(self, kernels, stats: LayerStats):
-        quantize = functools.partial(fake_quant, bits=self.bits, symmetric=self.symmetric, narrow=self.narrow,
-                                     channel_axis=-1, group_size=self.group_size)
-        r = awq_scales(kernels, stats.sum_abs / jnp.maximum(stats.count, 1), stats.xtx, quantize, n_grid=self.n_grid)
+        r = awq_scales(kernels, stats.sum_abs / jnp.maximum(stats.count, 1), stats.xtx, self.quantizer(),
+                       n_grid=self.n_grid)
         return r.scale, float(r.ratio)
+
+    def clipped(self, kernel, xtx):
+        return awq_clip(kernel, xtx, self.quantizer(), group_size=self.group_size, n_grid=self.n_grid)[0]
 
     def solver(self) -> RTN:
         return RTN(self.bits, group_size=self.group_size, symmetric=self.symmetric, narrow=self.narrow)
@@ -336,16 +345,29 @@ def _reparametrise(step, apply_fn, params, model_state, batches, layers, folds, 
         return new
     groups = check_folds(apply_fn, params, model_state, batches[0], folds, layers)
     consumers = [c for cs in groups.values() for c in cs]
-    stats = calibrate_layers(apply_fn, params, model_state, batches, layers=consumers, hessian=step.hessian, mesh=mesh)
+    clip = isinstance(step, AWQ) and step.clip
+    stats = calibrate_layers(apply_fn, params, model_state, batches, layers=layers if clip else consumers,
+                             hessian=step.hessian, mesh=mesh)
     scales, ratios = {}, {}
     for producer, group in groups.items():
         kernels = [get_path(params, c + "/kernel") for c in group]
         scales[producer], ratios[producer] = step.scales(kernels, stats[group[0]])
+    new = fold_scales(params, scales, folds)
+    if clip:
+        # The folded layer's input is X / s: its X^T X is diag(1/s) X^T X diag(1/s).
+        inv = {c: 1.0 / scales[p] for p, cs in groups.items() for c in cs}
+        clipped = {}
+        for layer in layers:
+            xtx = stats[layer].xtx
+            if layer in inv:
+                xtx = xtx * inv[layer][:, None] * inv[layer][None, :]
+            clipped[layer + "/kernel"] = step.clipped(get_path(new, layer + "/kernel"), xtx)
+        new = jax.tree.map_with_path(lambda p, w: clipped.get(path_name(p), w), new)
     report[name] = {"seconds": time.perf_counter() - t0, "groups": {p: g for p, g in groups.items()},
                     "unscaled": sorted(set(layers) - set(consumers))}
     if isinstance(step, AWQ):
         report[name]["ratios"] = ratios
-    return fold_scales(params, scales, folds)
+    return new
 
 
 def one_shot(

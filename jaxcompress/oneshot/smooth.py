@@ -15,6 +15,10 @@ input); :func:`~jaxcompress.oneshot.folds.fold_scales` then multiplies the kerne
   plain round-to-nearest, so the chosen scales never do worse on the calibration data. The paper
   measures the error at the output of the whole block; this measures it at each layer's output
   (summed over the layers sharing the input), as its weight-only loss is defined.
+* AWQ's weight clipping (the reference implementation's ``auto_clip``): after scaling, each
+  group's range is shrunk to ``max|w| * (1 - i / n_grid)`` for ``i < max_shrink * n_grid``,
+  choosing per group and output the shrink with the least error ``d^T X_g^T X_g d`` on the
+  group's own inputs (:func:`awq_clip`); no shrink is one of the candidates.
 """
 from __future__ import annotations
 
@@ -138,3 +142,58 @@ def _search(kernels, mean_abs_x, xtx, quantize, n_grid):
     losses = jax.lax.map(loss, ratios)
     best = jnp.argmin(losses)
     return AWQSearch(scale_at(ratios[best]), ratios[best], losses)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _clip(kernel, xtx, quantize, group_size, n_grid, max_shrink):
+    n_in, n_out = kernel.shape
+    gs = group_size or n_in
+    groups = n_in // gs
+    blocks = jnp.stack([jax.lax.dynamic_slice(xtx, (g * gs, g * gs), (gs, gs)) for g in range(groups)])
+    amax = jnp.max(jnp.abs(kernel.reshape(groups, gs, n_out)), axis=1, keepdims=True)
+    shrinks = 1.0 - jnp.arange(max(int(max_shrink * n_grid), 1), dtype=jnp.float32) / n_grid
+
+    def error(r):
+        lim = jnp.repeat(amax * r, gs, axis=1).reshape(n_in, n_out)
+        d = (kernel - quantize(jnp.clip(kernel, -lim, lim))).reshape(groups, gs, n_out)
+        return jnp.einsum("gso,gst,gto->go", d, blocks, d, precision=jax.lax.Precision.HIGHEST)
+
+    errors = jax.lax.map(error, shrinks)  # (shrinks, groups, out)
+    best = shrinks[jnp.argmin(errors, axis=0)]  # (groups, out)
+    lim = jnp.repeat(amax[:, 0, :] * best, gs, axis=0)
+    return jnp.clip(kernel, -lim, lim), best
+
+
+def awq_clip(kernel, xtx, quantize: Callable[[jax.Array], jax.Array], *, group_size=None, n_grid: int = 20,
+             max_shrink: float = 0.5):
+    """AWQ's clipping search: the kernel with each group's range shrunk where that lowers its output error.
+
+    Args:
+      kernel: ``(in, out)`` float kernel (already scaled, if AWQ scaled it).
+      xtx: ``(in, in)`` ``X^T X`` of the kernel's inputs (only the diagonal blocks of the groups
+        are used: each group's error on its own inputs, as the reference implementation).
+      quantize: the weight quantizer (as for :func:`awq_scales`).
+      group_size: inputs per group of ``quantize``'s grid, or ``None`` for one per output channel.
+      n_grid, max_shrink: candidates ``1 - i / n_grid`` for ``i < max_shrink * n_grid``.
+
+    Returns:
+      ``(clipped kernel, chosen shrink per (group, out))``.
+
+    Example:
+      >>> import functools, numpy as np, jax.numpy as jnp
+      >>> from jaxcompress.quant.affine import fake_quant
+      >>> w = jnp.asarray(np.r_[np.linspace(-1, 1, 15), [9.0]].reshape(16, 1), jnp.float32)
+      >>> x = np.random.default_rng(0).normal(size=(256, 16))
+      >>> q = functools.partial(fake_quant, bits=3, channel_axis=-1, symmetric=False)
+      >>> clipped, shrink = awq_clip(w, jnp.asarray(x.T @ x, jnp.float32), q)
+      >>> float(shrink[0, 0]) < 1.0, float(clipped.max()) < 9.0
+      (True, True)
+    """
+    kernel = jnp.asarray(kernel, jnp.float32)
+    if kernel.ndim != 2 or jnp.shape(xtx) != (kernel.shape[0],) * 2:
+        raise ValueError(f"awq_clip needs an (in, out) kernel and xtx (in, in), got {kernel.shape} and {jnp.shape(xtx)}.")
+    if group_size is not None and kernel.shape[0] % check_int("group_size", group_size, minimum=1):
+        raise ValueError(f"group_size={group_size} must divide the kernel's {kernel.shape[0]} inputs.")
+    max_shrink = check_fraction("max_shrink", max_shrink)
+    return _clip(kernel, jnp.asarray(xtx, jnp.float32), quantize, group_size, check_int("n_grid", n_grid, minimum=1),
+                 max_shrink)
