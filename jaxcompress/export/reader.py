@@ -20,10 +20,16 @@ payload with its SHA-256) and ``tensors``, one record per leaf with: ``path`` (`
 record's canonical JSON without this field, followed by its bytes), ``layout``, ``kind``,
 ``count`` (values stored) and ``streams``.
 
-* ``layout``: ``dense`` (every element stored), ``bitmask`` (one bit per element, 1 = stored) or
+* ``layout``: ``dense`` (every element stored), ``bitmask`` (one bit per element, 1 = stored),
   ``relative`` (Deep Compression's relative indices: each stored element's distance to the one
   before as ``index_bits``-bit gaps, counting the zeros skipped; the largest gap value
-  ``2^index_bits - 1`` is a padding entry that skips that many zeros and stores no value).
+  ``2^index_bits - 1`` is a padding entry that skips that many zeros and stores no value) or
+  ``nm`` (an N:M tensor, ``nm`` = ``[n, m, axis]``: exactly ``n`` of every ``m`` consecutive
+  elements along ``axis`` are stored, zero or not. The groups are taken in the C order of the
+  tensor with ``axis`` moved last (``numpy.moveaxis(x, axis, -1)``); the positions stream holds,
+  group after group, the position inside its group of each stored element, ``ceil(log2(m))``
+  bits each, strictly increasing within a group; the values are in the same order. For 2:4 these
+  are the 2-bit indices sparse tensor cores read).
 * ``kind`` of the stored values: ``float`` (the raw little-endian bytes of ``stored_dtype``); ``int``
   (``bits``-bit integer codes ``q``, two's complement when ``signed``, value
   ``(q - zero_point) * scale``); ``sign`` (1 bit: 1 is ``q = +1``, 0 is ``q = -1``, value as
@@ -60,7 +66,7 @@ FORMAT = "jaxcompress-artifact"
 VERSION = 1
 MAX_CODE_LENGTH = 15
 _MEMBERS = ("metadata", "payload", "sha256")
-_LAYOUTS = ("dense", "bitmask", "relative")
+_LAYOUTS = ("dense", "bitmask", "relative", "nm")
 _KINDS = ("float", "int", "sign", "codebook")
 _FLOATS = ("float16", "float32", "float64")
 _DTYPES = _FLOATS + ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
@@ -206,6 +212,44 @@ def relative_positions(gaps: np.ndarray, index_bits: int, size: int) -> np.ndarr
     return positions
 
 
+def nm_positions(slots: np.ndarray, nm: Any, shape: tuple) -> np.ndarray:
+    """Flat positions of an N:M tensor's stored elements from their in-group ``slots``.
+
+    Args:
+      slots: the positions stream (see the module docstring), ``n`` per group of ``m``.
+      nm: the record's ``[n, m, axis]``.
+      shape: the tensor's shape.
+
+    Returns:
+      The flat (C order) index of each stored element, in the order of the values stream.
+
+    Raises:
+      ArtifactError: ``nm`` does not fit ``shape``, or the slots are not ``n`` strictly increasing
+        positions in ``[0, m)`` per group.
+
+    Example:
+      >>> nm_positions(np.array([0, 3, 1, 2]), [2, 4, 0], (8,)).tolist()  # 2:4 over 8 elements
+      [0, 3, 5, 6]
+      >>> nm_positions(np.array([1, 0]), [1, 2, 0], (2, 2)).tolist()  # 1:2 down each column
+      [2, 1]
+    """
+    if not (isinstance(nm, list) and len(nm) == 3 and all(_is_int(v) for v in nm)):
+        raise ArtifactError(f"an nm tensor needs nm = [n, m, axis] (ints), got {nm!r}.")
+    n, m, axis = nm
+    if not (1 <= n <= m and 2 <= m <= 256 and 0 <= axis < len(shape) and shape[axis] % m == 0):
+        raise ArtifactError(f"nm = {nm!r} does not fit a tensor of shape {list(shape)} (1 <= n <= m, m divides the axis).")
+    slots = np.asarray(slots, np.int64)
+    groups = math.prod(shape) // m
+    if slots.size != n * groups:
+        raise ArtifactError(f"an {n}:{m} tensor of shape {list(shape)} needs {n * groups} positions, got {slots.size}.")
+    per_group = slots.reshape(groups, n)
+    if slots.size and (int(slots.max()) >= m or np.any(np.diff(per_group, axis=1) <= 0)):
+        raise ArtifactError(f"N:M positions must be strictly increasing within each group and below m = {m}.")
+    moved = (np.arange(groups, dtype=np.int64)[:, None] * m + per_group).reshape(-1)
+    order = np.moveaxis(np.arange(math.prod(shape), dtype=np.int64).reshape(shape), axis, -1).reshape(-1)
+    return order[moved]
+
+
 def decode_stream(segment: bytes, entry: Any) -> np.ndarray:
     """The symbols of one stream ``[coding, offset, nbytes, count, bits]`` of a tensor's bytes."""
     if not (isinstance(entry, list) and len(entry) == 5 and entry[0] in ("raw", "huffman")
@@ -288,6 +332,13 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
             raise ArtifactError(f"bitmask of {record['path']!r} has {mask_bytes.size} bytes for {n} elements.")
         mask = np.unpackbits(mask_bytes.astype(np.uint8), count=n, bitorder="little").astype(bool)
         positions = np.flatnonzero(mask)
+    elif layout == "nm":
+        nm = record.get("nm")
+        entry = streams.get("positions")
+        width = (nm[1] - 1).bit_length() if isinstance(nm, list) and len(nm) == 3 and _is_int(nm[1]) else None
+        if not (isinstance(entry, list) and len(entry) == 5 and entry[4] == width):
+            raise ArtifactError(f"nm tensor {record['path']!r}: the positions of nm = {nm!r} must be {width}-bit, got {entry!r}.")
+        positions = nm_positions(decode_stream(segment, entry), nm, shape)
     else:
         k = record.get("index_bits")
         if not (_is_int(k) and 1 <= k <= 8):
