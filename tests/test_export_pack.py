@@ -292,3 +292,32 @@ def test_nm_reader_refuses_records_that_do_not_add_up():
     assert data[p[1]] == 0 | 2 << 2
     with pytest.raises(ArtifactError, match="increasing"):
         decode_tensor(record, data[:p[1]] + bytes([2 | 0 << 2]) + data[p[1] + 1:])
+
+
+def test_nm_forged_records_raise_or_decode_an_nm_tensor():
+    # consistent forgeries (digests redone) are not detected, but the decoder never crashes and
+    # never gives a tensor outside its N:M structure: at most n non-zeros in every group
+    rng = np.random.default_rng(11)
+    view, spec = _nm_view("int4", rng, (16, 4), NM(1, 4))
+    record, data, _ = pack_leaf("w", view, spec, layout="nm")
+    outcomes = {"error": 0, "decoded": 0}
+    for _ in range(300):
+        r, d = json.loads(json.dumps(record)), bytearray(data)
+        what = rng.integers(3)
+        if what == 0:
+            d[rng.integers(len(d))] ^= int(rng.integers(1, 256))
+        elif what == 1:
+            r["nm"][rng.integers(3)] += int(rng.choice([-2, -1, 1, 2]))
+        else:
+            entry = r["streams"][("values", "positions")[rng.integers(2)]]
+            entry[rng.integers(1, 5)] += int(rng.choice([-1, 1, 4]))
+        try:
+            out, _ = decode_tensor(r, bytes(d))
+        except ArtifactError:
+            outcomes["error"] += 1
+            continue
+        n, m, axis = r["nm"]
+        assert out.shape == view.shape and out.dtype == view.dtype
+        assert np.all(np.count_nonzero(np.moveaxis(out, axis, -1).reshape(-1, m), axis=1) <= n)
+        outcomes["decoded"] += 1
+    assert outcomes["error"] > 100 and outcomes["decoded"] > 20

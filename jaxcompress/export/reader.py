@@ -383,7 +383,10 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
                 zp = (_signed(zsym, zbits) if record.get("signed") else zsym).reshape(zshape)
                 side["zero_point"] = zp
                 values = values - take(_broadcast(zp.astype(np.float32), record, shape, "zero_point"))
-            values = values * s
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = values * s
+            if not np.all(np.isfinite(values)):  # save refuses such views: a forged scale
+                raise ArtifactError(f"tensor {record['path']!r}: its scales give non-finite values.")
         else:
             cb = _floats(segment, streams, "codebook", _shape(record.get("codebook_shape"), "codebook_shape"))
             side["codebook"] = cb
