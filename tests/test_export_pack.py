@@ -137,7 +137,7 @@ def test_round_trip_is_exact_for_every_encoding(kind, shape, density, seed):
     record, data, report = pack_leaf("w", view, spec)
     out, _ = decode_tensor(record, data)
     assert out.dtype == view.dtype and out.shape == view.shape
-    assert np.array_equal(out, view)
+    assert out.tobytes() == view.tobytes()  # bit for bit: -0.0 too
     assert report.nbytes == len(data) and report.nbytes <= report.raw_bytes
 
 
@@ -192,8 +192,7 @@ def _nm_view(kind, rng, shape, nm):
         return np.where(mask, w, 0), LeafSpec(mask=mask, structure=nm)
     bits = int(kind[3:])
     scale = (np.abs(w).max(axis=0, keepdims=True) / (2 ** (bits - 1) - 1)).astype(np.float32)
-    # + 0: rint gives -0.0 for small negatives; the quantizers' views (and the int decoder) give +0.0
-    q = np.clip(np.rint(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) + np.float32(0)
+    q = np.clip(np.rint(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)  # -0.0 for small negatives
     view = np.where(mask, q, 0).astype(np.float32) * scale
     return view, LeafSpec(mask=mask, structure=nm, bits=bits, scheme="symmetric", channel_axis=-1, scale=scale)
 
@@ -321,3 +320,36 @@ def test_nm_forged_records_raise_or_decode_an_nm_tensor():
         assert np.all(np.count_nonzero(np.moveaxis(out, axis, -1).reshape(-1, m), axis=1) <= n)
         outcomes["decoded"] += 1
     assert outcomes["error"] > 100 and outcomes["decoded"] > 20
+
+
+def test_negative_zeros_are_kept_bit_for_bit():
+    # a symmetric int4 grid on which two weights rounded to -0 (as jit-compiled quantizers give)
+    scale = np.float32(0.5)
+    x = np.array([[-0.0, 1.0, 0.0, -0.0], [0.0, -3.5, 2.0, 0.0]], np.float32)
+    spec = LeafSpec(bits=4, scheme="symmetric", scale=scale)
+    record, data, _ = pack_leaf("w", x, spec)
+    out, _ = decode_tensor(record, data)
+    assert out.tobytes() == x.tobytes() and np.signbit(out).tolist() == np.signbit(x).tolist()
+    # 3 non-zeros: the bitmask layout. Codes 2 -7 4 (nibbles 2 9 4), the mask of positions 1 5 6,
+    # the scale, then the zeros in C order -0 +0 -0 +0 +0: flags 1 0 1 0 0 in one byte
+    assert record["layout"] == "bitmask" and data[:3] == bytes([0x92, 0x04, 0b01100010])
+    assert data[3:7] == scale.tobytes() and data[7:] == bytes([0b00101])
+    assert record["streams"]["negative_zeros"] == ["raw", 7, 1, 1, 8]
+    plain = np.abs(x)  # no -0.0: no stream, no cost
+    assert "negative_zeros" not in pack_leaf("w", plain, spec)[0]["streams"]
+    dense, dense_data, _ = pack_leaf("w", x, spec, layout="dense")  # the view's zeros are stored codes here
+    assert dense["streams"]["negative_zeros"] == ["raw", 8, 1, 1, 8]
+    assert decode_tensor(dense, dense_data)[0].tobytes() == x.tobytes()
+    for bad in (bytes([0b100101]), b""):  # a flag past the five zeros; no flags
+        r = json.loads(json.dumps(record))
+        r["streams"]["negative_zeros"] = ["raw", 7, len(bad), len(bad), 8]
+        with pytest.raises(ArtifactError, match="negative_zeros"):
+            decode_tensor(r, data[:7] + bad)
+
+
+def test_undescribed_float_leaves_keep_nan_inf_and_negative_zero():
+    x = np.array([1.0, np.nan, -0.0, np.inf, -np.inf, 0.0], np.float32)
+    for dtype in ("float32", "float16"):
+        record, data, _ = pack_leaf("b", x, None, float_dtype=dtype)
+        out, _ = decode_tensor(record, data)
+        assert out.tobytes() == x.astype(dtype).astype(np.float32).tobytes() and "negative_zeros" not in record["streams"]

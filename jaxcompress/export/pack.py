@@ -198,6 +198,23 @@ def _layouts(n: int, nonzero: np.ndarray, allow_sparse: bool, nm):
         yield "relative", _Stream(gaps, k, True), where, {"index_bits": k}
 
 
+def _assemble(record: dict, streams: list) -> tuple[bytes, int, float, np.ndarray]:
+    """Lays out ``[(name, (stream, encoded))]`` one after another into ``record['streams']``:
+    ``(bytes, raw size, entropy bound, the tensor load will give)``."""
+    chunks, entries, offset = [], {}, 0
+    raw_total, bound = 0, 0.0
+    for name, (stream, (coding, data, raw)) in streams:
+        entries[name] = [coding, offset, len(data), int(stream.symbols.size), int(stream.bits)]
+        chunks.append(data)
+        offset += len(data)
+        raw_total += raw
+        bound += huffman.entropy_bits(stream.symbols) / 8 if stream.coded else len(data)
+    record["streams"] = entries
+    data = b"".join(chunks)
+    decoded, _ = decode_tensor(record, data)  # what load will give, checked now
+    return data, raw_total, bound, decoded
+
+
 def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str = "float32",
               layout: Optional[str] = None) -> tuple[dict, bytes, TensorReport]:
     """Packs one leaf: ``(record without offset, bytes, report)``, the smallest encoding found.
@@ -228,8 +245,8 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
     if x.dtype.name not in ("float16", "float32", "float64") and not (spec is None and x.dtype.kind in "iub"):
         raise ValueError(f"leaf {path!r} has dtype {x.dtype}; save supports float16/32/64 (cast it, e.g. to float32).")
     record = {"path": path, "shape": list(x.shape), "dtype": x.dtype.name}
-    if spec is not None and spec.mask is not None:
-        x = np.where(np.asarray(spec.mask, bool), x, np.zeros((), x.dtype))  # latent leaves count as masked
+    if spec is not None and spec.mask is not None:  # latent leaves count as masked; a view's -0.0 stays
+        x = np.where(np.asarray(spec.mask, bool) | (x == 0), x, np.zeros((), x.dtype))
     side: dict = {}
     q = None
     if spec is None:
@@ -273,20 +290,19 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
         record["bits"] = 1
     if kind != "float":
         record.pop("stored_dtype", None)
-    chunks, entries, offset = [], {}, 0
-    raw_total, bound = 0, 0.0
-    for name, (stream, (coding, data, raw)) in list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()]:
-        entries[name] = [coding, offset, len(data), int(stream.symbols.size), int(stream.bits)]
-        chunks.append(data)
-        offset += len(data)
-        raw_total += raw
-        bound += huffman.entropy_bits(stream.symbols) / 8 if stream.coded else len(data)
-    record["streams"] = entries
-    data = b"".join(chunks)
-    decoded, _ = decode_tensor(record, data)  # what load will give, checked now
     expect = x if spec is not None or x.dtype.kind != "f" else x.astype(float_dtype).astype(x.dtype)
-    if decoded.shape != expect.shape or not np.array_equal(decoded, expect):
+    data, raw_total, bound, decoded = _assemble(record, list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()])
+    if decoded.shape != expect.shape or not np.array_equal(decoded, expect, equal_nan=expect.dtype.kind == "f"):
         raise _grid_error(path, "its values are not exactly reproduced by its described grid")
+    if decoded.tobytes() != expect.tobytes():  # equal but for the sign of zeros: -0.0 of the view
+        zeros = expect.reshape(-1) == 0
+        flags = np.packbits(np.signbit(expect.reshape(-1)[zeros]), bitorder="little").astype(np.int64)
+        signs = _Stream(flags, 8, True)
+        side_enc["negative_zeros"] = _encode_stream(signs)
+        side["negative_zeros"] = signs
+        data, raw_total, bound, decoded = _assemble(record, list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()])
+        if decoded.tobytes() != expect.tobytes():
+            raise _grid_error(path, "its values are not exactly reproduced, bit for bit, by its described grid")
     report = TensorReport(path, layout, vkind, int(record.get("bits", 8 * np.dtype(fields.get("stored_dtype", "float32")).itemsize)),
                           int(count), len(data), raw_total, bound)
     return record, data, report

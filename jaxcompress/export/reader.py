@@ -38,8 +38,13 @@ record's canonical JSON without this field, followed by its bytes), ``layout``, 
   is the value 0 and index ``i + 1`` is ``codebook[i]``).
 * ``scale`` broadcasts against the tensor (``group_size`` > 0: repeated ``group_size`` times
   along ``group_axis`` first); ``zero_point`` likewise (absent: 0).
+* ``negative_zeros`` (a stream, present only when the tensor holds a ``-0.0`` that its values
+  would not give, e.g. a quantized weight that rounded to ``-0``): the bytes of a little-endian
+  bitmask with one bit per element of the decoded tensor that is zero, in C order; 1 makes it
+  ``-0.0``, 0 makes it ``+0.0``.
 * ``streams``: ``{name: [coding, offset, nbytes, count, bits]}`` for ``values``, ``positions``,
-  ``scale``, ``zero_point`` and ``codebook``; ``offset`` is relative to the tensor's range.
+  ``scale``, ``zero_point``, ``codebook`` and ``negative_zeros``; ``offset`` is relative to the
+  tensor's range.
   ``coding`` ``raw``: ``count`` symbols of ``bits`` bits in one little-endian bit stream (bit
   ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``; symbol ``j`` is bits
   ``j * bits .. (j + 1) * bits - 1``, least significant first: int4 codes ``[-8, -1, 0, 7]`` are
@@ -397,12 +402,20 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
             values = np.where(idx < 0, np.float32(0), cb.reshape(-1)[np.maximum(idx, 0)]) if cb.size else np.zeros(idx.size, np.float32)
     out_dtype = np.dtype(dtype)
     if positions is None:
-        out = values.astype(out_dtype, copy=False).reshape(shape)
+        out = np.array(values.astype(out_dtype, copy=False).reshape(-1), copy=True)
     else:
         out = np.zeros(n, out_dtype)
         out[positions] = values
-        out = out.reshape(shape)
-    return np.array(out, copy=True), side
+    if "negative_zeros" in streams:
+        zeros = np.flatnonzero(out == 0)
+        flags = decode_stream(segment, streams["negative_zeros"])
+        if dtype not in _FLOATS or streams["negative_zeros"][4] != 8 or flags.size != math.ceil(zeros.size / 8):
+            raise ArtifactError(f"tensor {record['path']!r}: negative_zeros of {flags.size} bytes for {zeros.size} zeros of a {dtype} tensor.")
+        bits = np.unpackbits(flags.astype(np.uint8), bitorder="little")
+        if np.any(bits[zeros.size:]):
+            raise ArtifactError(f"tensor {record['path']!r}: negative_zeros flags past its {zeros.size} zeros.")
+        out[zeros] = np.where(bits[: zeros.size].astype(bool), -0.0, 0.0)
+    return out.reshape(shape), side
 
 
 def read(path) -> tuple[dict, bytes, int]:
