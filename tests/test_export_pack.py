@@ -340,6 +340,14 @@ def test_negative_zeros_are_kept_bit_for_bit():
     dense, dense_data, _ = pack_leaf("w", x, spec, layout="dense")  # the view's zeros are stored codes here
     assert dense["streams"]["negative_zeros"] == ["raw", 8, 1, 1, 8]
     assert decode_tensor(dense, dense_data)[0].tobytes() == x.tobytes()
+    masked = spec._replace(mask=np.array([[0, 1, 1, 1], [1, 1, 1, 1]], bool))  # x[0, 0] pruned
+    pruned, pruned_data, _ = pack_leaf("w", x, masked)  # pruned zeros load as +0.0, flags for the rest
+    expect = x.copy()
+    expect[0, 0] = 0.0
+    assert decode_tensor(pruned, pruned_data)[0].tobytes() == expect.tobytes()
+    only_pruned = np.abs(x)
+    only_pruned[0, 0] = -0.0  # the one -0.0 is pruned (a mask times a negative weight): no flags
+    assert "negative_zeros" not in pack_leaf("w", only_pruned, masked)[0]["streams"]
     for bad in (bytes([0b100101]), b""):  # a flag past the five zeros; no flags
         r = json.loads(json.dumps(record))
         r["streams"]["negative_zeros"] = ["raw", 7, len(bad), len(bad), 8]

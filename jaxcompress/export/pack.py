@@ -245,8 +245,8 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
     if x.dtype.name not in ("float16", "float32", "float64") and not (spec is None and x.dtype.kind in "iub"):
         raise ValueError(f"leaf {path!r} has dtype {x.dtype}; save supports float16/32/64 (cast it, e.g. to float32).")
     record = {"path": path, "shape": list(x.shape), "dtype": x.dtype.name}
-    if spec is not None and spec.mask is not None:  # latent leaves count as masked; a view's -0.0 stays
-        x = np.where(np.asarray(spec.mask, bool) | (x == 0), x, np.zeros((), x.dtype))
+    if spec is not None and spec.mask is not None:  # latent leaves count as masked; pruned zeros are +0.0
+        x = np.where(np.asarray(spec.mask, bool), x, np.zeros((), x.dtype))
     side: dict = {}
     q = None
     if spec is None:

@@ -7,8 +7,9 @@ only the non-zero values plus their positions (a bitmask, or a list of indices w
 smaller; or, when its structure is ``NM(n, m)``, its mask keeps exactly ``n`` of every ``m`` and
 that is smaller, every kept value with its ``ceil(log2(m))``-bit position in its group); every
 scale it has as float32 (one per tensor, channel or group: the size of its ``scale``), every
-zero point at the leaf's bit width, and a codebook's entries as float32.
-Leaves the description does not name are stored as float32.
+zero point at the leaf's bit width, and a codebook's entries as float32; when the view holds a
+``-0.0`` that is not pruned, one sign bit per zero (the file keeps it). Leaves the description
+does not name are stored as float32.
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def _spec_bits(x: np.ndarray, spec: LeafSpec) -> int:
         extra += int(np.size(spec.zero_point)) * (32 if spec.bits is None else int(spec.bits))
     if spec.codebook is not None:
         extra += 32 * int(np.size(spec.codebook))
+    if (spec.bits is not None or spec.codebook is not None or mask is not None) and np.any(np.signbit(x) & (x == 0)):
+        extra += int(np.count_nonzero(x == 0))  # a -0.0 its codes do not give: a sign flag per zero
     num_scales = 0 if spec.scale is None else int(np.size(spec.scale))
     nm = nm_slots(mask, spec.structure)
     nm_bits = math.inf
