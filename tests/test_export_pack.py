@@ -190,6 +190,10 @@ def _nm_view(kind, rng, shape, nm):
     w = rng.normal(size=shape).astype(np.float32)
     if kind == "float":
         return np.where(mask, w, 0), LeafSpec(mask=mask, structure=nm)
+    if kind == "codebook":  # 8 shared values, none of them 0
+        cb = np.sort(rng.uniform(0.5, 2.0, size=8) * rng.choice([-1, 1], size=8)).astype(np.float32)
+        return np.where(mask, cb[rng.integers(0, 8, size=shape)], 0), LeafSpec(mask=mask, structure=nm, bits=3,
+                                                                                scheme="codebook", codebook=cb)
     bits = int(kind[3:])
     scale = (np.abs(w).max(axis=0, keepdims=True) / (2 ** (bits - 1) - 1)).astype(np.float32)
     q = np.clip(np.rint(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)  # -0.0 for small negatives
@@ -197,7 +201,7 @@ def _nm_view(kind, rng, shape, nm):
     return view, LeafSpec(mask=mask, structure=nm, bits=bits, scheme="symmetric", channel_axis=-1, scale=scale)
 
 
-@pytest.mark.parametrize("kind", ["float", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["float", "int8", "int4", "codebook"])
 @pytest.mark.parametrize("nm,shape", [(NM(2, 4), (16, 6)), (NM(1, 4), (16, 6)), (NM(4, 8), (16, 6)),
                                       (NM(2, 4, axis=-1), (3, 5, 8)), (NM(1, 4, axis=0), (8, 3, 2))])
 def test_nm_round_trip_is_bit_identical(kind, nm, shape):
@@ -209,6 +213,7 @@ def test_nm_round_trip_is_bit_identical(kind, nm, shape):
     assert record["layout"] == "nm" and record["nm"] == [nm.n, nm.m, nm.axis % len(shape)]
     assert report.count == int(spec.mask.sum()) == view.size * nm.n // nm.m
     assert out.dtype == view.dtype and out.tobytes() == view.tobytes()
+    assert record.get("zero_symbol", False) == (kind == "codebook")  # a kept 0 outside the codebook
     # the positions stream is the slot of each kept weight in its group, groups in moved-axis C order
     slots = np.nonzero(np.moveaxis(spec.mask, nm.axis, -1).reshape(-1, nm.m))[1]
     coding, off, nbytes, count, bits = record["streams"]["positions"]

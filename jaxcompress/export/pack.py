@@ -5,8 +5,8 @@ integer codes are recovered from the view (``q = view / scale + zero_point``, ch
 integer in range and to give back the view bit for bit), and every layout (dense, bitmask,
 relative indices of 2..8 bits, and N:M positions when the leaf's structure is ``NM`` and its
 mask really keeps ``n`` of every ``m``) is tried with every stream raw or Huffman-coded; the
-smallest wins. Leaves the description does not name are stored as raw float32 (or float16 on request).
-The format is documented in :mod:`jaxcompress.export.reader`.
+smallest wins. Leaves the description does not name are stored as raw float32 (or float16 on
+request). The format is documented in :mod:`jaxcompress.export.reader`.
 """
 from __future__ import annotations
 
