@@ -17,6 +17,7 @@ import pytest
 import jaxcompress as jc
 from jaxcompress.export import ArtifactError, export_program, load, load_program, save, size_report
 from jaxcompress.models import MLP, LeNet5
+from jaxcompress.prune.structures import NM
 
 READER = Path(jc.export.reader.__file__).resolve()
 
@@ -169,8 +170,13 @@ def test_load_program_without_one_is_an_artifact_error(tmp_path):
 def _fuzz_artifact(path):
     view, desc = _compressed(MLP(features=(32, 16)), jnp.zeros((3, 8, 8, 1)),
                              jc.chain(jc.pruning(0.7), jc.weight_quantization(4, group_size=8)))
-    view = dict(view, extra={"cb": np.asarray(view["fc2"]["kernel"])})
-    save(path, view, desc, metadata={"note": "fuzz", "acc": 0.5})
+    nm = jc.chain(jc.pruning(0.75, structure=NM(1, 4)), jc.weight_quantization(4))  # an N:M tensor too
+    p = {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(32, 8)), jnp.float32)}
+    s = nm.init(p)
+    view = dict(view, extra={"cb": np.asarray(view["fc2"]["kernel"])}, nm=nm.apply(p, s))
+    desc = {**desc, "nm/kernel": nm.describe(p, s)["kernel"]}
+    report = save(path, view, desc, metadata={"note": "fuzz", "acc": 0.5})
+    assert {t.path: t.layout for t in report.tensors}["nm/kernel"] == "nm"
     params, _ = load(path)
     return path.read_bytes(), jax.tree.leaves_with_path(params)
 

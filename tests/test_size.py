@@ -6,6 +6,7 @@ import pytest
 from jaxcompress.core import chain
 from jaxcompress.core.transform import LeafSpec, Transform
 from jaxcompress.export import SizeReport, leaf_bits, size_report
+from jaxcompress.prune.structures import NM
 from jaxcompress.quant import weight_quantization, weight_sharing
 
 
@@ -148,3 +149,36 @@ def test_leaf_bits_picks_cheapest_encoding():
     assert leaf_bits(np.array([2.0]), bits=None, sparse=True, num_scales=0) == 32
     assert leaf_bits(np.array([0.0]), bits=None, sparse=True, num_scales=1) == 32
     assert leaf_bits(np.zeros((0, 3)), bits=4, sparse=True, num_scales=3) == 96
+
+
+def test_size_report_counts_the_nm_layout():
+    # 1:4 down the inputs of a (64, 2) int4 kernel: 32 kept, each 4 bits + a 2-bit slot = 192 bits;
+    # bitmask 128 + 32 * 4 = 256, indices 32 * (7 + 4) = 352, dense 512 -> N:M;
+    # + 2 scales * 32 = 64 -> 256 bits = 32 bytes; one kept value is 0 and still costs its code
+    mask = np.zeros((64, 2), bool)
+    mask[0::4, 0] = True
+    mask[3::4, 1] = True
+    scale = np.array([[0.5, 0.25]], np.float32)
+    k = np.where(mask, np.float32(3.0), 0) * scale
+    k[0, 0] = 0.0
+    spec = LeafSpec(mask=mask, structure=NM(1, 4), bits=4, scheme="symmetric", channel_axis=-1, scale=scale)
+    assert size_report({"k": k}, {"k": spec}).bytes_compressed == 32
+    # declared 1:2 along the outputs, which the mask is not: bitmask 128 + 31 * 4 = 252, + 64 -> 40 bytes
+    assert size_report({"k": k}, {"k": spec._replace(structure=NM(1, 2, axis=-1))}).bytes_compressed == 40
+    assert size_report({"k": k}, {"k": spec._replace(structure=None)}).bytes_compressed == 40
+    # 2:4 float32: N:M 64 * (32 + 2) = 2176 equals the bitmask 128 + 64 * 32 -> 2176 bits = 272 bytes
+    m24 = np.tile(np.array([1, 1, 0, 0], bool), 32).reshape(64, 2)
+    w = np.where(m24, np.float32(1.5), 0)
+    assert size_report({"k": w}, {"k": LeafSpec(mask=m24, structure=NM(2, 4))}).bytes_compressed == 272
+
+
+def test_size_report_counts_sign_flags_of_negative_zeros():
+    # 4 int4 codes (16 bits) + 1 scale (32) = 48 bits = 6 bytes; a kept -0.0 adds one flag per zero (2)
+    spec = LeafSpec(bits=4, scheme="symmetric", scale=np.float32(0.5))
+    k = np.array([[0.0, 1.0], [0.0, -3.5]], np.float32)
+    assert size_report({"k": k}, {"k": spec}).bytes_compressed == 6
+    k[0, 0] = -0.0
+    assert size_report({"k": k}, {"k": spec}).bytes_compressed == 7
+    # pruned -0.0 (a mask times a negative weight) is stored as +0.0 and costs nothing
+    assert size_report({"k": k}, {"k": spec._replace(mask=k != 0)}).bytes_compressed == 6
+    assert size_report({"k": k}).bytes_compressed == 16  # undescribed floats keep their sign as they are

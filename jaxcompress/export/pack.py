@@ -3,9 +3,10 @@
 For each leaf the transform describes (a :class:`~jaxcompress.core.transform.LeafSpec`), the
 integer codes are recovered from the view (``q = view / scale + zero_point``, checked to be an
 integer in range and to give back the view bit for bit), and every layout (dense, bitmask,
-relative indices of 2..8 bits) is tried with every stream raw or Huffman-coded; the smallest
-wins. Leaves the description does not name are stored as raw float32 (or float16 on request).
-The format is documented in :mod:`jaxcompress.export.reader`.
+relative indices of 2..8 bits, and N:M positions when the leaf's structure is ``NM`` and its
+mask really keeps ``n`` of every ``m``) is tried with every stream raw or Huffman-coded; the
+smallest wins. Leaves the description does not name are stored as raw float32 (or float16 on
+request). The format is documented in :mod:`jaxcompress.export.reader`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.export import huffman
 from jaxcompress.export.reader import decode_tensor, record_digest
+from jaxcompress.prune.structures import NM
 
 
 class TensorReport(NamedTuple):
@@ -23,7 +25,7 @@ class TensorReport(NamedTuple):
 
     Attributes:
       path: the leaf's ``'/'``-joined path.
-      layout: ``'dense'``, ``'bitmask'`` or ``'relative'``.
+      layout: ``'dense'``, ``'bitmask'``, ``'relative'`` or ``'nm'``.
       kind: ``'float'``, ``'int'``, ``'sign'`` or ``'codebook'``.
       bits: bits per stored value code (32/16 for floats).
       count: values stored.
@@ -113,8 +115,9 @@ def _int_codes(path: str, x: np.ndarray, spec: LeafSpec) -> tuple[np.ndarray, di
     return q, side, {**fields, "bits": bits}
 
 
-def _values(q: Optional[np.ndarray], x: np.ndarray, kind: str, fields: dict, where, dense: bool):
-    """The values stream of one layout (``where``: flat positions, or None for all)."""
+def _values(q: Optional[np.ndarray], x: np.ndarray, kind: str, fields: dict, where, holds_zeros: bool):
+    """The values stream of one layout (``where``: flat positions, or None for all; ``holds_zeros``:
+    the layout stores zeros, as dense and N:M do)."""
     if kind == "float":
         v = x.reshape(-1) if where is None else x.reshape(-1)[where]
         return "float", _Stream(_float_symbols(v, fields["stored_dtype"]), 8, True), {}
@@ -126,7 +129,7 @@ def _values(q: Optional[np.ndarray], x: np.ndarray, kind: str, fields: dict, whe
         return "int", _Stream(codes & ((1 << bits) - 1), bits, True), {}
     # codebook: codes index the sorted codebook, -1 marks a zero
     k = fields["codebook_size"]
-    zero = bool(dense and np.any(codes < 0))
+    zero = bool(holds_zeros and np.any(codes < 0))
     bits = max(1, (k + int(zero) - 1).bit_length())
     return "codebook", _Stream(codes + 1 if zero else codes, bits, True), {"zero_symbol": zero, "bits": bits}
 
@@ -144,11 +147,45 @@ def _codebook_codes(path, x, spec):
     return codes, side, {"codebook_size": int(cb.size), "codebook_shape": [int(cb.size)]}
 
 
-def _layouts(n: int, nonzero: np.ndarray, allow_sparse: bool):
-    """Candidate ``(layout, positions stream, where, fields)`` of a leaf."""
+def nm_slots(mask: Any, structure: Any) -> Optional[tuple[np.ndarray, np.ndarray, list]]:
+    """The N:M layout of a keep-mask: ``(flat positions, in-group slots, [n, m, axis])`` or ``None``.
+
+    ``None`` unless ``structure`` is :class:`~jaxcompress.prune.structures.NM` and ``mask`` keeps
+    exactly ``n`` of every ``m`` consecutive elements along its axis (with ``2 <= m <= 256``).
+    Positions and slots are in the order :func:`~jaxcompress.export.reader.nm_positions` reads.
+
+    Example:
+      >>> where, slots, nm = nm_slots(np.array([[1, 0, 0, 1], [0, 1, 1, 0]], bool), NM(2, 4, axis=-1))
+      >>> where.tolist(), slots.tolist(), nm
+      ([0, 3, 5, 6], [0, 3, 1, 2], [2, 4, 1])
+      >>> nm_slots(np.array([[1, 1, 1, 0]], bool), NM(2, 4, axis=-1)) is None
+      True
+    """
+    if not isinstance(structure, NM) or mask is None:
+        return None
+    mask = np.asarray(mask, bool)
+    n, m = structure.n, structure.m
+    if mask.ndim == 0 or not -mask.ndim <= structure.axis < mask.ndim or not 2 <= m <= 256 or not 1 <= n <= m:
+        return None
+    axis = structure.axis % mask.ndim
+    if mask.shape[axis] % m:
+        return None
+    groups = np.moveaxis(mask, axis, -1).reshape(-1, m)
+    if np.any(groups.sum(axis=1) != n):
+        return None
+    group, slot = np.nonzero(groups)  # row-major: group after group, slots increasing
+    order = np.moveaxis(np.arange(mask.size, dtype=np.int64).reshape(mask.shape), axis, -1).reshape(-1)
+    return order[group * m + slot], slot.astype(np.int64), [n, m, axis]
+
+
+def _layouts(n: int, nonzero: np.ndarray, allow_sparse: bool, nm):
+    """Candidate ``(layout, positions stream, where, fields)`` of a leaf (``nm``: its :func:`nm_slots`)."""
     yield "dense", None, None, {}
     if not allow_sparse or n == 0:
         return
+    if nm is not None:
+        where, slots, fields = nm
+        yield "nm", _Stream(slots, (fields[1] - 1).bit_length(), True), where, {"nm": fields}
     where = np.flatnonzero(nonzero)
     mask_bytes = np.frombuffer(np.packbits(nonzero.astype(np.uint8), bitorder="little").tobytes(), np.uint8)
     yield "bitmask", _Stream(mask_bytes.astype(np.int64), 8, True), where, {}
@@ -161,7 +198,25 @@ def _layouts(n: int, nonzero: np.ndarray, allow_sparse: bool):
         yield "relative", _Stream(gaps, k, True), where, {"index_bits": k}
 
 
-def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str = "float32") -> tuple[dict, bytes, TensorReport]:
+def _assemble(record: dict, streams: list) -> tuple[bytes, int, float, np.ndarray]:
+    """Lays out ``[(name, (stream, encoded))]`` one after another into ``record['streams']``:
+    ``(bytes, raw size, entropy bound, the tensor load will give)``."""
+    chunks, entries, offset = [], {}, 0
+    raw_total, bound = 0, 0.0
+    for name, (stream, (coding, data, raw)) in streams:
+        entries[name] = [coding, offset, len(data), int(stream.symbols.size), int(stream.bits)]
+        chunks.append(data)
+        offset += len(data)
+        raw_total += raw
+        bound += huffman.entropy_bits(stream.symbols) / 8 if stream.coded else len(data)
+    record["streams"] = entries
+    data = b"".join(chunks)
+    decoded, _ = decode_tensor(record, data)  # what load will give, checked now
+    return data, raw_total, bound, decoded
+
+
+def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str = "float32",
+              layout: Optional[str] = None) -> tuple[dict, bytes, TensorReport]:
     """Packs one leaf: ``(record without offset, bytes, report)``, the smallest encoding found.
 
     Args:
@@ -169,17 +224,29 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
       x: the leaf as the model runs it (the compressed view).
       spec: its :class:`~jaxcompress.core.transform.LeafSpec`, or ``None`` (stored as floats).
       float_dtype: ``'float32'`` or ``'float16'`` for leaves without a description.
+      layout: ``None`` (the smallest), or ``'dense'``, ``'bitmask'``, ``'relative'`` or ``'nm'``
+        to store the leaf in that layout only (e.g. ``'nm'`` for a reader that wants N:M
+        positions even where a bitmask is smaller).
 
     Raises:
-      ValueError: the view is not on the grid, codebook or mask its description gives, or its
-        dtype is not a NumPy float or int type.
+      ValueError: the view is not on the grid, codebook or mask its description gives, its
+        dtype is not a NumPy float or int type, or ``layout`` is unknown or does not apply to
+        the leaf (a sparse layout for an undescribed leaf, ``'nm'`` for a mask that is not N:M).
+
+    Example:
+      >>> mask = np.array([[1, 0, 0, 0, 0, 0, 1, 0]], bool).T  # 1:4 down the input axis
+      >>> record, data, report = pack_leaf('w', np.where(mask, 0.5, 0), LeafSpec(mask=mask, structure=NM(1, 4)))
+      >>> record['layout'], record['nm'], report.count
+      ('nm', [1, 4, 0], 2)
     """
+    if layout not in (None, "dense", "bitmask", "relative", "nm"):
+        raise ValueError(f"layout must be None, 'dense', 'bitmask', 'relative' or 'nm', got {layout!r}.")
     x = np.asarray(x)
     if x.dtype.name not in ("float16", "float32", "float64") and not (spec is None and x.dtype.kind in "iub"):
         raise ValueError(f"leaf {path!r} has dtype {x.dtype}; save supports float16/32/64 (cast it, e.g. to float32).")
     record = {"path": path, "shape": list(x.shape), "dtype": x.dtype.name}
-    if spec is not None and spec.mask is not None:
-        x = np.where(np.asarray(spec.mask, bool), x, np.zeros((), x.dtype))  # latent leaves count as masked
+    if spec is not None and spec.mask is not None:  # latent leaves count as masked; pruned zeros are +0.0
+        x = np.where(np.asarray(spec.mask, bool), x, np.zeros((), x.dtype))
     side: dict = {}
     q = None
     if spec is None:
@@ -199,14 +266,22 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
     side_enc = {name: _encode_stream(s) for name, s in side.items()}
     nonzero = (x != 0).reshape(-1)
     best = None
-    for layout, pos, where, lfields in _layouts(x.size, nonzero, spec is not None):
-        vkind, vstream, vfields = _values(q, x, kind, fields, where, layout == "dense")
+    nm = None if spec is None else nm_slots(spec.mask, spec.structure)
+    for name, pos, where, lfields in _layouts(x.size, nonzero, spec is not None, nm):
+        if layout is not None and name != layout:
+            continue
+        vkind, vstream, vfields = _values(q, x, kind, fields, where, name in ("dense", "nm"))
         streams = {"values": (vstream, _encode_stream(vstream))}
         if pos is not None:
             streams["positions"] = (pos, _encode_stream(pos))
         size = sum(len(e[1]) for _, e in streams.values())
         if best is None or size < best[0]:
-            best = (size, layout, vkind, lfields, vfields, streams, x.size if where is None else where.size)
+            best = (size, name, vkind, lfields, vfields, streams, x.size if where is None else where.size)
+    if best is None:
+        raise ValueError(
+            f"leaf {path!r} cannot be stored in layout {layout!r}: sparse layouts need a description, and 'nm' "
+            "a LeafSpec with structure NM(n, m, axis) whose mask keeps exactly n of every m along the axis."
+        )
     _, layout, vkind, lfields, vfields, streams, count = best
     record.update(layout=layout, kind=vkind, count=int(count), **lfields)
     record.update({k: v for k, v in fields.items() if k not in ("codebook_size",)})
@@ -215,20 +290,19 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
         record["bits"] = 1
     if kind != "float":
         record.pop("stored_dtype", None)
-    chunks, entries, offset = [], {}, 0
-    raw_total, bound = 0, 0.0
-    for name, (stream, (coding, data, raw)) in list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()]:
-        entries[name] = [coding, offset, len(data), int(stream.symbols.size), int(stream.bits)]
-        chunks.append(data)
-        offset += len(data)
-        raw_total += raw
-        bound += huffman.entropy_bits(stream.symbols) / 8 if stream.coded else len(data)
-    record["streams"] = entries
-    data = b"".join(chunks)
-    decoded, _ = decode_tensor(record, data)  # what load will give, checked now
     expect = x if spec is not None or x.dtype.kind != "f" else x.astype(float_dtype).astype(x.dtype)
-    if decoded.shape != expect.shape or not np.array_equal(decoded, expect):
+    data, raw_total, bound, decoded = _assemble(record, list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()])
+    if decoded.shape != expect.shape or not np.array_equal(decoded, expect, equal_nan=expect.dtype.kind == "f"):
         raise _grid_error(path, "its values are not exactly reproduced by its described grid")
+    if decoded.tobytes() != expect.tobytes():  # equal but for the sign of zeros: -0.0 of the view
+        zeros = expect.reshape(-1) == 0
+        flags = np.packbits(np.signbit(expect.reshape(-1)[zeros]), bitorder="little").astype(np.int64)
+        signs = _Stream(flags, 8, True)
+        side_enc["negative_zeros"] = _encode_stream(signs)
+        side["negative_zeros"] = signs
+        data, raw_total, bound, decoded = _assemble(record, list(streams.items()) + [(n, (side[n], e)) for n, e in side_enc.items()])
+        if decoded.tobytes() != expect.tobytes():
+            raise _grid_error(path, "its values are not exactly reproduced, bit for bit, by its described grid")
     report = TensorReport(path, layout, vkind, int(record.get("bits", 8 * np.dtype(fields.get("stored_dtype", "float32")).itemsize)),
                           int(count), len(data), raw_total, bound)
     return record, data, report

@@ -20,10 +20,16 @@ payload with its SHA-256) and ``tensors``, one record per leaf with: ``path`` (`
 record's canonical JSON without this field, followed by its bytes), ``layout``, ``kind``,
 ``count`` (values stored) and ``streams``.
 
-* ``layout``: ``dense`` (every element stored), ``bitmask`` (one bit per element, 1 = stored) or
+* ``layout``: ``dense`` (every element stored), ``bitmask`` (one bit per element, 1 = stored),
   ``relative`` (Deep Compression's relative indices: each stored element's distance to the one
   before as ``index_bits``-bit gaps, counting the zeros skipped; the largest gap value
-  ``2^index_bits - 1`` is a padding entry that skips that many zeros and stores no value).
+  ``2^index_bits - 1`` is a padding entry that skips that many zeros and stores no value) or
+  ``nm`` (an N:M tensor, ``nm`` = ``[n, m, axis]``: exactly ``n`` of every ``m`` consecutive
+  elements along ``axis`` are stored, zero or not. The groups are taken in the C order of the
+  tensor with ``axis`` moved last (``numpy.moveaxis(x, axis, -1)``); the positions stream holds,
+  group after group, the position inside its group of each stored element, ``ceil(log2(m))``
+  bits each, strictly increasing within a group; the values are in the same order. For 2:4 these
+  are the 2-bit indices sparse tensor cores read).
 * ``kind`` of the stored values: ``float`` (the raw little-endian bytes of ``stored_dtype``); ``int``
   (``bits``-bit integer codes ``q``, two's complement when ``signed``, value
   ``(q - zero_point) * scale``); ``sign`` (1 bit: 1 is ``q = +1``, 0 is ``q = -1``, value as
@@ -32,8 +38,13 @@ record's canonical JSON without this field, followed by its bytes), ``layout``, 
   is the value 0 and index ``i + 1`` is ``codebook[i]``).
 * ``scale`` broadcasts against the tensor (``group_size`` > 0: repeated ``group_size`` times
   along ``group_axis`` first); ``zero_point`` likewise (absent: 0).
+* ``negative_zeros`` (a stream, present only when the tensor holds a ``-0.0`` that its values
+  would not give, e.g. a quantized weight that rounded to ``-0``): the bytes of a little-endian
+  bitmask with one bit per element of the decoded tensor that is zero, in C order; 1 makes it
+  ``-0.0``, 0 makes it ``+0.0``.
 * ``streams``: ``{name: [coding, offset, nbytes, count, bits]}`` for ``values``, ``positions``,
-  ``scale``, ``zero_point`` and ``codebook``; ``offset`` is relative to the tensor's range.
+  ``scale``, ``zero_point``, ``codebook`` and ``negative_zeros``; ``offset`` is relative to the
+  tensor's range.
   ``coding`` ``raw``: ``count`` symbols of ``bits`` bits in one little-endian bit stream (bit
   ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``; symbol ``j`` is bits
   ``j * bits .. (j + 1) * bits - 1``, least significant first: int4 codes ``[-8, -1, 0, 7]`` are
@@ -60,7 +71,7 @@ FORMAT = "jaxcompress-artifact"
 VERSION = 1
 MAX_CODE_LENGTH = 15
 _MEMBERS = ("metadata", "payload", "sha256")
-_LAYOUTS = ("dense", "bitmask", "relative")
+_LAYOUTS = ("dense", "bitmask", "relative", "nm")
 _KINDS = ("float", "int", "sign", "codebook")
 _FLOATS = ("float16", "float32", "float64")
 _DTYPES = _FLOATS + ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
@@ -206,6 +217,44 @@ def relative_positions(gaps: np.ndarray, index_bits: int, size: int) -> np.ndarr
     return positions
 
 
+def nm_positions(slots: np.ndarray, nm: Any, shape: tuple) -> np.ndarray:
+    """Flat positions of an N:M tensor's stored elements from their in-group ``slots``.
+
+    Args:
+      slots: the positions stream (see the module docstring), ``n`` per group of ``m``.
+      nm: the record's ``[n, m, axis]``.
+      shape: the tensor's shape.
+
+    Returns:
+      The flat (C order) index of each stored element, in the order of the values stream.
+
+    Raises:
+      ArtifactError: ``nm`` does not fit ``shape``, or the slots are not ``n`` strictly increasing
+        positions in ``[0, m)`` per group.
+
+    Example:
+      >>> nm_positions(np.array([0, 3, 1, 2]), [2, 4, 0], (8,)).tolist()  # 2:4 over 8 elements
+      [0, 3, 5, 6]
+      >>> nm_positions(np.array([1, 0]), [1, 2, 0], (2, 2)).tolist()  # 1:2 down each column
+      [2, 1]
+    """
+    if not (isinstance(nm, list) and len(nm) == 3 and all(_is_int(v) for v in nm)):
+        raise ArtifactError(f"an nm tensor needs nm = [n, m, axis] (ints), got {nm!r}.")
+    n, m, axis = nm
+    if not (1 <= n <= m and 2 <= m <= 256 and 0 <= axis < len(shape) and shape[axis] % m == 0):
+        raise ArtifactError(f"nm = {nm!r} does not fit a tensor of shape {list(shape)} (1 <= n <= m, m divides the axis).")
+    slots = np.asarray(slots, np.int64)
+    groups = math.prod(shape) // m
+    if slots.size != n * groups:
+        raise ArtifactError(f"an {n}:{m} tensor of shape {list(shape)} needs {n * groups} positions, got {slots.size}.")
+    per_group = slots.reshape(groups, n)
+    if slots.size and (int(slots.max()) >= m or np.any(np.diff(per_group, axis=1) <= 0)):
+        raise ArtifactError(f"N:M positions must be strictly increasing within each group and below m = {m}.")
+    moved = (np.arange(groups, dtype=np.int64)[:, None] * m + per_group).reshape(-1)
+    order = np.moveaxis(np.arange(math.prod(shape), dtype=np.int64).reshape(shape), axis, -1).reshape(-1)
+    return order[moved]
+
+
 def decode_stream(segment: bytes, entry: Any) -> np.ndarray:
     """The symbols of one stream ``[coding, offset, nbytes, count, bits]`` of a tensor's bytes."""
     if not (isinstance(entry, list) and len(entry) == 5 and entry[0] in ("raw", "huffman")
@@ -288,6 +337,13 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
             raise ArtifactError(f"bitmask of {record['path']!r} has {mask_bytes.size} bytes for {n} elements.")
         mask = np.unpackbits(mask_bytes.astype(np.uint8), count=n, bitorder="little").astype(bool)
         positions = np.flatnonzero(mask)
+    elif layout == "nm":
+        nm = record.get("nm")
+        entry = streams.get("positions")
+        width = (nm[1] - 1).bit_length() if isinstance(nm, list) and len(nm) == 3 and _is_int(nm[1]) else None
+        if not (isinstance(entry, list) and len(entry) == 5 and entry[4] == width):
+            raise ArtifactError(f"nm tensor {record['path']!r}: the positions of nm = {nm!r} must be {width}-bit, got {entry!r}.")
+        positions = nm_positions(decode_stream(segment, entry), nm, shape)
     else:
         k = record.get("index_bits")
         if not (_is_int(k) and 1 <= k <= 8):
@@ -332,7 +388,10 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
                 zp = (_signed(zsym, zbits) if record.get("signed") else zsym).reshape(zshape)
                 side["zero_point"] = zp
                 values = values - take(_broadcast(zp.astype(np.float32), record, shape, "zero_point"))
-            values = values * s
+            with np.errstate(over="ignore", invalid="ignore"):
+                values = values * s
+            if not np.all(np.isfinite(values)):  # save refuses such views: a forged scale
+                raise ArtifactError(f"tensor {record['path']!r}: its scales give non-finite values.")
         else:
             cb = _floats(segment, streams, "codebook", _shape(record.get("codebook_shape"), "codebook_shape"))
             side["codebook"] = cb
@@ -343,12 +402,20 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
             values = np.where(idx < 0, np.float32(0), cb.reshape(-1)[np.maximum(idx, 0)]) if cb.size else np.zeros(idx.size, np.float32)
     out_dtype = np.dtype(dtype)
     if positions is None:
-        out = values.astype(out_dtype, copy=False).reshape(shape)
+        out = np.array(values.astype(out_dtype, copy=False).reshape(-1), copy=True)
     else:
         out = np.zeros(n, out_dtype)
         out[positions] = values
-        out = out.reshape(shape)
-    return np.array(out, copy=True), side
+    if "negative_zeros" in streams:
+        zeros = np.flatnonzero(out == 0)
+        flags = decode_stream(segment, streams["negative_zeros"])
+        if dtype not in _FLOATS or streams["negative_zeros"][4] != 8 or flags.size != math.ceil(zeros.size / 8):
+            raise ArtifactError(f"tensor {record['path']!r}: negative_zeros of {flags.size} bytes for {zeros.size} zeros of a {dtype} tensor.")
+        bits = np.unpackbits(flags.astype(np.uint8), bitorder="little")
+        if np.any(bits[zeros.size:]):
+            raise ArtifactError(f"tensor {record['path']!r}: negative_zeros flags past its {zeros.size} zeros.")
+        out[zeros] = np.where(bits[: zeros.size].astype(bool), -0.0, 0.0)
+    return out.reshape(shape), side
 
 
 def read(path) -> tuple[dict, bytes, int]:

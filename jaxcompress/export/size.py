@@ -4,9 +4,12 @@ The size is estimated from what a packed file must hold,
 as the transform describes each leaf (``transform.describe(params, state)``, a
 ``{path: LeafSpec}`` dict): the values at the leaf's bit width; for a pruned leaf (a ``mask``)
 only the non-zero values plus their positions (a bitmask, or a list of indices when that is
-smaller); every scale it has as float32 (one per tensor, channel or group: the size of its
-``scale``), every zero point at the leaf's bit width, and a codebook's entries as float32.
-Leaves the description does not name are stored as float32.
+smaller; or, when its structure is ``NM(n, m)``, its mask keeps exactly ``n`` of every ``m`` and
+that is smaller, every kept value with its ``ceil(log2(m))``-bit position in its group); every
+scale it has as float32 (one per tensor, channel or group: the size of its ``scale``), every
+zero point at the leaf's bit width, and a codebook's entries as float32; when the view holds a
+``-0.0`` that is not pruned, one sign bit per zero (the file keeps it). Leaves the description
+does not name are stored as float32.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import LeafSpec
+from jaxcompress.export.pack import nm_slots
 
 
 class SizeReport(NamedTuple):
@@ -82,10 +86,20 @@ def _spec_bits(x: np.ndarray, spec: LeafSpec) -> int:
         extra += int(np.size(spec.zero_point)) * (32 if spec.bits is None else int(spec.bits))
     if spec.codebook is not None:
         extra += 32 * int(np.size(spec.codebook))
+    if (spec.bits is not None or spec.codebook is not None or mask is not None) and np.any(np.signbit(x) & (x == 0)):
+        extra += int(np.count_nonzero(x == 0))  # a -0.0 its codes do not give: a sign flag per zero
     num_scales = 0 if spec.scale is None else int(np.size(spec.scale))
+    nm = nm_slots(mask, spec.structure)
+    nm_bits = math.inf
+    if nm is not None:  # every kept value, zero or not, with its slot in the group
+        where, slots, (_, m, _) = nm
+        value_bits = 32 if spec.bits is None else int(spec.bits)
+        if spec.scheme == "binary" and np.any(x.reshape(-1)[where] == 0):
+            value_bits = 2  # a sign code has no zero
+        nm_bits = slots.size * (value_bits + (m - 1).bit_length())
     if spec.scheme == "binary" and x.size and np.any(x == 0):
-        return _sign_code_bits(x) + 32 * num_scales + extra
-    return leaf_bits(x, bits=spec.bits, sparse=mask is not None, num_scales=num_scales) + extra
+        return min(_sign_code_bits(x), nm_bits) + 32 * num_scales + extra
+    return min(leaf_bits(x, bits=spec.bits, sparse=mask is not None, num_scales=0), nm_bits) + 32 * num_scales + extra
 
 
 def size_report(view: Any, description: Optional[dict] = None, *, artifact=None) -> SizeReport:
