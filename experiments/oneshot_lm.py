@@ -175,13 +175,17 @@ def main():
         baseline(setting, "magnitude", pruning(0.5, rules=BLOCK_KERNELS, **kw))
         oneshot(setting, "Wanda", Wanda(0.5, **kw))
         oneshot(setting, "SparseGPT", SparseGPT(0.5, **kw))
-    for bits in (4, 3):
-        setting = f"{bits}-bit g{g}"
-        oneshot(setting, "round-to-nearest", RTN(bits, group_size=g))
-        oneshot(setting, "GPTQ", GPTQ(bits, group_size=g))
-        oneshot(setting, "GPTQ act-order", GPTQ(bits, group_size=g, act_order=True))
-        oneshot(setting, "AWQ", AWQ(bits, group_size=g))
-        oneshot(setting, "AWQ + GPTQ", [AWQ(bits, group_size=g), GPTQ(bits, group_size=g)])
+    # Asymmetric min/max grids (the GPTQ and AWQ papers'), and symmetric absmax grids over the full
+    # signed range (absmax -> 2^(b-1) - 1/2, Qwix's symmetric scheme) for the comparison with Qwix.
+    for bits, symmetric in ((4, False), (3, False), (4, True), (3, True)):
+        setting = f"{bits}-bit g{g}" + (" symmetric" if symmetric else "")
+        grid = dict(group_size=g, symmetric=symmetric)
+        oneshot(setting, "round-to-nearest", RTN(bits, **grid))
+        oneshot(setting, "GPTQ", GPTQ(bits, **grid))
+        if not symmetric:
+            oneshot(setting, "GPTQ act-order", GPTQ(bits, act_order=True, **grid))
+        oneshot(setting, "AWQ", AWQ(bits, **grid))
+        oneshot(setting, "AWQ + GPTQ", [AWQ(bits, **grid), GPTQ(bits, **grid)])
     w8a8 = RTN(8, symmetric=True, narrow=True, activation_bits=8)
     oneshot("W8A8", "round-to-nearest", w8a8)
     candidates = [oneshot("W8A8", f"SmoothQuant alpha={a}", [SmoothQuant(a), w8a8], final=False, alpha=a)
@@ -218,10 +222,12 @@ def main():
             bars[f"{m} {setting}: increase <= 1/2 of magnitude's"] = increase(setting, m) <= 0.5 * mag
     bars[f"GPTQ 4-bit g{g}: increase <= 1/2 of round-to-nearest's"] = (
         increase(f"4-bit g{g}", "GPTQ") <= 0.5 * increase(f"4-bit g{g}", "round-to-nearest"))
-    for setting, ours, theirs in ([(f"{b}-bit g{g}", m, f"Qwix {m}") for b in (4, 3) for m in ("GPTQ", "AWQ")]
-                                  + [("W8A8", "SmoothQuant", "Qwix SmoothQuant")]):
-        if get(setting, theirs) is not None:
-            bars[f"{setting} {ours}: perplexity <= Qwix's"] = get(setting, ours) <= get(setting, theirs)
+    # Each Qwix row against the same method of ours in the same setting ("Qwix GPTQ" -> "GPTQ").
+    for r in rows:
+        if r["method"].startswith("Qwix ") and r.get("perplexity") is not None:
+            ours = r["method"][len("Qwix "):].split(",")[0]
+            if get(r["setting"], ours) is not None:
+                bars[f"{r['setting']} {ours}: perplexity <= {r['method']}'s"] = get(r["setting"], ours) <= r["perplexity"]
     result = {
         "config": cfg, "training": training, "dense_test_perplexity": dense, "rows": rows,
         "tried_on_validation_only": tried, "bars": bars, "published": PUBLISHED, "qwix": qwix,

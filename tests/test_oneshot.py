@@ -229,3 +229,9 @@ def test_bad_arguments_are_refused_with_the_fix():
         gptq(k, xtx, 9)
     with pytest.raises(ValueError, match="sparsity"):
         sparsegpt(k, xtx, 1.5)
+    for axis in (2, -4, 1, -1):  # N:M groups run along the input axis of a 2-D kernel only
+        with pytest.raises(ValueError, match="axis"):
+            sparsegpt(k, xtx, structure=NM(2, 4, axis=axis))
+        with pytest.raises(ValueError, match="axis"):
+            wanda_mask(k, jnp.ones(64), structure=NM(2, 4, axis=axis))
+    assert float(jnp.mean(sparsegpt(k, xtx, structure=NM(2, 4, axis=0)).mask)) == 0.5

@@ -250,7 +250,7 @@ def sparsegpt(
     kernel, xtx, blocksize, percdamp = _check_common(kernel, xtx, blocksize, percdamp)
     nm = None
     if isinstance(structure, NM):
-        if structure.axis % 2 != 0:
+        if structure.axis not in (0, -2):
             raise ValueError(f"structure={structure!r}: N:M groups must run along the input axis, axis=-2.")
         if kernel.shape[0] % structure.m or blocksize % structure.m or not 0 < structure.n <= structure.m:
             raise ValueError(

@@ -55,7 +55,7 @@ def wanda_mask(kernel, sum_sq, sparsity: float = 0.5, *, structure=Unstructured(
         )
     scores = wanda_scores(kernel, sum_sq)
     if isinstance(structure, NM):
-        if structure.axis % 2 != 0 or kernel.shape[0] % structure.m or not 0 < structure.n <= structure.m:
+        if structure.axis not in (0, -2) or kernel.shape[0] % structure.m or not 0 < structure.n <= structure.m:
             raise ValueError(f"structure={structure!r} needs axis=-2 and m dividing the {kernel.shape[0]} inputs.")
         return mask_for_count(scores, 0, structure)
     if not isinstance(structure, Unstructured):
