@@ -100,6 +100,8 @@ def test_markdown_reports_the_paired_table_and_the_published_numbers():
     md = report_markdown(report)
     assert "What this run shows." in md and "| PRUNED | 2 (4) |" in md
     assert "| PRUNED | -0.05 | +0.10 | -0.10 | -0.02 | 0.10 | -0.28 | [-0.28, +0.24] | yes: the interval holds 0 |" in md
+    assert ("- PRUNED matches 'DENSE' within the seeds' spread: 0.02 points lower on average, a difference these "
+            "seeds cannot tell from 0.") in md
     assert "Published: Someone 2015, Table 1." in md and "| PRUNED | 1.62% ± 0.20% | 1.59% |" in md
 
 

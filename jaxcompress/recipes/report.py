@@ -100,6 +100,16 @@ def _paired_lines(report: dict) -> list[str]:
         t = "-" if p["t"] is None else f"{p['t']:.2f}"
         lines.append(f"| {p['name']} | " + " | ".join(_points(d) for d in p["differences"])
                      + f" | {_points(p['mean'])} | {std} | {t} | {interval} | {verdict} |")
+    lines.append("")
+    for p in paired:
+        if p["within_spread"] is None:
+            continue
+        side = "higher" if p["mean"] > 0 else "lower"
+        every = sum((d > 0) == (p["mean"] > 0) and d != 0 for d in p["differences"]) == len(p["differences"])
+        lines.append(f"- {p['name']} " + ("matches" if p["within_spread"] else "does not match")
+                     + f" {ref!r} within the seeds' spread: {abs(100 * p['mean']):.2f} points {side} on average"
+                     + (f", {side} on every seed" if every else "")
+                     + (", a difference these seeds cannot tell from 0." if p["within_spread"] else "."))
     return lines
 
 

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -439,7 +440,8 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
     return {
         "recipe": recipe["name"],
         "dataset": split.name,
-        "source": split.source,
+        # a data directory relative to where the run started: the report holds no machine's absolute path
+        "source": os.path.relpath(split.source) if os.path.isdir(split.source) else split.source,
         "split": {"train": len(split.train[1]), "validation": len(split.validation[1]), "test": len(split.test[1]),
                   "split_seed": recipe["data"]["split_seed"]},
         "seeds": list(recipe["seeds"]),
