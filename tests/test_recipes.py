@@ -197,3 +197,9 @@ def test_shipped_recipe_smoke(name, mnist_dir, tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["split"]["train"] == 256 and len(report["stages"]) >= 1
+    for row in report["stages"]:
+        for layer, s in (row.get("allocated_sparsity") or {}).items():  # the masks hold the allocation
+            assert abs(row["layer_sparsity"][layer] - s) < 1e-3
+    if report["config"].get("reference"):
+        trained = [r["stage"] for r in report["stages"] if r["stage"] != report["config"]["reference"]]
+        assert [p["stage"] for p in report["paired"]] == trained

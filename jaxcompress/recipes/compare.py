@@ -32,7 +32,8 @@ def read_reports(dirs: Sequence[str | Path]) -> dict[str, dict]:
 def compare_markdown(reports: dict[str, dict]) -> str:
     """A side-by-side table of every stage of every run, with the Pareto-optimal rows marked."""
     rows = [(label, s) for label, r in reports.items() for s in r["stages"]]
-    front = set(pareto_front([(s["file_bytes"], s["test_accuracy"]) for _, s in rows]))
+    scored = [i for i, (_, s) in enumerate(rows) if s.get("test_accuracy") is not None]
+    front = {scored[j] for j in pareto_front([(rows[i][1]["file_bytes"], rows[i][1]["test_accuracy"]) for i in scored])}
     lines = [
         "# jaxcompress runs compared",
         "",
@@ -55,6 +56,7 @@ def compare_runs(dirs: Sequence[str | Path], out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "compare.md"
     md.write_text(compare_markdown(reports))
-    png = plot_accuracy_vs_bytes({k: r["stages"] for k, r in reports.items()}, out / "compare.png",
+    scored = {k: [s for s in r["stages"] if s.get("test_accuracy") is not None] for k, r in reports.items()}
+    png = plot_accuracy_vs_bytes({k: rows for k, rows in scored.items() if rows}, out / "compare.png",
                                  "test accuracy vs file bytes")
     return [md, png]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Optional
 
 
 def format_accuracy(row: dict, key: str) -> str:
@@ -14,12 +16,141 @@ def format_accuracy(row: dict, key: str) -> str:
     return f"{value:.2%}" + (f" ± {std:.2%}" if std is not None else "")
 
 
+def paired_comparison(runs: list[list[dict]], reference: str, key: str = "test_accuracy",
+                      level: float = 0.95) -> list[dict]:
+    """Each stage against ``reference``, seed by seed: the paired differences of ``key`` and a t-interval.
+
+    With ``n`` seeds, ``d_i = stage_i - reference_i``; ``mean`` and ``std`` (``ddof=1``) of the
+    ``d_i``; ``t = mean / (std / sqrt(n))``; the ``level`` interval ``mean ± t_q * std / sqrt(n)``
+    with Student's quantile at ``n - 1`` degrees of freedom. ``within_spread`` says the interval
+    holds 0: the seeds show no difference (not proof of none). With one seed, or a reference row
+    missing ``key``, only the differences are given.
+
+    Args:
+      runs: per seed, the stage rows (``run_recipe``'s ``runs[i]["stages"]``).
+      reference: the ``stage`` name compared against.
+      key: the row value compared (higher is better, e.g. ``'test_accuracy'``).
+      level: the interval's coverage, in (0, 1).
+
+    Returns:
+      One dict per other stage with ``stage, name, reference, key, differences, mean, std, t,
+      interval, within_spread`` (``None`` where undefined).
+
+    Raises:
+      ValueError: ``reference`` is not a stage of every run, or ``level`` is not in (0, 1).
+
+    Example:
+      >>> runs = [[{"stage": "a", "name": "a", "acc": 0.90}, {"stage": "b", "name": "b", "acc": 0.91}],
+      ...         [{"stage": "a", "name": "a", "acc": 0.92}, {"stage": "b", "name": "b", "acc": 0.92}]]
+      >>> p = paired_comparison(runs, "a", "acc")[0]
+      >>> [round(d, 4) for d in p["differences"]], round(p["mean"], 4), round(p["t"], 3), p["within_spread"]
+      ([0.01, 0.0], 0.005, 1.0, True)
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level!r}.")
+    by_stage = [{r["stage"]: r for r in rows} for rows in runs]
+    if not runs or any(reference not in rows for rows in by_stage):
+        raise ValueError(f"reference {reference!r} is not a stage of every run; stages: "
+                         f"{[r['stage'] for r in runs[0]] if runs else []}.")
+    out = []
+    for row in runs[0]:
+        if row["stage"] == reference or row.get(key) is None:
+            continue
+        pairs = [(rows[row["stage"]].get(key), rows[reference].get(key)) for rows in by_stage]
+        if any(a is None or b is None for a, b in pairs):
+            continue
+        d = [float(a) - float(b) for a, b in pairs]
+        n, mean = len(d), math.fsum(d) / len(d)
+        std = t = interval = within = None
+        if n > 1:
+            from scipy.stats import t as student
+
+            std = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
+            half = float(student.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+            t = mean / (std / math.sqrt(n)) if std > 0 else None
+            interval = [mean - half, mean + half]
+            within = interval[0] <= 0.0 <= interval[1]
+        out.append({"stage": row["stage"], "name": row["name"], "reference": reference, "key": key,
+                    "differences": d, "mean": mean, "std": std, "t": t, "level": level,
+                    "interval": interval, "within_spread": within})
+    return out
+
+
+def _points(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def _paired_lines(report: dict) -> list[str]:
+    paired = report.get("paired")
+    if not paired:
+        return []
+    names = {s["stage"]: s["name"] for s in report["stages"]}
+    ref = names.get(paired[0]["reference"], paired[0]["reference"])
+    seeds = report.get("seeds", [])
+    lines = ["", f"Paired by seed against {ref!r}: the difference in {paired[0]['key'].replace('_', ' ')} "
+             "(percentage points, this stage minus the reference) on each seed, its mean, standard deviation and "
+             f"t statistic, and the {paired[0]['level']:.0%} t-interval of the mean difference.", "",
+             "| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | t | interval | "
+             "within the seeds' spread |",
+             "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: | ---: | ---: | --- |"]
+    for p in paired:
+        interval = "-" if p["interval"] is None else f"[{_points(p['interval'][0])}, {_points(p['interval'][1])}]"
+        verdict = {None: "-", True: "yes: the interval holds 0", False: "no: the interval excludes 0"}[p["within_spread"]]
+        std = "-" if p["std"] is None else f"{100 * p['std']:.2f}"
+        t = "-" if p["t"] is None else f"{p['t']:.2f}"
+        lines.append(f"| {p['name']} | " + " | ".join(_points(d) for d in p["differences"])
+                     + f" | {_points(p['mean'])} | {std} | {t} | {interval} | {verdict} |")
+    lines.append("")
+    for p in paired:
+        if p["within_spread"] is None:
+            continue
+        side = "higher" if p["mean"] > 0 else "lower"
+        every = sum((d > 0) == (p["mean"] > 0) and d != 0 for d in p["differences"]) == len(p["differences"])
+        lines.append(f"- {p['name']} " + ("matches" if p["within_spread"] else "does not match")
+                     + f" {ref!r} within the seeds' spread: {abs(100 * p['mean']):.2f} points {side} on average"
+                     + (f", {side} on every seed" if every else "")
+                     + (", a difference these seeds cannot tell from 0." if p["within_spread"] else "."))
+    return lines
+
+
+def _published_lines(report: dict) -> list[str]:
+    published = report.get("config", {}).get("published")
+    if not published:
+        return []
+    rows = {s["stage"]: s for s in report["stages"]}
+    lines = ["", f"Published: {published['source']}.", "", "| stage | our test error | published test error |",
+             "| --- | ---: | ---: |"]
+    for stage, error in published["test_error"].items():
+        s = rows[stage]
+        ours = "-" if s.get("test_accuracy") is None else f"{1 - s['test_accuracy']:.2%}" + (
+            f" ± {s['test_accuracy_std']:.2%}" if s.get("test_accuracy_std") is not None else "")
+        lines.append(f"| {s['name']} | {ours} | {error:.2f}% |")
+    return lines
+
+
+def _layer_lines(report: dict) -> list[str]:
+    pruned = [s for s in report["stages"] if s.get("layer_sparsity")]
+    if not pruned:
+        return []
+    layers = list(pruned[0]["layer_sparsity"])
+    lines = ["", "Sparsity of each pruned layer" + (" (mean over seeds)" if len(report.get("seeds", [0])) > 1 else "")
+             + "; where a stage allocated sparsities by sensitivity (each layer pruned alone by magnitude, scored on "
+             "the validation split), the allocation follows in brackets.", "",
+             "| stage | " + " | ".join(layers) + " | total |", "| --- | " + " | ".join("---:" for _ in layers) + " | ---: |"]
+    for s in pruned:
+        alloc = s.get("allocated_sparsity") or {}
+        cells = [f"{s['layer_sparsity'][k]:.1%}" + (f" ({alloc[k]:.1%})" if k in alloc else "") for k in layers]
+        lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {s['sparsity']:.1%} |")
+    return lines
+
+
 def report_markdown(report: dict) -> str:
     """Renders a run's report (from ``run_recipe``) as a Markdown table."""
     seeds = report.get("seeds", [0])
     lines = [
         f"# jaxcompress {report.get('recipe', 'demo')} on {report['dataset']}",
         "",
+        *([report["config"]["description"], ""] if report.get("config", {}).get("description") else []),
         f"Data: {report['source']}. Environment: {report.get('environment', {})}.",
     ]
     if "split" in report:
@@ -31,14 +162,16 @@ def report_markdown(report: dict) -> str:
         lines.append(f"Selection: {report['selection']}.")
     lines += [
         "",
-        "| stage | validation accuracy | test accuracy | params | non-zero | weight bits | float32 bytes | file bytes "
-        "| ratio | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| stage | epochs (total) | validation accuracy | test accuracy | params | non-zero | weight bits "
+        "| float32 bytes | file bytes | ratio | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in report["stages"]:
         ratio = s["bytes_float32"] / max(s["file_bytes"], 1)
+        epochs = "-" if s.get("epochs") is None else f"{s['epochs']:g}" + (
+            f" ({s['total_epochs']:g})" if s.get("total_epochs", s["epochs"]) != s["epochs"] else "")
         lines.append(
-            f"| {s['name']} | {format_accuracy(s, 'validation_accuracy')} | {format_accuracy(s, 'test_accuracy')} | "
+            f"| {s['name']} | {epochs} | {format_accuracy(s, 'validation_accuracy')} | {format_accuracy(s, 'test_accuracy')} | "
             f"{s['params']:,.0f} | {s['nonzero_params']:,.0f} | {s['weight_bits']:g} | {s['bytes_float32']:,.0f} | "
             f"{s['file_bytes']:,.0f} | {ratio:.1f}x | {s['seconds']:.1f} |"
         )
@@ -46,10 +179,14 @@ def report_markdown(report: dict) -> str:
         "",
         "File bytes are the size on disk of each stage's saved artifact (`jaxcompress.export.save`: packed",
         "integer codes, sparse positions as a bitmask or relative indices, Huffman-coded streams, scales,",
-        "float32 biases, and the checked metadata). The ratio is float32 bytes over file bytes.",
+        "float32 biases, and the checked metadata). The ratio is float32 bytes over file bytes. Epochs: the",
+        "stage's own, and in brackets its whole budget with the stages its model comes from.",
     ]
+    lines += _paired_lines(report) + _published_lines(report) + _layer_lines(report)
+    if report["stages"]:
+        lines.append("")
     for s in report["stages"]:
-        if "test_accuracy_from_file" in s:
+        if s.get("test_accuracy_from_file") is not None:
             where = s.get("exported", s["artifact"])
             lines.append(f"The model of stage {s['name']!r} loaded back from `{where}` scores "
                          f"{s['test_accuracy_from_file']:.2%} on the test set.")
@@ -102,12 +239,17 @@ def plot_accuracy_vs_bytes(series: dict[str, list[dict]], path: str | Path, titl
 
 
 def write_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """Writes ``report.json``, ``report.md`` and ``report.png`` (accuracy vs file bytes) to ``out_dir``."""
+    """Writes ``report.json``, ``report.md`` and ``report.png`` (accuracy vs file bytes) to ``out_dir``.
+
+    The plot is left out when a stage has no test accuracy (a run with ``score_test = false``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "report.png"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     paths[1].write_text(report_markdown(report))
+    if any(s.get("test_accuracy") is None for s in report["stages"]):
+        return paths[:2]  # a run that did not score the test set has no test accuracy to plot
     plot_accuracy_vs_bytes({report.get("recipe", "demo"): report["stages"]}, paths[2],
                            f"jaxcompress {report.get('recipe', 'demo')}: {report['dataset']}")
     return paths

@@ -5,7 +5,8 @@ trains; the runner selects nothing by test accuracy (each stage keeps its last s
 only numbers a stage is judged by during a run are on validation data); the test set is scored
 once per stage's final model (``test_evaluations`` in each row) and, for an export, once more on
 the weights read back from the file, to show the file holds the model; every stage of every
-seed, including one that failed, is appended to ``OUT/runs.jsonl`` as it ends.
+seed, including one that failed, is appended to ``OUT/runs.jsonl`` as it ends. A recipe with
+``score_test = false`` (a tuning run) scores no model on the test set at all.
 
 Layout of ``OUT``: ``seed_S/stage_NAME/`` holds the stage's checkpoints, ``model.npz`` (the
 packed artifact) and ``result.json``; a re-run with the same recipe restores finished stages
@@ -19,6 +20,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -36,12 +38,14 @@ from jaxcompress.distill.losses import kd_loss
 from jaxcompress.export.artifact import save
 from jaxcompress.export.reader import load
 from jaxcompress.export.size import size_report
-from jaxcompress.prune import erk_sparsities, fixed_masks, pruning, sparsity_report, sparsity_rules
+from jaxcompress.prune import (allocate_sparsity, erk_sparsities, fixed_masks, pruning, sensitivity_analysis,
+                               sparsity_report, sparsity_rules)
 from jaxcompress.prune.schedules import one_shot_schedule, polynomial_schedule
 from jaxcompress.prune.structures import NM, Channels, Unstructured
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.recipes.models import build_model
-from jaxcompress.recipes.schema import RecipeError, check_stage_rules
+from jaxcompress.recipes.report import paired_comparison
+from jaxcompress.recipes.schema import SENSITIVITY_GRID, RecipeError, check_stage_rules
 from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.loop import fit
 from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
@@ -51,6 +55,8 @@ from jaxcompress.train.step import Teacher, make_train_step
 
 SELECTION = ("none: each stage keeps its last step; validation accuracy is recorded per stage and the test "
              "set is scored once per stage's final model")
+SELECTION_NO_TEST = ("none: each stage keeps its last step; validation accuracy is recorded per stage and no model is "
+                     "scored on the test set (score_test = false)")
 
 
 class Split(NamedTuple):
@@ -99,6 +105,8 @@ def load_split(data: dict, log: Callable[[str], None] = print) -> Split:
 def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: int = 128) -> dict:
     """The recipe cut to a few seconds: the first seed, a few hundred images, at most one epoch a stage.
 
+    A sensitivity allocation's grid is cut to its two ends (each grid point prunes every layer once).
+
     For checking that a recipe runs end to end, not for its numbers.
 
     Example:
@@ -114,6 +122,9 @@ def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: 
     for stage in out["stages"]:
         if "epochs" in stage:
             stage["epochs"] = min(float(stage["epochs"]), 1.0)
+        if stage.get("allocation") == "sensitivity":
+            grid = stage.get("sensitivity_grid", SENSITIVITY_GRID)
+            stage["sensitivity_grid"] = [min(grid), max(grid)]
     return out
 
 
@@ -139,8 +150,10 @@ def _quant_transform(quant: dict) -> Transform:
                                rules=None if quant.get("rules") is None else [tuple(r) for r in quant["rules"]])
 
 
-def _pruner(stage: dict, params, num_steps: int) -> Transform:
-    if stage.get("density_rules"):
+def _pruner(stage: dict, params, num_steps: int, allocated: Optional[dict] = None) -> Transform:
+    if allocated is not None:
+        rules = sparsity_rules(allocated)
+    elif stage.get("density_rules"):
         per_leaf = erk_sparsities(params, stage["sparsity"], rules=[tuple(r) for r in stage["density_rules"]],
                                   power=stage["erk_power"])
         rules = sparsity_rules(per_leaf)
@@ -177,14 +190,29 @@ class _Run:
             return 0
         return max(int(round(epochs * num_batches(len(self.split.train[1]), self.batch_size))), 1)
 
-    def _evaluate(self, apply, state, transform, which: str) -> float:
+    def _evaluate(self, apply, state, transform, which: str, step=None) -> Optional[float]:
+        if which == "test" and not self.recipe["score_test"]:
+            return None
         x, y = getattr(self.split, which)
-        step = jax.jit(make_eval_step(apply, transform=transform))
+        step = jax.jit(make_eval_step(apply, transform=transform)) if step is None else step
         return evaluate(step, state, {"image": x, "label": y}, batch_size=self.eval_batch_size)["accuracy"]
+
+    def _allocate(self, stage: dict, apply, src: "_Model") -> tuple[dict, dict]:
+        """Per-layer sparsities from each layer pruned alone, scored on the validation split only."""
+        step = jax.jit(make_eval_step(apply))
+
+        def accuracy(params):
+            return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=src.model_state),
+                                  None, "validation", step)
+
+        sens = sensitivity_analysis(src.view, accuracy, sparsities=stage.get("sensitivity_grid", SENSITIVITY_GRID))
+        allocated = allocate_sparsity(sens, stage["sparsity"])
+        return allocated, {"baseline": sens.baseline, "sparsities": list(sens.sparsities), "curves": sens.curves}
 
     def stage(self, index: int, stage: dict) -> None:
         sdir = self.dir / f"stage_{stage['name'].replace(' ', '_')}"
-        key = _fingerprint(self.recipe["data"], self.seed, self.recipe["stages"][: index + 1])
+        key = _fingerprint(self.recipe["data"], self.seed, self.recipe["stages"][: index + 1],
+                           *(() if self.recipe["score_test"] else ("test not scored",)))
         result_file = sdir / "result.json"
         if self.recomputed and sdir.exists():
             shutil.rmtree(sdir)  # an earlier stage changed: this one's outputs are stale
@@ -207,12 +235,16 @@ class _Run:
             module, params, model_state, masks, quant = src.module, src.params, src.model_state, src.masks, src.quant
         apply = linen_apply_fn(module)
         num_steps = self._num_steps(stage["epochs"])
-        parts, prune_at = [], None
+        parts, prune_at, allocated, sensitivity = [], None, None, None
         if masks is not None:
             parts.append(fixed_masks(masks))
         if stage["kind"] == "prune":
+            if stage.get("allocation") == "sensitivity":
+                allocated, sensitivity = self._allocate(stage, apply, self.models[stage["from"]])
+                self.log(f"{label}: sensitivity allocation on validation: "
+                         + ", ".join(f"{k} {v:.1%}" for k, v in allocated.items()))
             prune_at = len(parts)
-            parts.append(_pruner(stage, params, num_steps))
+            parts.append(_pruner(stage, params, num_steps, allocated))
         if stage["kind"] == "quantize":
             quant = {k: stage.get(k) for k in ("bits", "symmetric", "per_channel", "group_size", "rules")}
         if quant is not None:
@@ -241,10 +273,13 @@ class _Run:
                 state, loss = self._train(stage, index, label, apply, opt, transform, kd, teacher, state, start,
                                           num_steps, ckpt)
                 ckpt.save(state, force=True, data_position={"step": num_steps})
+                test = self._evaluate(apply, state, transform, "test")
                 row = {"name": label, "stage": stage["name"], "kind": stage["kind"], "steps": num_steps,
-                       "epochs": stage["epochs"], "train_loss": loss,
+                       "epochs": stage["epochs"], "total_epochs": self._total_epochs(stage), "train_loss": loss,
                        "validation_accuracy": self._evaluate(apply, state, transform, "validation"),
-                       "test_accuracy": self._evaluate(apply, state, transform, "test"), "test_evaluations": 1}
+                       "test_accuracy": test, "test_evaluations": int(test is not None)}
+                if allocated is not None:
+                    row.update(allocated_sparsity=allocated, sensitivity=sensitivity)
         finally:
             ckpt.close()
         cstate = state.compression_state
@@ -264,12 +299,22 @@ class _Run:
                        bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,
                        artifact=str(artifact.relative_to(self.out)), seconds=round(time.time() - t0, 2))
             if masks is not None:
-                row["sparsity"] = sparsity_report(view, masks)[1].sparsity
+                layers, total = sparsity_report(view, masks)
+                row.update(sparsity=total.sparsity, layer_sparsity={r.path: r.sparsity for r in layers})
             result_file.write_text(json.dumps(row, indent=2) + "\n")
-            self.log(f"{label}: validation {row['validation_accuracy']:.4f}, test {row['test_accuracy']:.4f}, "
+            test = "not scored" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
+            self.log(f"{label}: validation {row['validation_accuracy']:.4f}, test {test}, "
                      f"{row['file_bytes']:,} file bytes, {row['seconds']:.1f} s")
         self.rows[stage["name"]] = row
         self.models[stage["name"]] = _Model(module, state.params, state.model_state, masks, quant, view, description)
+
+    def _total_epochs(self, stage: dict) -> float:
+        """Epochs of this stage and of every stage its model comes from (its whole training budget)."""
+        total = 0.0
+        while stage is not None:
+            total += float(stage.get("epochs", 0.0))
+            stage = next((s for s in self.recipe["stages"] if s["name"] == stage["from"]), None)
+        return total
 
     def _train(self, stage, index, label, apply, opt, transform, kd, teacher, state, start, num_steps, ckpt):
         if num_steps == start:
@@ -309,28 +354,38 @@ class _Run:
                                "test_accuracy": row["test_accuracy"]})
         loaded, _ = load(target, like=src.view)  # the model as a user gets it from the file
         state = init_train_state(loaded, optax.sgd(0.0), model_state=src.model_state)
-        acc = self._evaluate(linen_apply_fn(src.module), state, None, "test")
+        acc = self._evaluate(linen_apply_fn(src.module), state, None, "test")  # None when score_test = false
         extra = {"exported": str(target.relative_to(self.out)), "exported_file_bytes": saved.file_bytes,
                  "test_accuracy_from_file": acc}
         result_file.write_text(json.dumps(extra, indent=2) + "\n")
         row.update(extra)
-        self.log(f"{row['name']}: exported to {extra['exported']} ({saved.file_bytes:,} bytes), "
-                 f"test accuracy from the file {acc:.4f}")
+        self.log(f"{row['name']}: exported to {extra['exported']} ({saved.file_bytes:,} bytes)"
+                 + ("" if acc is None else f", test accuracy from the file {acc:.4f}"))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _summary(runs: list[list[dict]]) -> list[dict]:
-    """One row per stage: the single run's row, or the mean over seeds with ``*_std`` for accuracies."""
+    """One row per stage: the single run's row, or the mean over seeds with ``*_std`` for accuracies.
+
+    Flat tables of numbers (``layer_sparsity``, ``allocated_sparsity``) are averaged key by key;
+    other values (paths, the sensitivity curves) are the first seed's.
+    """
     if len(runs) == 1:
         return [dict(r) for r in runs[0]]
     out = []
     for rows in zip(*runs):
         row = dict(rows[0])
         for k, v in rows[0].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and all(r.get(k) is not None for r in rows):
+            if _is_number(v) and all(r.get(k) is not None for r in rows):
                 values = np.array([r[k] for r in rows], dtype=np.float64)
                 row[k] = float(values.mean())
                 if "accuracy" in k:
                     row[f"{k}_std"] = float(values.std(ddof=1))
+            elif isinstance(v, dict) and v and all(_is_number(x) for x in v.values()):
+                row[k] = {name: float(np.mean([r[k][name] for r in rows])) for name in v}
         row["seeds"] = len(rows)
         out.append(row)
     return out
@@ -349,11 +404,15 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
 
     Returns:
       The report: ``recipe, dataset, source, split, seeds, selection, runs`` (per seed, the stage
-      rows), ``stages`` (the rows, or their means and ``*_std`` over seeds), ``config`` and
-      ``environment``. A stage row holds ``name, stage, kind, steps, epochs, train_loss,
-      validation_accuracy, test_accuracy, test_evaluations, params, nonzero_params, weight_bits,
-      bytes_float32, bytes_compressed, file_bytes, artifact, seconds`` (``sparsity`` when pruned;
-      ``exported, exported_file_bytes, test_accuracy_from_file`` when an export stage saved it).
+      rows), ``stages`` (the rows, or their means and ``*_std`` over seeds), ``paired`` (with a
+      ``reference`` stage: :func:`~jaxcompress.recipes.report.paired_comparison` of the test
+      accuracies), ``config`` and ``environment``. A stage row holds ``name, stage, kind, steps,
+      epochs, total_epochs, train_loss, validation_accuracy, test_accuracy, test_evaluations,
+      params, nonzero_params, weight_bits, bytes_float32, bytes_compressed, file_bytes, artifact,
+      seconds`` (``sparsity`` and ``layer_sparsity`` when pruned; ``allocated_sparsity`` and
+      ``sensitivity`` with a sensitivity allocation; ``exported, exported_file_bytes,
+      test_accuracy_from_file`` when an export stage saved it). ``total_epochs`` counts the
+      stages the model comes from too; ``test_accuracy`` is ``None`` with ``score_test = false``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,13 +440,16 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
     return {
         "recipe": recipe["name"],
         "dataset": split.name,
-        "source": split.source,
+        # a data directory relative to where the run started: the report holds no machine's absolute path
+        "source": os.path.relpath(split.source) if os.path.isdir(split.source) else split.source,
         "split": {"train": len(split.train[1]), "validation": len(split.validation[1]), "test": len(split.test[1]),
                   "split_seed": recipe["data"]["split_seed"]},
         "seeds": list(recipe["seeds"]),
-        "selection": SELECTION,
+        "selection": SELECTION if recipe["score_test"] else SELECTION_NO_TEST,
         "runs": [{"seed": s, "stages": rows} for s, rows in zip(recipe["seeds"], runs)],
         "stages": _summary(runs),
+        **({"paired": paired_comparison(runs, recipe["reference"])}
+           if recipe.get("reference") and recipe["score_test"] else {}),
         "config": recipe,
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()},
         "total_seconds": round(time.time() - t0, 1),

@@ -6,6 +6,13 @@ keys, values of the wrong type or out of range, stages that refer to unknown sta
 parameter rules that match no parameter of the stage's model. Each error is a
 :class:`RecipeError` naming the key and its line in the file.
 
+Over several seeds, ``reference = "STAGE"`` compares every other stage with that one seed by seed
+(the report's ``paired`` list); ``[published]`` (``source``, ``test_error = { STAGE = percent }``)
+quotes published numbers beside the measured ones; ``score_test = false`` makes a tuning run
+that never scores the test set. A prune stage with ``allocation = "sensitivity"`` chooses its
+per-layer sparsities by pruning each layer of its starting model alone over ``sensitivity_grid``
+and scoring it on the validation split.
+
 Example:
   >>> recipe = parse_recipe('''
   ... [data]
@@ -44,6 +51,8 @@ MODEL_KINDS = ("mlp", "lenet5", "cnn", "teacher_cnn", "student_cnn", "resnet")
 #: Image shape (H, W, C) of each named data set, to build the model before any data is read.
 INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "digits": (8, 8, 1)}
 _CATCH_ALL = (".*", "")
+#: The sparsities at which a prune stage with ``allocation = "sensitivity"`` prunes each layer alone.
+SENSITIVITY_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
 class RecipeError(ValueError):
@@ -99,6 +108,24 @@ def _seeds(v):
         return f"must be a non-empty list of integers >= 0, e.g. [0, 1, 2], got {v!r}."
     if len(set(v)) != len(v):
         return f"must not repeat a seed, got {v!r}."
+    return None
+
+
+def _fraction_list(v):
+    if not isinstance(v, list) or not v or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v):
+        return f"must be a non-empty list of sparsities in [0, 1), e.g. [0.5, 0.9, 0.95], got {v!r}."
+    return None
+
+
+def _published(v):
+    if not isinstance(v, dict) or set(v) != {"source", "test_error"} or not isinstance(v["source"], str):
+        return ('must be a table with source = "..." and test_error = { STAGE = percent, ... }, '
+                f"got {v!r}.")
+    errors = v["test_error"]
+    if not isinstance(errors, dict) or not errors or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e <= 100 for e in errors.values()):
+        return f"test_error must map stage names to percentages in [0, 100], e.g. {{ dense = 1.64 }}, got {errors!r}."
     return None
 
 
@@ -168,6 +195,8 @@ TOP_KEYS = {
     "parallel": _choice("none", "pmap", "shard"),
     "devices": _int(1),
     "checkpoint_every": _int(1),
+    "reference": _type(str, "the name of a stage the others are compared with, seed by seed"),
+    "score_test": _type(bool, "true or false (false for a tuning run that must not see the test set)"),
 }
 DATA_KEYS = {
     "name": _dataset,
@@ -206,6 +235,8 @@ STAGE_KEYS = {
         "rules": _rules(_sparsity_value),
         "density_rules": _rules(_positive_value),
         "erk_power": _number(0, math.inf),
+        "allocation": _choice("sensitivity"),
+        "sensitivity_grid": _fraction_list,
     },
     "quantize": {
         **_COMMON, **_TRAINING,
@@ -222,7 +253,7 @@ STAGE_KEYS = {
 }
 REQUIRED = {"prune": ("sparsity",), "quantize": ("bits",), "distill": ("teacher",)}
 DEFAULTS = {
-    "top": {"name": "recipe", "seeds": [0], "parallel": "none", "checkpoint_every": 500},
+    "top": {"name": "recipe", "seeds": [0], "parallel": "none", "checkpoint_every": 500, "score_test": True},
     "data": {"download": True, "fallback_to_digits": False, "validation": 0.1, "split_seed": 0,
              "batch_size": 128, "eval_batch_size": 1000},
     "training": {"epochs": 1.0, "learning_rate": 1e-3, "optimizer": "adam", "temperature": 4.0,
@@ -339,7 +370,7 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
         at = re.search(r"line (\d+)", str(e))
         raise RecipeError(f"not valid TOML: {e}", line=int(at.group(1)) if at else None, source=source) from None
     c = _Checker(text, source)
-    top_schema = {**TOP_KEYS, "data": _type(dict, "a table"), "model": _type(dict, "a table"),
+    top_schema = {**TOP_KEYS, "published": _published, "data": _type(dict, "a table"), "model": _type(dict, "a table"),
                   "stages": _type(list, "an array of tables ([[stages]])")}
     c.table(raw, top_schema, (), "the recipe")
     recipe = {**copy.deepcopy(DEFAULTS["top"]), **{k: v for k, v in raw.items() if k not in ("data", "model", "stages")}}
@@ -361,6 +392,12 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
     for i, stage in enumerate(stages):
         recipe["stages"].append(_check_stage(c, stage, i, names, recipe))
         names[recipe["stages"][-1]["name"]] = recipe["stages"][-1]
+    trained = [s["name"] for s in recipe["stages"] if s["kind"] != "export"]
+    if "reference" in recipe and recipe["reference"] not in trained:
+        c.fail(("reference",), f"{recipe['reference']!r} is not a trained stage; give one of {trained}.")
+    for stage in raw.get("published", {}).get("test_error", {}):
+        if stage not in trained:
+            c.fail(("published",), f"test_error names {stage!r}, not a trained stage; give one of {trained}.")
     if check_rules:
         shape = INPUT_SHAPES.get(recipe["data"]["name"])
         if shape is not None:
@@ -419,6 +456,18 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         out["model"] = names[out["from"]]["model"]
     if "rules" in stage and "density_rules" in stage:
         c.fail(path + ("density_rules",), f"give either rules or density_rules{extra}, not both.")
+    if "allocation" in stage:
+        for key in ("rules", "density_rules"):
+            if key in stage:
+                c.fail(path + (key,), f"allocation = 'sensitivity' chooses the per-layer sparsities; remove {key}{extra}.")
+        if out["scope"] != "layer":
+            c.fail(path + ("scope",), f"allocation = 'sensitivity' gives each layer its own sparsity; use scope = "
+                   f"\"layer\"{extra}.")
+        if max(out.get("sensitivity_grid", SENSITIVITY_GRID)) < out["sparsity"]:
+            c.fail(path + ("sensitivity_grid",), f"must reach the stage's sparsity {out['sparsity']}{extra}; add a "
+                   "larger grid point such as 0.98.")
+    elif "sensitivity_grid" in stage:
+        c.fail(path + ("sensitivity_grid",), f"is only read with allocation = \"sensitivity\"{extra}.")
     return out
 
 
