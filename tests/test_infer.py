@@ -17,7 +17,7 @@ def _np_conv_same(x, w):
     kh, kw = w.shape[:2]
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = np.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
-    out = np.zeros(x.shape[:3] + (w.shape[-1],), np.int64)
+    out = np.zeros(x.shape[:3] + (w.shape[-1],), np.result_type(x, w))
     for i in range(kh):
         for j in range(kw):
             out += np.einsum("nhwc,co->nhwo", xp[:, i:i + x.shape[1], j:j + x.shape[2]], w[i, j])
@@ -96,6 +96,44 @@ def test_folded_model_and_every_path_equal_fake_quant():
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
+@pytest.mark.parametrize("strides, dilation, padding", [(1, 1, "SAME"), (2, 1, "SAME"), (1, 2, "VALID"),
+                                                       (2, 1, ((2, 0), (1, 3)))])
+def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.Conv(6, (3, 2), strides=strides, kernel_dilation=dilation, padding=padding, name="conv")(x)
+            return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+    x = jax.random.uniform(jax.random.key(0), (3, 11, 9, 4))
+    prepared, ref = _fake_quant_model(Net(), x)
+    assert {"patches", "int8_patches"} <= set(prepared.layers["conv"].candidates)
+    assert "patches" not in prepared.layers["head"].candidates
+    tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    for path in ("float", "patches", "int8", "int8_patches"):
+        out = infer.inference_fn(prepared, infer.uniform_plan(prepared, path))(x)
+        np.testing.assert_allclose(out, ref, **tol)
+    layer, xin = prepared.layers["conv"], prepared.inputs["conv"]
+    a = prepared.arrays["conv"]
+    # integer accumulation: the two int8 paths agree bit for bit, as do the two float paths to rounding
+    np.testing.assert_array_equal(infer.layers.run_layer(layer, "int8", a["int8"], xin),
+                                  infer.layers.run_layer(layer, "int8_patches", a["int8_patches"], xin))
+    np.testing.assert_allclose(infer.layers.run_layer(layer, "patches", a["patches"], xin),
+                               infer.layers.run_layer(layer, "float", a["float"], xin), rtol=1e-5, atol=1e-5)
+
+
+def test_patches_equal_numpy_convolution():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 6, 5, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
+    layer = infer.layers.Layer("c", "conv", w.shape, strides=(1, 1), padding=((1, 1), (1, 1)), kernel_dilation=(1, 1))
+    p = infer.layers.patches(layer, jnp.pad(jnp.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0))))
+    got = np.asarray(p).astype(np.float64) @ w.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(got, _np_conv_same(x.astype(np.float64), w.astype(np.float64)), rtol=1e-5, atol=1e-5)
+
+
 def test_weight_int4_path_equals_view():
     x = jax.random.uniform(jax.random.key(0), (4, 10, 10, 1))
     prepared, ref = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x, bits=4)
@@ -113,6 +151,48 @@ def test_chosen_plan_matches_fake_quant_argmax():
     assert "baseline_control" in plan.timings["conv1"]["ratios"]
     out = infer.inference_fn(prepared, plan)(x)
     np.testing.assert_array_equal(np.argmax(out, -1), np.argmax(ref, -1))
+
+
+def _rigged_compare(per_layer, whole):
+    """A stand-in for benchmark.compare: per-layer medians from ``per_layer[path]``, whole plans from ``whole``."""
+    def compare(programs, *, baseline, **kwargs):
+        table = whole if "per_layer" in programs else per_layer
+        med = {k: table[k] for k in programs}
+        ratios = {k: {"ratio": med[k] / med[baseline], "low": 0.98 * med[k] / med[baseline],
+                      "high": 1.02 * med[k] / med[baseline]} for k in programs if k != baseline}
+        ratios["baseline_control"] = {"ratio": 1.0, "low": 0.98, "high": 1.02}
+        return {"median_s": med, "ratios": ratios}
+    return compare
+
+
+@pytest.mark.parametrize("whole, chosen", [
+    ({"float": 1.0, "per_layer": 1.5, "only_conv1": 1.2, "only_conv2": 1.1, "only_fc1": 1.3, "only_head": 1.4}, "float"),
+    ({"float": 1.0, "per_layer": 0.9, "only_conv1": 0.7, "only_conv2": 1.1, "only_fc1": 1.0, "only_head": 1.0}, "only_conv1"),
+    ({"float": 1.0, "per_layer": 0.6, "only_conv1": 0.8, "only_conv2": 0.9, "only_fc1": 0.9, "only_head": 0.9}, "per_layer"),
+])
+def test_whole_model_check_overrules_layer_timings(monkeypatch, whole, chosen):
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+    prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
+    monkeypatch.setattr("jaxcompress.infer.plan.compare",
+                        _rigged_compare({"float": 1.0, "patches": 1.0, "int8": 0.5, "int8_patches": 0.8,
+                                         "weight_int8": 0.9, "weight_int4": 0.9}, whole))
+    plan = infer.choose_paths(prepared)
+    layers = list(prepared.layers)
+    assert plan.whole["candidates"]["per_layer"] == {n: "int8" for n in layers}
+    assert plan.whole["chosen"] == chosen
+    want = {"float": {n: "float" for n in layers}, "per_layer": {n: "int8" for n in layers}}.get(
+        chosen, {n: "int8" if chosen == f"only_{n}" else "float" for n in layers})
+    assert plan.paths == want
+
+
+def test_no_whole_model_check_when_every_layer_stays_float(monkeypatch):
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+    prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
+    monkeypatch.setattr("jaxcompress.infer.plan.compare",
+                        _rigged_compare({"float": 1.0, "patches": 1.1, "int8": 1.5, "int8_patches": 1.3,
+                                         "weight_int8": 1.2, "weight_int4": 1.2}, {}))
+    plan = infer.choose_paths(prepared)
+    assert plan.whole is None and set(plan.paths.values()) == {"float"}
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.95])

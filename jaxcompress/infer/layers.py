@@ -5,6 +5,9 @@ fake-quantized with its calibrated range, weights on their grid, BatchNorm folde
 differs only in how: float32 on dequantized weights, int8 or packed int4 codes dequantized inside
 the jitted program (XLA fuses the conversion into the product's operand), int8 x int8 -> int32
 products with the zero point's contribution subtracted per output channel, or a sparse product.
+A convolution can also run as one matrix product over its input patches (``'patches'`` in float32,
+``'int8_patches'`` on int8 codes): the patches are the kernel-offset slices of the padded input
+laid side by side, which XLA:CPU can run faster than its convolution for few channels.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from jaxcompress.infer import kernels, sparse
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 
 #: Every path name, in the order candidates are listed.
-PATHS = ("float", "weight_int8", "weight_int4", "int8", "bcoo", "bcsr", "gather")
+PATHS = ("float", "patches", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
 
 
 class Layer(NamedTuple):
@@ -88,14 +91,15 @@ def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec]) -> Layer:
     else:
         kshape = (x.shape[-1], module.features)
         base = dict(kind="dense")
-    cands = ["float"]
+    patches = base["kind"] == "conv" and base["feature_group_count"] == 1
+    cands = ["float"] + (["patches"] if patches else [])
     if spec is not None and spec.bits is not None and spec.scheme == "symmetric" and spec.group_size is None \
             and spec.channel_axis in (None, -1, len(kshape) - 1):
         cands.append("weight_int8")
         if spec.bits <= 4:
             cands.append("weight_int4")
         if act is not None and act[0] >= -128 and act[1] - act[0] <= 255:
-            cands.append("int8")
+            cands += ["int8"] + (["int8_patches"] if patches else [])
     if spec is not None and spec.mask is not None and base["kind"] == "dense":
         cands += ["bcoo", "bcsr", "gather"]
     return Layer(path=path, kernel_shape=kshape, act=act, norm=norm, candidates=tuple(cands), **base)
@@ -146,6 +150,10 @@ def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], act_range
             arrays["int8"] = {"q": q, "out_scale": x_q["x_scale"] * w_scale, "bias": b, "x_scale": x_q["x_scale"],
                               "x_zero": x_q["x_zero"], "zero_correction": zs * ksum}
     arrays["float"] = {"kernel": wf, "bias": b, **x_q}
+    if "patches" in layer.candidates:
+        arrays["patches"] = arrays["float"]
+    if "int8_patches" in layer.candidates:
+        arrays["int8_patches"] = arrays["int8"]
     if "gather" in layer.candidates:
         idx, val = sparse.ell(np.asarray(wf))
         arrays["gather"] = {"idx": idx, "val": val, "bias": b, **x_q}
@@ -168,24 +176,56 @@ def _float_op(layer: Layer, x, w):
                                         feature_group_count=layer.feature_group_count)
 
 
+def patches(layer: Layer, x) -> jax.Array:
+    """The input patches of a convolution on an already padded ``x``: ``(N, *out_spatial, prod(k) * C)``.
+
+    Patch entry ``(offset, c)`` is ``x`` at that kernel offset (row-major over the kernel's
+    spatial axes) and channel ``c``, so ``patches @ kernel.reshape(-1, O)`` is the convolution.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = Layer('c', 'conv', (2, 1, 1, 1), strides=(1, 1), padding=((0, 0), (0, 0)), kernel_dilation=(1, 1))
+      >>> patches(layer, jnp.arange(3.0).reshape(1, 3, 1, 1))[0, :, 0].tolist()
+      [[0.0, 1.0], [1.0, 2.0]]
+    """
+    k, strides, dil = layer.kernel_shape[:-2], layer.strides, layer.kernel_dilation
+    spatial = x.shape[1:-1]
+    out = tuple((n - (kk - 1) * d - 1) // s + 1 for n, kk, d, s in zip(spatial, k, dil, strides))
+    cols = []
+    for offset in np.ndindex(*k):
+        start = (0,) + tuple(o * d for o, d in zip(offset, dil)) + (0,)
+        limit = (x.shape[0],) + tuple(st + (m - 1) * s + 1 for st, m, s in zip(start[1:-1], out, strides)) \
+            + (x.shape[-1],)
+        cols.append(jax.lax.slice(x, start, limit, (1,) + tuple(strides) + (1,)))
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _pad(layer: Layer, x, value=0):
+    return jnp.pad(x, ((0, 0),) + tuple(layer.padding) + ((0, 0),), constant_values=value)
+
+
 def run_layer(layer: Layer, path: str, a: dict, x) -> jax.Array:
     """The output of ``layer`` on input ``x`` by ``path``, with ``a = layer_arrays(...)[path]``."""
-    if path == "int8":
+    if path in ("int8", "int8_patches"):
         qmin, qmax = layer.act
         shift = -128 if qmin >= 0 else 0
         xq = (kernels.quantize(x, a["x_scale"], a["x_zero"], qmin, qmax) + shift).astype(jnp.int8)
         if layer.kind == "dense":
             acc = kernels.int8_dot(xq, a["q"])
         else:
-            zero = (a["x_zero"] + shift).astype(jnp.int8)
-            pads = ((0, 0),) + tuple(layer.padding) + ((0, 0),)
-            xq = jnp.pad(xq, pads, constant_values=zero)  # padding holds the real value 0
-            acc = kernels.int8_conv(xq, a["q"], layer.strides, "VALID", kernel_dilation=layer.kernel_dilation,
-                                    feature_group_count=layer.feature_group_count)
+            xq = _pad(layer, xq, (a["x_zero"] + shift).astype(jnp.int8))  # padding holds the real value 0
+            if path == "int8_patches":
+                acc = kernels.int8_dot(patches(layer, xq), a["q"].reshape(-1, layer.kernel_shape[-1]))
+            else:
+                acc = kernels.int8_conv(xq, a["q"], layer.strides, "VALID", kernel_dilation=layer.kernel_dilation,
+                                        feature_group_count=layer.feature_group_count)
         return (acc - a["zero_correction"]).astype(jnp.float32) * a["out_scale"] + a["bias"]
     x = _input(layer, a, x)
     if path == "float":
         return _float_op(layer, x, a["kernel"]) + a["bias"]
+    if path == "patches":
+        w = a["kernel"].reshape(-1, layer.kernel_shape[-1])
+        return jax.lax.dot_general(patches(layer, _pad(layer, x)), w, (((x.ndim - 1,), (0,)), ((), ()))) + a["bias"]
     if path in ("weight_int8", "weight_int4"):
         q = a["q"] if path == "weight_int8" else kernels.unpack_int4(a["q4"], layer.kernel_shape)
         return _float_op(layer, x, q.astype(jnp.float32) * a["scale"]) + a["bias"]

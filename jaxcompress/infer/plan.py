@@ -9,7 +9,11 @@ BCSR and gather products. A BatchNorm that directly follows a layer is folded in
 
 :func:`choose_paths` times every candidate of every layer on that layer's real input with
 :func:`~jaxcompress.benchmark.compare` (A/A control, bootstrap interval) and keeps a path only
-where its interval lies wholly below float32's; otherwise the layer stays float32. Which path
+where its interval lies wholly below float32's; otherwise the layer stays float32. Layer timings
+do not always compose (one fused program is not the sum of separately compiled layers), so the
+per-layer choice is then checked on the whole model: the chosen plan and the plans that keep
+only one of its non-float layers are timed as whole programs against the all-float plan, and
+the fastest one measurably faster than all-float wins (all-float when none is). Which path
 wins depends on the backend (XLA:CPU's int8 convolution may be slower than float32), the batch
 and the sparsity, so nothing is assumed. :func:`inference_fn` runs the model with a plan.
 """
@@ -40,6 +44,7 @@ class Prepared(NamedTuple):
       arrays: ``{path: {candidate: {name: array}}}``.
       inputs: ``{path: the layer's input on the example batch}`` (what :func:`choose_paths` times on).
       call_kwargs: keyword arguments of every ``module.apply`` call (``{'train': False}``).
+      example: the example batch (what :func:`choose_paths` times whole plans on).
     """
 
     module: nn.Module
@@ -48,6 +53,7 @@ class Prepared(NamedTuple):
     arrays: dict
     inputs: dict
     call_kwargs: dict
+    example: Any
 
 
 class Plan(NamedTuple):
@@ -58,10 +64,14 @@ class Plan(NamedTuple):
       timings: ``{layer path: {'median_s': {...}, 'ratios': {...}}}`` from
         :func:`~jaxcompress.benchmark.compare` (ratios to ``'float'``; ``'baseline_control'`` is
         the A/A control); empty for a plan not measured.
+      whole: the whole-model check of :func:`choose_paths`: ``{'candidates': {name: {layer:
+        path}}, 'median_s', 'ratios'}`` (ratios to the all-float plan, with its A/A control) and
+        ``'chosen'``, the candidate kept; ``None`` when no whole programs were timed.
     """
 
     paths: dict
     timings: dict
+    whole: Optional[dict] = None
 
 
 def _without(tree, paths):
@@ -164,7 +174,7 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
         layers[name], inputs[name] = layer, x
         removed.append(name)
     rest = {c: _without(v, removed) for c, v in variables.items()}
-    return Prepared(module, rest, layers, arrays, inputs, call_kwargs)
+    return Prepared(module, rest, layers, arrays, inputs, call_kwargs, example)
 
 
 def float_plan(prepared: Prepared) -> Plan:
@@ -180,21 +190,26 @@ def uniform_plan(prepared: Prepared, path: str) -> Plan:
 
 
 def choose_paths(prepared: Prepared, *, blocks: int = 10, calls: int = 5, warmup: int = 2,
-                 candidates: Optional[tuple] = None, seed: int = 0) -> Plan:
-    """Times each layer's candidate paths on its example input and picks, per layer, the fastest.
+                 candidates: Optional[tuple] = None, seed: int = 0, whole_blocks: Optional[int] = None) -> Plan:
+    """Times each layer's candidate paths on its example input, picks per layer, then checks the whole model.
 
     A path other than ``'float'`` is chosen only when the upper end of its ratio interval to
     float32 is below 1 (:func:`~jaxcompress.benchmark.verdict`): on a noisy machine a layer
-    stays float32 unless another path is measurably faster.
+    stays float32 unless another path is measurably faster. When that leaves some layers off
+    float32, the whole model is timed as one program per candidate plan: the per-layer choice,
+    and (with two or more such layers) each plan that keeps only one of them. The fastest plan
+    whose interval to the all-float plan lies wholly below 1 is returned; when none does, the
+    all-float plan is.
 
     Args:
       prepared: from :func:`prepare`.
       blocks, calls, warmup: :func:`~jaxcompress.benchmark.compare`'s, per layer.
       candidates: restrict to these paths (``'float'`` is always timed).
       seed: shuffling seed.
+      whole_blocks: blocks of the whole-model check (default ``blocks``).
 
     Returns:
-      A :class:`Plan` with each layer's timings.
+      A :class:`Plan` with each layer's timings and the whole-model check.
     """
     paths, timings = {}, {}
     for i, (name, layer) in enumerate(prepared.layers.items()):
@@ -212,7 +227,24 @@ def choose_paths(prepared: Prepared, *, blocks: int = 10, calls: int = 5, warmup
         faster = [c for c in cands if c != "float" and verdict(r["ratios"][c], 1.0) == "meets"]
         paths[name] = min(faster, key=lambda c: r["median_s"][c]) if faster else "float"
         timings[name] = {"median_s": r["median_s"], "ratios": r["ratios"]}
-    return Plan(paths, timings)
+    off = [n for n, p in paths.items() if p != "float"]
+    if not off:
+        return Plan(paths, timings)
+    plans = {"float": float_plan(prepared).paths, "per_layer": dict(paths)}
+    if len(off) > 1:
+        for n in off:
+            plans[f"only_{n}"] = {m: paths[m] if m == n else "float" for m in paths}
+    progs = {}
+    for k, pl in plans.items():
+        apply, weights = inference_program(prepared, Plan(pl, {}))
+        f = jax.jit(apply)
+        progs[k] = (lambda f, w: lambda: f(w, prepared.example))(f, weights)
+    r = compare(progs, baseline="float", blocks=whole_blocks or blocks, calls=calls, warmup=warmup,
+                seed=seed + len(prepared.layers))
+    faster = [k for k in plans if k != "float" and verdict(r["ratios"][k], 1.0) == "meets"]
+    chosen = min(faster, key=lambda k: r["median_s"][k]) if faster else "float"
+    whole = {"candidates": plans, "median_s": r["median_s"], "ratios": r["ratios"], "chosen": chosen}
+    return Plan(dict(plans[chosen]), timings, whole)
 
 
 def inference_program(prepared: Prepared, plan: Plan) -> tuple[Callable, Any]:
