@@ -109,10 +109,10 @@ def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
 
     x = jax.random.uniform(jax.random.key(0), (3, 11, 9, 4))
     prepared, ref = _fake_quant_model(Net(), x)
-    assert {"patches", "int8_patches"} <= set(prepared.layers["conv"].candidates)
+    assert {"patches", "shifts", "int8_patches"} <= set(prepared.layers["conv"].candidates)
     assert "patches" not in prepared.layers["head"].candidates
     tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
-    for path in ("float", "patches", "int8", "int8_patches"):
+    for path in ("float", "patches", "shifts", "int8", "int8_patches"):
         out = infer.inference_fn(prepared, infer.uniform_plan(prepared, path))(x)
         np.testing.assert_allclose(out, ref, **tol)
     layer, xin = prepared.layers["conv"], prepared.inputs["conv"]
@@ -120,18 +120,22 @@ def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
     # integer accumulation: the two int8 paths agree bit for bit, as do the two float paths to rounding
     np.testing.assert_array_equal(infer.layers.run_layer(layer, "int8", a["int8"], xin),
                                   infer.layers.run_layer(layer, "int8_patches", a["int8_patches"], xin))
-    np.testing.assert_allclose(infer.layers.run_layer(layer, "patches", a["patches"], xin),
-                               infer.layers.run_layer(layer, "float", a["float"], xin), rtol=1e-5, atol=1e-5)
+    for path in ("patches", "shifts"):
+        np.testing.assert_allclose(infer.layers.run_layer(layer, path, a[path], xin),
+                                   infer.layers.run_layer(layer, "float", a["float"], xin), rtol=1e-5, atol=1e-5)
 
 
-def test_patches_equal_numpy_convolution():
+@pytest.mark.parametrize("channels", [1, 4])
+def test_patches_and_shifted_sum_equal_numpy_convolution(channels):
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(2, 6, 5, 4)).astype(np.float32)
-    w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
+    x = rng.normal(size=(2, 6, 5, channels)).astype(np.float32)
+    w = rng.normal(size=(3, 3, channels, 8)).astype(np.float32)
     layer = infer.layers.Layer("c", "conv", w.shape, strides=(1, 1), padding=((1, 1), (1, 1)), kernel_dilation=(1, 1))
-    p = infer.layers.patches(layer, jnp.pad(jnp.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0))))
-    got = np.asarray(p).astype(np.float64) @ w.reshape(-1, 8).astype(np.float64)
-    np.testing.assert_allclose(got, _np_conv_same(x.astype(np.float64), w.astype(np.float64)), rtol=1e-5, atol=1e-5)
+    xp = jnp.pad(jnp.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = _np_conv_same(x.astype(np.float64), w.astype(np.float64))
+    got = np.asarray(infer.layers.patches(layer, xp)).astype(np.float64) @ w.reshape(-1, 8).astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(infer.layers.shifted_sum(layer, xp, jnp.asarray(w)), want, rtol=1e-4, atol=1e-4)
 
 
 def test_weight_int4_path_equals_view():
@@ -174,7 +178,7 @@ def test_whole_model_check_overrules_layer_timings(monkeypatch, whole, chosen):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
     monkeypatch.setattr("jaxcompress.infer.plan.compare",
-                        _rigged_compare({"float": 1.0, "patches": 1.0, "int8": 0.5, "int8_patches": 0.8,
+                        _rigged_compare({"float": 1.0, "patches": 1.0, "shifts": 1.0, "int8": 0.5, "int8_patches": 0.8,
                                          "weight_int8": 0.9, "weight_int4": 0.9}, whole))
     plan = infer.choose_paths(prepared)
     layers = list(prepared.layers)
@@ -189,7 +193,7 @@ def test_no_whole_model_check_when_every_layer_stays_float(monkeypatch):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
     monkeypatch.setattr("jaxcompress.infer.plan.compare",
-                        _rigged_compare({"float": 1.0, "patches": 1.1, "int8": 1.5, "int8_patches": 1.3,
+                        _rigged_compare({"float": 1.0, "patches": 1.1, "shifts": 1.1, "int8": 1.5, "int8_patches": 1.3,
                                          "weight_int8": 1.2, "weight_int4": 1.2}, {}))
     plan = infer.choose_paths(prepared)
     assert plan.whole is None and set(plan.paths.values()) == {"float"}

@@ -164,3 +164,25 @@ def test_sensitivity_allocation_uses_validation_and_a_tuning_run_scores_no_test(
     assert "| pruned | 0.5 (1.5) |" in paths[1].read_text()
     journal = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [j["test_evaluations"] for j in journal] == [0, 0]
+
+
+def test_hinton_recipe_and_its_sweep():
+    root = Path(__file__).resolve().parents[1]
+    sweep = load_recipe(root / "experiments" / "hinton_mnist_sweep.toml")
+    assert sweep["score_test"] is False
+    shipped = load_recipe("hinton_mnist")
+    stages = {s["name"]: s for s in shipped["stages"]}
+    assert shipped["reference"] == "labels_jitter" and shipped["seeds"] == [0, 1, 2]
+    # the teacher is the sweep's, and the students share one budget, optimizer and schedule
+    assert {k: v for k, v in stages["teacher"].items() if k != "label"} == \
+        {k: v for k, v in sweep["stages"][0].items() if k != "label"}
+    students = [s for n, s in stages.items() if n != "teacher"]
+    assert len({(s["epochs"], s["learning_rate"], s["lr_schedule"], s["optimizer"]) for s in students}) == 1
+    # the shipped temperature is the one of the sweep's rows with the best validation accuracy
+    report = root / "experiments" / "results" / "hinton_mnist_sweep" / "report.json"
+    if report.exists():
+        rows = json.loads(report.read_text())["stages"]
+        best = max((r for r in rows if r["stage"] != "teacher"), key=lambda r: r["validation_accuracy"])
+        temps = {s["name"]: s["temperature"] for s in sweep["stages"][1:]}
+        assert stages["kd"]["temperature"] == stages["kd_jitter"]["temperature"] == temps[best["stage"]]
+        assert all(r["test_accuracy"] is None for r in rows)

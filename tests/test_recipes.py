@@ -84,6 +84,10 @@ BAD = [
     ("bad validation", ("validation = 60", "validation = 1.5"), "data.validation", "validation = 1.5"),
     ("unknown data set", ('name = "mnist"', 'name = "mnits"'), "data.name", 'name = "mnits"'),
     ("bad rule regex", ('"^head/"', '"^head/("'), "stages[2].rules", "rules = "),
+    ("bad augment value", ("epochs = 0.5", "epochs = 0.5\naugment = { shift = -1 }"), "stages[3].augment", "augment = "),
+    ("unknown augment", ("epochs = 0.5", "epochs = 0.5\naugment = { jitter = 2 }"), "stages[3].augment", "augment = "),
+    ("bad lr schedule", ("epochs = 0.5", "epochs = 0.5\nlr_schedule = \"linear\""), "stages[3].lr_schedule",
+     "lr_schedule"),
     ("duplicate stage name", ('name = "int8"', 'name = "pruned"'), "stages[3].name", 'name = "pruned"', 1),
 ]
 
@@ -102,6 +106,33 @@ def test_bad_recipe_fails_fast_naming_key_and_line(case, tmp_path):
     line = _line_of(text, needle, *occurrence) if needle != "[[stages]]" else _line_of(text, needle, 1)
     assert e.value.key == key and e.value.line == line
     assert f"bad.toml:{line}: {key}" in str(e.value)
+
+
+def test_stage_augment_and_cosine_schedule():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxcompress.recipes.runner import _augment, _optimizer
+
+    r = parse_recipe(GOOD.replace("epochs = 0.5", "epochs = 0.5\nlr_schedule = \"cosine\"\n"
+                                  "augment = { shift = 2, input_dropout = 0.5, mixup = 1.0 }"))
+    stage = r["stages"][3]
+    assert r["stages"][2]["lr_schedule"] == "constant" and _augment(r["stages"][2], 10) is None
+    batch = {"image": jnp.ones((8, 6, 6, 1)), "label": jnp.arange(8) % 10}
+    out = _augment(stage, 10)(jax.random.key(0), batch)
+    assert out["label"].shape == (8, 10)  # mixup: soft labels
+    np.testing.assert_allclose(out["label"].sum(-1), 1.0, rtol=1e-6)
+    assert float(jnp.mean(out["image"] == 0)) > 0.3  # shifted-in zeros and dropped pixels
+    shift_only = _augment({"augment": {"shift": 1}}, 10)(jax.random.key(1), batch)
+    assert shift_only["label"].dtype == batch["label"].dtype and bool(jnp.any(shift_only["image"] == 0))
+    opt = _optimizer(stage, 10)
+    params = {"w": jnp.ones(3)}
+    st = opt.init(params)
+    sizes = []
+    for _ in range(10):
+        upd, st = opt.update({"w": jnp.ones(3)}, st, params)
+        sizes.append(float(jnp.abs(upd["w"][0])))
+    assert sizes[0] == pytest.approx(1e-3, rel=1e-3) and sizes[-1] < 0.03 * sizes[0]  # cosine to ~0
 
 
 def test_typo_suggests_the_key():

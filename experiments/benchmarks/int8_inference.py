@@ -92,14 +92,90 @@ def bench(model, params, x, calib, args):
         programs[name] = infer.inference_program(prepared[ver], infer.uniform_plan(prepared[ver], path))
     for ver in prepared:
         programs[f"chosen_{ver}"] = infer.inference_program(prepared[ver], plans[ver])
+    # the floor of any W8A8 plan: every product in float32, only the inputs fake-quantized
+    programs["w8a8_all_float"] = infer.inference_program(prepared["w8a8"], infer.float_plan(prepared["w8a8"]))
     jitted = {k: (jax.jit(f), w) for k, (f, w) in programs.items()}
     r = compare({k: (lambda f, w: lambda: f(w, x))(f, w) for k, (f, w) in jitted.items()}, baseline="float32",
                 blocks=args.blocks, calls=args.calls)
     del r["seconds"], r["order"]
     r["cost"] = {k: cost_analysis(f, w, x) for k, (f, w) in programs.items()}
-    r["plans"] = {k: {"paths": p.paths, "layer_timings": p.timings} for k, p in plans.items()}
+    r["plans"] = {k: {"paths": p.paths, "layer_timings": p.timings, "whole_model_check": p.whole}
+                  for k, p in plans.items()}
     r["verdict_chosen_w8a8_vs_1"] = verdict(r["ratios"]["chosen_w8a8"], 1.0)
     return r, prepared, plans, vs
+
+
+def _cell(r):
+    return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown, every number and verdict read from ``result``."""
+    res, cols = result["results"], ["int8", "weight_int8", "weight_int4", "chosen_w8a8", "chosen_w8", "chosen_w4"]
+    lines = ["# Integer and weight-only inference on CPU (XLA:CPU)", "",
+             "`python experiments/benchmarks/int8_inference.py --out experiments/results/int8_inference.json` "
+             f"({result['seconds']} s).", "", f"Environment: {result['environment']}.", "",
+             "Ratios are median latency / median latency of the float32 model (lower is better), with bootstrap "
+             "95% intervals over shuffled interleaved blocks; `A/A` is the float32 model timed twice. `chosen_*` is "
+             "the plan `choose_paths` measured for that model and batch (per layer, then checked as a whole "
+             "program against the all-float plan). W8A8: int8 weights + calibrated 8-bit inputs; W8/W4: weight-only. "
+             "`w8a8_all_float` is the W8A8 model with every product in float32 (only its inputs fake-quantized): "
+             "the cost below which no W8A8 plan that reproduces the fake-quant model can go unless an integer "
+             "path wins.",
+             "", "| model / batch | float32 ms | A/A control | " + " | ".join(cols) + " | chosen W8A8 vs 1.0 |",
+             "|---" * (len(cols) + 4) + "|"]
+    for k, r in res.items():
+        lines.append(f"| {k} | {1e3 * r['median_s']['float32']:.3f} | {_cell(r['ratios'][result['control_name']])} | "
+                     + " | ".join(_cell(r["ratios"][c]) for c in cols) + f" | {r['verdict_chosen_w8a8_vs_1']} |")
+    lines += ["", "## Plans chosen", "",
+              "Per layer the path kept after the layer timings, then which whole program won "
+              "(`float`: all layers float32; `per_layer`: the layer choice; `only_X`: only layer X off float32) "
+              "with its ratio to the all-float plan.", "",
+              "| model / batch | version | per-layer choice | whole-model check | plan run |", "|---|---|---|---|---|"]
+    for k, r in res.items():
+        for ver, p in r["plans"].items():
+            w = p["whole_model_check"]
+            per_layer = w["candidates"]["per_layer"] if w else p["paths"]
+            off = {n: v for n, v in per_layer.items() if v != "float"} or "all float"
+            check = "not needed" if w is None else (
+                f"{w['chosen']}" + ("" if w["chosen"] == "float" else f" {_cell(w['ratios'][w['chosen']])}")
+                + ("" if w["chosen"] == "per_layer" else "; per_layer " + _cell(w["ratios"]["per_layer"])))
+            run = {n: v for n, v in p["paths"].items() if v != "float"} or "all float"
+            lines.append(f"| {k} | {ver} | {off} | {check} | {run} |")
+    lines += ["", "## Agreement with the fake-quant model (LeNet-5, MNIST test set)", "",
+              "| plan chosen at | images | agreement | chosen accuracy | fake-quant accuracy | float32 accuracy |",
+              "|---|---|---|---|---|---|"]
+    for k, a in result["agreement_lenet5_mnist"].items():
+        lines.append(f"| {k} | {a['images']} | {100 * a['agreement_with_fake_quant']:.2f}% | "
+                     f"{100 * a['chosen_accuracy']:.2f}% | {100 * a['fake_quant_accuracy']:.2f}% | "
+                     f"{100 * a['float32_accuracy']:.2f}% |")
+    names = ["float32"] + [c for c in next(iter(res.values()))["cost"] if c != "float32"]
+    lines += ["", "## XLA cost analysis (FLOPs / bytes accessed)", "",
+              "| model / batch | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k, r in res.items():
+        lines.append(f"| {k} | " + " | ".join(f"{r['cost'][n]['flops']:.3g} / "
+                                                f"{r['cost'][n]['bytes_accessed']:.3g}" for n in names) + " |")
+    verdicts = {k: r["verdict_chosen_w8a8_vs_1"] for k, r in res.items()}
+    agree = min(a["agreement_with_fake_quant"] for a in result["agreement_lenet5_mnist"].values())
+    missed = [k for k, v in verdicts.items() if v == "misses"]
+    lines += ["", "## Bars", "",
+              f"- Predictions of the chosen W8A8 plan equal the fake-quant model's on >= 99.9% of the test images: "
+              f"{'met' if agree >= 0.999 else 'NOT met'} (lowest {100 * agree:.2f}%).",
+              "- Chosen W8A8 plan never slower than float32: " + (
+                  f"NOT met: measurably slower in {missed}." if missed else
+                  "no cell measurably slower (interval wholly above 1.0). ")
+              + " Cells: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()) + ". `meets`: interval wholly "
+              "below 1.0; `inconclusive`: the interval contains 1.0. A W8A8 plan that keeps every layer float "
+              "still quantizes each layer's input (the fake-quant model does), work float32 does not do, so it "
+              "cannot be measurably faster than float32.",
+              f"- Worst chosen W8A8 ratio: {result['ratio']:.3f} ({result['worst_case']}); the all-float W8A8 "
+              f"program there: {_cell(res[result['worst_case']]['ratios']['w8a8_all_float'])}.",
+              "- Weight-only plans (W8, W4): " + ", ".join(
+                  f"{k} W8 {verdict(r['ratios']['chosen_w8'], 1.0)}, W4 {verdict(r['ratios']['chosen_w4'], 1.0)}"
+                  for k, r in res.items()) + "; no weight-only plan measurably slower than float32: "
+              + ("yes." if all(verdict(r["ratios"][c], 1.0) != "misses" for r in res.values()
+                               for c in ("chosen_w8", "chosen_w4")) else "NO.")]
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -163,6 +239,8 @@ def main():
         "seconds": round(time.time() - t0, 1),
         "environment": environment(quick=args.quick),
     }
+    Path(args.out).with_suffix(".md").parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
     write_result(args.out, result)
 
 

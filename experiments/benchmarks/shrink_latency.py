@@ -8,19 +8,21 @@ model's (the largest difference is recorded). The small model is fine-tuned with
 train step; the number of fine-tuning epochs is chosen on the validation split, and the test set
 is scored once for the dense and once for the final small model.
 
-Timing: jitted inference at batch 256 for three programs: the dense model twice (an A/A control:
-two identical baselines) and the shrunk model. Each round runs the three in a random order,
-``--reps`` calls each after a warm-up; the ratio is median(shrunk) / median(dense A) over all
-calls, with a bootstrap 95% interval; the A/A ratio median(dense B) / median(dense A) shows the
-noise floor. XLA's cost analysis (FLOPs, bytes accessed) of both compiled programs is included.
+Timing: jitted inference at batch 256 with :func:`jaxcompress.benchmark.compare` (shuffled
+interleaved blocks, the baseline timed twice as an A/A control, bootstrap 95% intervals). Each
+model runs two ways: as the plain Flax model (``dense``, the baseline; ``shrunk``), and through
+the library's inference (:func:`jaxcompress.infer.choose_paths`: per layer, the convolution or
+the matrix product over its input patches, whichever measures faster, then checked on the whole
+model), ``dense_infer`` and ``shrunk_infer``. The headline ratio is the shrunk model's fastest
+program over the dense model's fastest program (each model served as well as the library can);
+the plain-model ratio is reported beside it. XLA's cost analysis (FLOPs, bytes accessed) of every
+compiled program is included.
 
 Usage: python experiments/benchmarks/shrink_latency.py --out FILE.json [--quick]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +32,8 @@ import numpy as np
 import optax
 
 import jaxcompress as jc
+from jaxcompress import infer
+from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
 from jaxcompress.data import epochs, load_mnist
 from jaxcompress.export import channel_groups, shrink, tied_channel_masks
 from jaxcompress.models import CNN
@@ -37,57 +41,6 @@ from jaxcompress.prune.structures import Channels
 from jaxcompress.train import split_variables
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cost(fn, params, x) -> dict:
-    """XLA's cost analysis of the compiled program ``fn(params, x)``: FLOPs and bytes accessed."""
-    analysis = jax.jit(fn).lower(params, x).compile().cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return {"flops": float(analysis.get("flops", float("nan"))),
-            "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
-
-
-def time_interleaved(fns: dict, x, *, rounds: int, reps: int, seed: int = 0) -> dict:
-    """Per-call seconds of each jitted ``fn(params, x)`` of ``fns[name] = (fn, params)``, the names
-    run in a random order every round (params are arguments, not constants folded into the program)."""
-    rng = np.random.default_rng(seed)
-    jitted = {k: (lambda f, p: (lambda v: f(p, v)))(jax.jit(f), p) for k, (f, p) in fns.items()}
-    for f in jitted.values():  # compile and warm up
-        for _ in range(3):
-            jax.block_until_ready(f(x))
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for _ in range(rounds):
-        for k in rng.permutation(names):
-            f = jitted[k]
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(x))
-                times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def ratio_interval(candidate, baseline, *, samples: int = 2000, seed: int = 0) -> list:
-    """Bootstrap 95% interval of median(candidate) / median(baseline)."""
-    rng = np.random.default_rng(seed)
-    c, b = np.asarray(candidate), np.asarray(baseline)
-    r = [np.median(rng.choice(c, len(c))) / np.median(rng.choice(b, len(b))) for _ in range(samples)]
-    return [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]
-
-
-def latency_report(fns: dict, baseline: str, control: str, x, *, rounds: int, reps: int) -> dict:
-    """Medians, ratios to ``baseline`` with intervals (``control`` is the A/A twin), and XLA costs."""
-    times = time_interleaved(fns, x, rounds=rounds, reps=reps)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    out = {"median_s": med, "calls_per_program": len(times[baseline]), "rounds": rounds, "reps": reps,
-           "ratio_to_baseline": {}, "ratio_interval_95": {}, "xla_cost": {k: cost(f, p, x) for k, (f, p) in fns.items()}}
-    for k in fns:
-        if k != baseline:
-            out["ratio_to_baseline"][k] = med[k] / med[baseline]
-            out["ratio_interval_95"][k] = ratio_interval(times[k], times[baseline])
-    out["aa_ratio"] = out["ratio_to_baseline"][control]
-    return out
 
 
 def train(module, params, batches, steps, lr):
@@ -109,12 +62,13 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--finetune-epochs", type=int, default=2, help="largest fine-tuning length tried")
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--blocks", type=int, default=30)
+    ap.add_argument("--layer-blocks", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     args = ap.parse_args()
     if args.quick:
-        args.epochs, args.finetune_epochs, args.rounds, args.reps = 0.25, 1, 6, 3
+        args.epochs, args.finetune_epochs, args.blocks, args.layer_blocks, args.calls = 0.25, 1, 6, 3, 2
     data = load_mnist(args.data_dir, download=False)
     x_tr, y_tr = data.train_images[:55000], data.train_labels[:55000]
     x_val, y_val = data.train_images[55000:], data.train_labels[55000:]
@@ -153,42 +107,106 @@ def main():
     train_seconds = time.time() - t0
 
     x = jnp.asarray(data.test_images[:256])
-    apply_dense = lambda p, v: dense.apply({"params": p}, v)  # noqa: E731
-    fns = {"dense_a": (apply_dense, jax.tree.map(jnp.copy, dense_params)),
-           "dense_b": (apply_dense, jax.tree.map(jnp.copy, dense_params)),
-           "shrunk": (lambda p, v: small.module.apply({"params": p}, v), best[2].params)}
-    lat = latency_report(fns, "dense_a", "dense_b", x, rounds=args.rounds, reps=args.reps)
-    ratio = lat["ratio_to_baseline"]["shrunk"]
+    models = {"dense": (dense, dense_params), "shrunk": (small.module, best[2].params)}
+    programs, plans = {}, {}
+    for name, (module, p) in models.items():
+        programs[name] = ((lambda m: lambda p, v: m.apply({"params": p}, v))(module), jax.tree.map(jnp.copy, p))
+        prepared = infer.prepare(module, p, {}, x, call_kwargs={})
+        plan = infer.choose_paths(prepared, blocks=args.layer_blocks, calls=args.calls, seed=len(plans))
+        plans[name] = {"paths": plan.paths, "layer_timings": plan.timings, "whole_model_check": plan.whole}
+        programs[f"{name}_infer"] = infer.inference_program(prepared, plan)
+    jitted = {k: (jax.jit(f), w) for k, (f, w) in programs.items()}
+    lat = compare({k: (lambda f, w: lambda: f(w, x))(f, w) for k, (f, w) in jitted.items()}, baseline="dense",
+                  blocks=args.blocks, calls=args.calls)
+    del lat["order"]
+    lat["cost"] = {k: cost_analysis(f, w, x) for k, (f, w) in programs.items()}
+    med = lat["median_s"]
+    best_dense = min(("dense", "dense_infer"), key=med.get)
+    best_small = min(("shrunk", "shrunk_infer"), key=med.get)
+    # the headline interval: the two fastest programs re-compared, the dense one as baseline
+    head = compare({"dense": (lambda f, w: lambda: f(w, x))(*jitted[best_dense]),
+                    "shrunk": (lambda f, w: lambda: f(w, x))(*jitted[best_small])},
+                   baseline="dense", blocks=args.blocks, calls=args.calls, seed=1)
+    r = head["ratios"]["shrunk"]
     n_dense = sum(v.size for v in jax.tree.leaves(dense_params))
     n_small = sum(v.size for v in jax.tree.leaves(small.params))
+    drop = 100 * (dense_test - small_test)
     result = {
         "benchmark": "shrink_latency",
-        "ratio": ratio,
-        "ratio_definition": "median CPU latency of jitted inference at batch 256: CNN with 50% of the filters of both "
-                            "convolutions removed by shrink (16, 32 channels) / the dense CNN (32, 64); lower is better",
-        "ratio_interval_95": lat["ratio_interval_95"]["shrunk"],
-        "aa_ratio": lat["aa_ratio"],
-        "aa_interval_95": lat["ratio_interval_95"]["dense_b"],
+        "ratio": r["ratio"],
+        "ratio_definition": "median CPU latency of jitted inference at batch 256 of the CNN with 50% of the filters "
+                            "of both convolutions removed by shrink (16, 32 channels) / the dense CNN (32, 64), each "
+                            f"on its faster program ({best_small} vs {best_dense}); lower is better",
+        "ratio_interval_95": [r["low"], r["high"]],
+        "aa": head["ratios"][CONTROL],
+        "verdict": verdict(r, 0.55),
+        "plain_model_ratio": lat["ratios"]["shrunk"],
         "target": "ratio <= 0.55 and test accuracy within 1 point of dense",
+        "programs": {"fastest_dense": best_dense, "fastest_shrunk": best_small},
         "latency": lat,
+        "headline_timing": {k: v for k, v in head.items() if k != "order"},
+        "plans": plans,
         "params": {"dense": int(n_dense), "shrunk": int(n_small)},
         "shrunk_channels": list(small.module.channels),
         "max_abs_diff_shrunk_vs_masked_before_finetune": max_diff,
         "accuracy": {"dense_val": dense_val, "dense_test": dense_test, "shrunk_val_before_finetune": before_val,
                      "finetune_log": finetune_log, "chosen_finetune_epochs": best[1], "shrunk_val": best[0],
-                     "shrunk_test": small_test, "test_drop_points": 100 * (dense_test - small_test)},
+                     "shrunk_test": small_test, "test_drop_points": drop},
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir")},
         "train_seconds": round(train_seconds, 1),
-        "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "device_count": jax.device_count(),
-                        "python": platform.python_version(), "quick": args.quick},
+        "environment": environment(quick=args.quick),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).with_suffix(".md").write_text(markdown(result))
     print(f"dense test {100 * dense_test:.2f}%, shrunk test {100 * small_test:.2f}% "
           f"(before fine-tuning: val {100 * before_val:.2f}%), max |shrunk - masked| {max_diff:.2e}")
-    print(f"A/A {lat['aa_ratio']:.3f} {result['aa_interval_95']}; shrunk interval {result['ratio_interval_95']}; "
-          f"FLOPs {lat['xla_cost']['shrunk']['flops']:.3g} vs {lat['xla_cost']['dense_a']['flops']:.3g}")
-    print(f"{ratio:.4f}")
+    print(", ".join(f"{k} {v['ratio']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in lat["ratios"].items()))
+    write_result(args.out, result)
+
+
+def _cell(r):
+    return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+def markdown(res: dict) -> str:
+    """The results as Markdown, every number read from ``res``."""
+    lat, acc = res["latency"], res["accuracy"]
+    lines = ["# Structural shrink: latency and accuracy of a CNN with half its filters removed", "",
+             "`python experiments/benchmarks/shrink_latency.py --out experiments/results/shrink_latency.json "
+             f"--epochs {res['config']['epochs']:g} --finetune-epochs {res['config']['finetune_epochs']}` "
+             f"(training {res['train_seconds']} s).", "", f"Environment: {res['environment']}.", "",
+             f"CNN(32, 64, dense 128) on MNIST, {res['params']['dense']:,} params; half the filters of both "
+             f"convolutions masked with their biases and removed by `shrink`: CNN{tuple(res['shrunk_channels'])}, "
+             f"{res['params']['shrunk']:,} params. Before fine-tuning the shrunk model's outputs equal the masked "
+             f"model's to {res['max_abs_diff_shrunk_vs_masked_before_finetune']:.1e} (512 test images).", "",
+             "| model | validation accuracy | test accuracy |", "|---|---:|---:|",
+             f"| dense | {100 * acc['dense_val']:.2f}% | {100 * acc['dense_test']:.2f}% |",
+             f"| shrunk, before fine-tuning | {100 * acc['shrunk_val_before_finetune']:.2f}% | - |",
+             f"| shrunk, fine-tuned {acc['chosen_finetune_epochs']} epoch(s) (chosen on validation) | "
+             f"{100 * acc['shrunk_val']:.2f}% | {100 * acc['shrunk_test']:.2f}% |", "",
+             "Latency at batch 256 (median of interleaved shuffled blocks; ratio to the plain dense model with its "
+             "bootstrap 95% interval; `baseline_control` is the A/A control). `*_infer` runs through "
+             "`jaxcompress.infer` with the paths chosen by measurement.", "",
+             "| program | median ms | ratio to dense | FLOPs | bytes accessed |", "|---|---:|---:|---:|---:|",
+             f"| dense | {1e3 * lat['median_s']['dense']:.2f} | 1 | {lat['cost']['dense']['flops']:.3g} | "
+             f"{lat['cost']['dense']['bytes_accessed']:.3g} |"]
+    for k, v in lat["ratios"].items():
+        c = lat["cost"].get(k, lat["cost"]["dense"])
+        lines.append(f"| {k} | {1e3 * lat['median_s'][k]:.2f} | {_cell(v)} | {c['flops']:.3g} | {c['bytes_accessed']:.3g} |")
+    lines += ["", "Paths chosen per layer (the whole-model check's winner in brackets):", ""]
+    for k, p in res["plans"].items():
+        w = p["whole_model_check"]
+        lines.append(f"- {k}: {p['paths']}" + ("" if w is None else f" ({w['chosen']})"))
+    ok_acc = acc["test_drop_points"] <= 1.0
+    lines += ["", "## Bars", "",
+              f"- Headline: {res['programs']['fastest_shrunk']} / {res['programs']['fastest_dense']} = "
+              f"{_cell({'ratio': res['ratio'], 'low': res['ratio_interval_95'][0], 'high': res['ratio_interval_95'][1]})}"
+              f" (A/A {_cell(res['aa'])}); bar <= 0.55: **{res['verdict']}**"
+              " (`meets`: the interval lies wholly below the bar).",
+              f"- Test accuracy within 1 point of dense: {'met' if ok_acc else 'NOT met'} "
+              f"({acc['test_drop_points']:+.2f} points lower).",
+              f"- Plain Flax models (no path choice): {_cell(res['plain_model_ratio'])}."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

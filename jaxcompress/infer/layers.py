@@ -7,7 +7,9 @@ the jitted program (XLA fuses the conversion into the product's operand), int8 x
 products with the zero point's contribution subtracted per output channel, or a sparse product.
 A convolution can also run as one matrix product over its input patches (``'patches'`` in float32,
 ``'int8_patches'`` on int8 codes): the patches are the kernel-offset slices of the padded input
-laid side by side, which XLA:CPU can run faster than its convolution for few channels.
+laid side by side; or as a sum over kernel offsets of each offset's slice times that offset's
+kernel matrix (``'shifts'``; a broadcast product for one input channel), which XLA fuses into
+one loop. For few channels either can beat XLA:CPU's convolution several times over.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from jaxcompress.infer import kernels, sparse
 from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 
 #: Every path name, in the order candidates are listed.
-PATHS = ("float", "patches", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
+PATHS = ("float", "patches", "shifts", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
 
 
 class Layer(NamedTuple):
@@ -92,7 +94,7 @@ def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec]) -> Layer:
         kshape = (x.shape[-1], module.features)
         base = dict(kind="dense")
     patches = base["kind"] == "conv" and base["feature_group_count"] == 1
-    cands = ["float"] + (["patches"] if patches else [])
+    cands = ["float"] + (["patches", "shifts"] if patches else [])
     if spec is not None and spec.bits is not None and spec.scheme == "symmetric" and spec.group_size is None \
             and spec.channel_axis in (None, -1, len(kshape) - 1):
         cands.append("weight_int8")
@@ -151,7 +153,7 @@ def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], act_range
                               "x_zero": x_q["x_zero"], "zero_correction": zs * ksum}
     arrays["float"] = {"kernel": wf, "bias": b, **x_q}
     if "patches" in layer.candidates:
-        arrays["patches"] = arrays["float"]
+        arrays["patches"] = arrays["shifts"] = arrays["float"]
     if "int8_patches" in layer.candidates:
         arrays["int8_patches"] = arrays["int8"]
     if "gather" in layer.candidates:
@@ -188,16 +190,36 @@ def patches(layer: Layer, x) -> jax.Array:
       >>> patches(layer, jnp.arange(3.0).reshape(1, 3, 1, 1))[0, :, 0].tolist()
       [[0.0, 1.0], [1.0, 2.0]]
     """
+    cols = [xs for _, xs in _offset_slices(layer, x)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _offset_slices(layer: Layer, x):
+    """``(offset, slice)`` per kernel offset of an already padded ``x``: the inputs that offset multiplies."""
     k, strides, dil = layer.kernel_shape[:-2], layer.strides, layer.kernel_dilation
-    spatial = x.shape[1:-1]
-    out = tuple((n - (kk - 1) * d - 1) // s + 1 for n, kk, d, s in zip(spatial, k, dil, strides))
-    cols = []
+    out = tuple((n - (kk - 1) * d - 1) // s + 1 for n, kk, d, s in zip(x.shape[1:-1], k, dil, strides))
     for offset in np.ndindex(*k):
         start = (0,) + tuple(o * d for o, d in zip(offset, dil)) + (0,)
         limit = (x.shape[0],) + tuple(st + (m - 1) * s + 1 for st, m, s in zip(start[1:-1], out, strides)) \
             + (x.shape[-1],)
-        cols.append(jax.lax.slice(x, start, limit, (1,) + tuple(strides) + (1,)))
-    return jnp.concatenate(cols, axis=-1)
+        yield offset, jax.lax.slice(x, start, limit, (1,) + tuple(strides) + (1,))
+
+
+def shifted_sum(layer: Layer, x, w) -> jax.Array:
+    """The convolution of an already padded ``x`` with ``w`` as a sum over kernel offsets.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = Layer('c', 'conv', (2, 1, 1, 1), strides=(1, 1), padding=((0, 0), (0, 0)), kernel_dilation=(1, 1))
+      >>> shifted_sum(layer, jnp.arange(3.0).reshape(1, 3, 1, 1), jnp.ones((2, 1, 1, 1)))[0, :, 0, 0].tolist()
+      [1.0, 3.0]
+    """
+    acc = None
+    for offset, xs in _offset_slices(layer, x):
+        wk = w[offset]  # (C, O)
+        term = xs * wk[0] if wk.shape[0] == 1 else jax.lax.dot_general(xs, wk, (((xs.ndim - 1,), (0,)), ((), ())))
+        acc = term if acc is None else acc + term
+    return acc
 
 
 def _pad(layer: Layer, x, value=0):
@@ -223,6 +245,8 @@ def run_layer(layer: Layer, path: str, a: dict, x) -> jax.Array:
     x = _input(layer, a, x)
     if path == "float":
         return _float_op(layer, x, a["kernel"]) + a["bias"]
+    if path == "shifts":
+        return shifted_sum(layer, _pad(layer, x), a["kernel"]) + a["bias"]
     if path == "patches":
         w = a["kernel"].reshape(-1, layer.kernel_shape[-1])
         return jax.lax.dot_general(patches(layer, _pad(layer, x)), w, (((x.ndim - 1,), (0,)), ((), ()))) + a["bias"]

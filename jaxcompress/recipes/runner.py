@@ -35,6 +35,7 @@ from jaxcompress.data import load_dataset
 from jaxcompress.data.batching import epochs as epoch_batches
 from jaxcompress.data.batching import num_batches
 from jaxcompress.distill.losses import kd_loss
+from jaxcompress.distill.matching import compose, input_dropout, mixup, random_shift
 from jaxcompress.export.artifact import save
 from jaxcompress.export.reader import load
 from jaxcompress.export.size import size_report
@@ -132,8 +133,26 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _optimizer(stage: dict):
-    return {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](stage["learning_rate"])
+def _optimizer(stage: dict, num_steps: int):
+    lr = stage["learning_rate"]
+    if stage["lr_schedule"] == "cosine":
+        lr = optax.cosine_decay_schedule(lr, max(num_steps, 1))
+    return {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](lr)
+
+
+def _augment(stage: dict, num_classes: int):
+    """The stage's in-step augmentation (shift, then input dropout, then mixup), or ``None``."""
+    spec = stage.get("augment")
+    if not spec:
+        return None
+    parts = []
+    if spec.get("shift"):
+        parts.append(random_shift(spec["shift"]))
+    if spec.get("input_dropout"):
+        parts.append(input_dropout(spec["input_dropout"]))
+    if "mixup" in spec:
+        parts.append(mixup(spec["mixup"], num_classes=num_classes))
+    return compose(*parts) if parts else None
 
 
 def _and_masks(a, b):
@@ -253,7 +272,7 @@ class _Run:
         teacher = self.models.get(stage.get("teacher")) if stage.get("teacher") else None
         kd = None if teacher is None else Teacher(linen_apply_fn(teacher.module), functools.partial(
             kd_loss, temperature=stage["temperature"], kd_weight=stage["kd_weight"], ce_weight=stage["ce_weight"]))
-        opt = _optimizer(stage)
+        opt = _optimizer(stage, num_steps)
         state = init_train_state(params, opt, transform=transform, model_state=model_state,
                                  rng=self.seed * 1000 + index)
         ckpt = Checkpointer(sdir / "checkpoints", every=self.recipe["checkpoint_every"], keep=2)
@@ -321,7 +340,8 @@ class _Run:
             return state, None
         if self.parallel != "none":
             per_device_batch_size(self.batch_size, len(jax.devices()) if self.devices is None else self.devices)
-        step = make_train_step(apply, opt, transform=transform, teacher=kd, axis_name=self.axis_name)
+        step = make_train_step(apply, opt, transform=transform, teacher=kd, axis_name=self.axis_name,
+                               augment=_augment(stage, self.split.num_classes))
         dp = data_parallel(step, parallel=self.parallel, devices=self.devices)
         xs, ys = self.split.train
         per_epoch = num_batches(len(ys), self.batch_size)

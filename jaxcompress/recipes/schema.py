@@ -11,7 +11,11 @@ Over several seeds, ``reference = "STAGE"`` compares every other stage with that
 quotes published numbers beside the measured ones; ``score_test = false`` makes a tuning run
 that never scores the test set. A prune stage with ``allocation = "sensitivity"`` chooses its
 per-layer sparsities by pruning each layer of its starting model alone over ``sensitivity_grid``
-and scoring it on the validation split.
+and scoring it on the validation split. A training stage may set ``lr_schedule = "cosine"``
+(cosine decay from ``learning_rate`` to 0 over the stage) and ``augment = { shift = 2,
+input_dropout = 0.2, mixup = 1.0 }``: in-step augmentations (a random shift of up to ``shift``
+pixels, input dropout, mixup with that Beta alpha), applied in that order to the batch both the
+student and its teacher see.
 
 Example:
   >>> recipe = parse_recipe('''
@@ -129,6 +133,27 @@ def _published(v):
     return None
 
 
+#: The in-step augmentations a training stage can name (``augment = { shift = 2, ... }``), each with its check.
+AUGMENTS = {
+    "shift": _int(0),
+    "input_dropout": _number(0, 1),
+    "mixup": _number(0, math.inf, low_open=True),
+}
+
+
+def _augment(v):
+    if not isinstance(v, dict) or not v:
+        return ("must be a table of in-step augmentations, e.g. { shift = 2, input_dropout = 0.2 } (shift: pixels; "
+                f"input_dropout: drop rate; mixup: Beta alpha), got {v!r}.")
+    for k, x in v.items():
+        if k not in AUGMENTS:
+            return f"names {k!r}, not one of {list(AUGMENTS)}."
+        problem = AUGMENTS[k](x)
+        if problem:
+            return f"{k} {problem}"
+    return None
+
+
 def _dataset(v):
     if isinstance(v, str) and (v in DATASETS or (v.startswith(TFDS_PREFIX) and v != TFDS_PREFIX)):
         return None
@@ -218,6 +243,8 @@ _TRAINING = {
     "temperature": _number(0, math.inf, low_open=True),
     "kd_weight": _number(0, math.inf),
     "ce_weight": _number(0, math.inf),
+    "lr_schedule": _choice("constant", "cosine"),
+    "augment": _augment,
 }
 _COMMON = {"name": _type(str, "a string"), "kind": _choice(*STAGE_KINDS), "label": _type(str, "a string"),
            "from": _type(str, "the name of an earlier stage")}
@@ -256,7 +283,7 @@ DEFAULTS = {
     "top": {"name": "recipe", "seeds": [0], "parallel": "none", "checkpoint_every": 500, "score_test": True},
     "data": {"download": True, "fallback_to_digits": False, "validation": 0.1, "split_seed": 0,
              "batch_size": 128, "eval_batch_size": 1000},
-    "training": {"epochs": 1.0, "learning_rate": 1e-3, "optimizer": "adam", "temperature": 4.0,
+    "training": {"epochs": 1.0, "learning_rate": 1e-3, "optimizer": "adam", "lr_schedule": "constant", "temperature": 4.0,
                  "kd_weight": 0.9, "ce_weight": 0.1},
     "prune": {"schedule": "polynomial", "schedule_end": 0.6, "criterion": "magnitude",
               "structure": "unstructured", "scope": "layer", "erk_power": 1.0},
