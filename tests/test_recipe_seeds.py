@@ -80,6 +80,27 @@ def test_paired_comparison_one_seed_and_bad_arguments():
         paired_comparison(_rows(dense=[0.9], pruned=[0.8]), "dense", level=95)
 
 
+def test_stage_references_override_the_recipe_reference():
+    runs = _rows(labels=[0.70, 0.72, 0.71], kd=[0.73, 0.74, 0.72], teacher=[0.80, 0.81, 0.79], pruned=[0.79, 0.80, 0.79])
+    out = paired_comparison(runs, "labels", references={"pruned": "teacher"})
+    by = {p["stage"]: p for p in out}
+    assert set(by) == {"kd", "teacher", "pruned"} and by["pruned"]["reference"] == "teacher"
+    np.testing.assert_allclose(by["pruned"]["differences"], [-0.01, -0.01, 0.0], atol=1e-12)
+    np.testing.assert_allclose(by["kd"]["differences"], [0.03, 0.02, 0.01], atol=1e-12)
+    only = paired_comparison(runs, None, references={"kd": "labels", "pruned": "teacher"})
+    assert [(p["stage"], p["reference"]) for p in only] == [("kd", "labels"), ("pruned", "teacher")]
+    with pytest.raises(ValueError, match="reference 'teachr' is not a stage"):
+        paired_comparison(runs, None, references={"pruned": "teachr"})
+    stages = [{**r, "bytes_float32": 4000, "file_bytes": 400, "params": 1000, "nonzero_params": 100,
+               "weight_bits": 32, "seconds": 1.0, "epochs": 1.0, "total_epochs": 1.0, "validation_accuracy": 0.5}
+              for r in _summary(runs)]
+    md = report_markdown({"recipe": "r", "dataset": "mnist", "source": "here", "seeds": [0, 1, 2], "stages": stages,
+                          "paired": only, "config": {}})
+    assert "against each stage's reference" in md and "| PRUNED | TEACHER | -1.00 | -1.00 | +0.00 |" in md
+    r = parse_recipe(BASE.replace('reference = "dense"', "") + 'reference = "dense"\n')
+    assert r["stages"][1]["reference"] == "dense" and "reference" not in r
+
+
 def test_summary_averages_tables_of_numbers_over_seeds():
     runs = [[{"stage": "p", "test_accuracy": 0.9, "layer_sparsity": {"a": 0.5, "b": 0.7}, "artifact": "seed_0"}],
             [{"stage": "p", "test_accuracy": 0.8, "layer_sparsity": {"a": 0.7, "b": 0.9}, "artifact": "seed_1"}]]
@@ -117,6 +138,8 @@ BAD = [
     ('reference = "dense"', 'reference = "dense"\npublished = { source = "x", test_error = { dence = 1.6 } }',
      "published"),
     ('reference = "dense"', 'reference = "dense"\nscore_test = "no"', "score_test"),
+    ("sparsity = 0.8\n", 'sparsity = 0.8\nreference = "pruned"\n', "stages[1].reference"),
+    ("sparsity = 0.8\n", 'sparsity = 0.8\nreference = "dence"\n', "stages[1].reference"),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 
 def format_accuracy(row: dict, key: str) -> str:
@@ -16,8 +16,8 @@ def format_accuracy(row: dict, key: str) -> str:
     return f"{value:.2%}" + (f" ± {std:.2%}" if std is not None else "")
 
 
-def paired_comparison(runs: list[list[dict]], reference: str, key: str = "test_accuracy",
-                      level: float = 0.95) -> list[dict]:
+def paired_comparison(runs: list[list[dict]], reference: Optional[str], key: str = "test_accuracy",
+                      level: float = 0.95, references: Optional[Mapping[str, str]] = None) -> list[dict]:
     """Each stage against ``reference``, seed by seed: the paired differences of ``key`` and a t-interval.
 
     With ``n`` seeds, ``d_i = stage_i - reference_i``; ``mean`` and ``std`` (``ddof=1``) of the
@@ -28,9 +28,10 @@ def paired_comparison(runs: list[list[dict]], reference: str, key: str = "test_a
 
     Args:
       runs: per seed, the stage rows (``run_recipe``'s ``runs[i]["stages"]``).
-      reference: the ``stage`` name compared against.
+      reference: the ``stage`` name compared against (``None``: only the stages in ``references``).
       key: the row value compared (higher is better, e.g. ``'test_accuracy'``).
       level: the interval's coverage, in (0, 1).
+      references: ``{stage: its own reference}``, overriding ``reference`` for those stages.
 
     Returns:
       One dict per other stage with ``stage, name, reference, key, differences, mean, std, t,
@@ -49,14 +50,17 @@ def paired_comparison(runs: list[list[dict]], reference: str, key: str = "test_a
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), e.g. 0.95, got {level!r}.")
     by_stage = [{r["stage"]: r for r in rows} for rows in runs]
-    if not runs or any(reference not in rows for rows in by_stage):
-        raise ValueError(f"reference {reference!r} is not a stage of every run; stages: "
-                         f"{[r['stage'] for r in runs[0]] if runs else []}.")
+    references = dict(references or {})
+    for ref in {reference, *references.values()} - {None}:
+        if not runs or any(ref not in rows for rows in by_stage):
+            raise ValueError(f"reference {ref!r} is not a stage of every run; stages: "
+                             f"{[r['stage'] for r in runs[0]] if runs else []}.")
     out = []
     for row in runs[0]:
-        if row["stage"] == reference or row.get(key) is None:
+        ref = references.get(row["stage"], reference)
+        if ref is None or row["stage"] == ref or row.get(key) is None:
             continue
-        pairs = [(rows[row["stage"]].get(key), rows[reference].get(key)) for rows in by_stage]
+        pairs = [(rows[row["stage"]].get(key), rows[ref].get(key)) for rows in by_stage]
         if any(a is None or b is None for a, b in pairs):
             continue
         d = [float(a) - float(b) for a, b in pairs]
@@ -70,7 +74,7 @@ def paired_comparison(runs: list[list[dict]], reference: str, key: str = "test_a
             t = mean / (std / math.sqrt(n)) if std > 0 else None
             interval = [mean - half, mean + half]
             within = interval[0] <= 0.0 <= interval[1]
-        out.append({"stage": row["stage"], "name": row["name"], "reference": reference, "key": key,
+        out.append({"stage": row["stage"], "name": row["name"], "reference": ref, "key": key,
                     "differences": d, "mean": mean, "std": std, "t": t, "level": level,
                     "interval": interval, "within_spread": within})
     return out
@@ -85,25 +89,30 @@ def _paired_lines(report: dict) -> list[str]:
     if not paired:
         return []
     names = {s["stage"]: s["name"] for s in report["stages"]}
-    ref = names.get(paired[0]["reference"], paired[0]["reference"])
+    refs = list(dict.fromkeys(p["reference"] for p in paired))
+    one = len(refs) == 1
+    against = f"against {names.get(refs[0], refs[0])!r}" if one else "against each stage's reference"
     seeds = report.get("seeds", [])
-    lines = ["", f"Paired by seed against {ref!r}: the difference in {paired[0]['key'].replace('_', ' ')} "
+    lines = ["", f"Paired by seed {against}: the difference in {paired[0]['key'].replace('_', ' ')} "
              "(percentage points, this stage minus the reference) on each seed, its mean, standard deviation and "
              f"t statistic, and the {paired[0]['level']:.0%} t-interval of the mean difference.", "",
-             "| stage | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | t | interval | "
-             "within the seeds' spread |",
-             "| --- | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: | ---: | ---: | --- |"]
+             "| stage | " + ("" if one else "reference | ") + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean | std | t | interval | within the seeds' spread |",
+             "| --- | " + ("" if one else "--- | ") + " | ".join("---:" for _ in seeds)
+             + " | ---: | ---: | ---: | ---: | --- |"]
     for p in paired:
         interval = "-" if p["interval"] is None else f"[{_points(p['interval'][0])}, {_points(p['interval'][1])}]"
         verdict = {None: "-", True: "yes: the interval holds 0", False: "no: the interval excludes 0"}[p["within_spread"]]
         std = "-" if p["std"] is None else f"{100 * p['std']:.2f}"
         t = "-" if p["t"] is None else f"{p['t']:.2f}"
-        lines.append(f"| {p['name']} | " + " | ".join(_points(d) for d in p["differences"])
+        lines.append(f"| {p['name']} | " + ("" if one else f"{names.get(p['reference'], p['reference'])} | ")
+                     + " | ".join(_points(d) for d in p["differences"])
                      + f" | {_points(p['mean'])} | {std} | {t} | {interval} | {verdict} |")
     lines.append("")
     for p in paired:
         if p["within_spread"] is None:
             continue
+        ref = names.get(p["reference"], p["reference"])
         side = "higher" if p["mean"] > 0 else "lower"
         every = sum((d > 0) == (p["mean"] > 0) and d != 0 for d in p["differences"]) == len(p["differences"])
         lines.append(f"- {p['name']} " + ("matches" if p["within_spread"] else "does not match")

@@ -457,6 +457,7 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
                                               **run.rows[stage["name"]]}) + "\n")
                 journal.flush()
             runs.append(list(run.rows.values()))
+    own = {s["name"]: s["reference"] for s in recipe["stages"] if s.get("reference")}
     return {
         "recipe": recipe["name"],
         "dataset": split.name,
@@ -468,8 +469,8 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
         "selection": SELECTION if recipe["score_test"] else SELECTION_NO_TEST,
         "runs": [{"seed": s, "stages": rows} for s, rows in zip(recipe["seeds"], runs)],
         "stages": _summary(runs),
-        **({"paired": paired_comparison(runs, recipe["reference"])}
-           if recipe.get("reference") and recipe["score_test"] else {}),
+        **({"paired": paired_comparison(runs, recipe.get("reference"), references=own)}
+           if (recipe.get("reference") or own) and recipe["score_test"] else {}),
         "config": recipe,
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()},
         "total_seconds": round(time.time() - t0, 1),

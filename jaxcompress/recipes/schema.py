@@ -7,7 +7,9 @@ parameter rules that match no parameter of the stage's model. Each error is a
 :class:`RecipeError` naming the key and its line in the file.
 
 Over several seeds, ``reference = "STAGE"`` compares every other stage with that one seed by seed
-(the report's ``paired`` list); ``[published]`` (``source``, ``test_error = { STAGE = percent }``)
+(the report's ``paired`` list), and a stage's own ``reference = "STAGE"`` compares it with another
+stage instead (e.g. a pruned model with its dense parent, a distilled student with the same
+student trained on labels); ``[published]`` (``source``, ``test_error = { STAGE = percent }``)
 quotes published numbers beside the measured ones; ``score_test = false`` makes a tuning run
 that never scores the test set. A prune stage with ``allocation = "sensitivity"`` chooses its
 per-layer sparsities by pruning each layer of its starting model alone over ``sensitivity_grid``
@@ -247,7 +249,8 @@ _TRAINING = {
     "augment": _augment,
 }
 _COMMON = {"name": _type(str, "a string"), "kind": _choice(*STAGE_KINDS), "label": _type(str, "a string"),
-           "from": _type(str, "the name of an earlier stage")}
+           "from": _type(str, "the name of an earlier stage"),
+           "reference": _type(str, "the name of a stage this one is compared with, seed by seed")}
 STAGE_KEYS = {
     "train": {**_COMMON, **_TRAINING, "model": _type(dict, "a table such as { kind = \"cnn\", hidden = 128 }")},
     "distill": {**_COMMON, **_TRAINING, "model": _type(dict, "a table such as { kind = \"cnn\", hidden = 64 }")},
@@ -422,6 +425,12 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
     trained = [s["name"] for s in recipe["stages"] if s["kind"] != "export"]
     if "reference" in recipe and recipe["reference"] not in trained:
         c.fail(("reference",), f"{recipe['reference']!r} is not a trained stage; give one of {trained}.")
+    for i, stage in enumerate(recipe["stages"]):
+        ref = stage.get("reference")
+        if ref is not None and (ref not in trained or ref == stage["name"] or stage["kind"] == "export"):
+            c.fail(("stages", i, "reference"), f"{ref!r} is not another trained stage; give one of "
+                   f"{[t for t in trained if t != stage['name']]}" + (" (an export stage is not compared)."
+                                                                    if stage["kind"] == "export" else "."))
     for stage in raw.get("published", {}).get("test_error", {}):
         if stage not in trained:
             c.fail(("published",), f"test_error names {stage!r}, not a trained stage; give one of {trained}.")
