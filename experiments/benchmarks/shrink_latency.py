@@ -196,7 +196,12 @@ def markdown(res: dict) -> str:
     lines += ["", "Paths chosen per layer (the whole-model check's winner in brackets):", ""]
     for k, p in res["plans"].items():
         w = p["whole_model_check"]
-        lines.append(f"- {k}: {p['paths']}" + ("" if w is None else f" ({w['chosen']})"))
+        lines.append(f"- {k}: {p['paths']}" + ("" if w is None else (
+            f" ({w['chosen']}; the per-layer choice {w['candidates']['per_layer']} ran "
+            f"{_cell(w['ratios']['per_layer'])} of the all-float program)")))
+        for layer, t in p["layer_timings"].items():
+            lines.append(f"  - {layer} alone, ratio to its float32 convolution: "
+                         + ", ".join(f"{c} {_cell(r)}" for c, r in t["ratios"].items()))
     ok_acc = acc["test_drop_points"] <= 1.0
     lines += ["", "## Bars", "",
               f"- Headline: {res['programs']['fastest_shrunk']} / {res['programs']['fastest_dense']} = "
@@ -204,7 +209,7 @@ def markdown(res: dict) -> str:
               f" (A/A {_cell(res['aa'])}); bar <= 0.55: **{res['verdict']}**"
               " (`meets`: the interval lies wholly below the bar).",
               f"- Test accuracy within 1 point of dense: {'met' if ok_acc else 'NOT met'} "
-              f"({acc['test_drop_points']:+.2f} points lower).",
+              f"({abs(acc['test_drop_points']):.2f} points {'lower' if acc['test_drop_points'] >= 0 else 'higher'}).",
               f"- Plain Flax models (no path choice): {_cell(res['plain_model_ratio'])}."]
     return "\n".join(lines) + "\n"
 
