@@ -7,7 +7,6 @@ catalogues (``tests/test_parallel_cli.py``, ``tests/test_checkpoint.py``).
 
 The module runs under ``jax_numpy_rank_promotion='raise'`` and ``jax_numpy_dtype_promotion='strict'``.
 """
-import math
 import warnings
 
 import jax

@@ -1,7 +1,6 @@
 """The train and eval steps: tracing, BatchNorm state, teacher, compression, axis_name."""
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

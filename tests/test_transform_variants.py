@@ -4,7 +4,6 @@
 the differing leaf paths when a tree differs.
 """
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 

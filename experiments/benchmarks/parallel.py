@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
@@ -38,7 +37,7 @@ import jaxcompress as jc  # noqa: E402
 from jaxcompress.benchmark import CONTROL, compare, environment, summary, write_result  # noqa: E402
 from jaxcompress.models import student_cnn, teacher_cnn  # noqa: E402
 from jaxcompress.prune.schedules import one_shot_schedule  # noqa: E402
-from jaxcompress.train import data_parallel, shard_batch, split_for_pmap, split_variables, step_axis_name  # noqa: E402
+from jaxcompress.train import data_parallel, shard_batch, split_variables, step_axis_name  # noqa: E402
 
 
 def build(parallel, devices, x):

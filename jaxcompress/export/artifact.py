@@ -22,7 +22,7 @@ import numpy as np
 from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.data.dataset import write_atomic
-from jaxcompress.export.pack import TensorReport, finish_record, pack_leaf
+from jaxcompress.export.pack import finish_record, pack_leaf
 from jaxcompress.export.reader import FORMAT, VERSION, ArtifactInfo, canonical_json, record_digest
 
 

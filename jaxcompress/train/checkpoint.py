@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 import warnings
 from typing import Any, NamedTuple, Optional

@@ -10,7 +10,6 @@ import optax
 from jaxcompress.core.finite import all_finite
 from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import Transform, UpdateInfo, identity, intercepted, trainable_part, with_trainable
-from jaxcompress.core.validation import check_int
 from jaxcompress.distill.capture import logits_of
 from jaxcompress.train.objectives import LossFn, MetricsFn, batch_field, classification_loss, classification_metrics
 from jaxcompress.train.state import ApplyFn, TrainState, check_float_params
