@@ -146,8 +146,8 @@ def main():
     ap.add_argument("--cifar-dir", default=None, help="folder with cifar-10-batches-bin (default: the loader's)")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "lowrank"))
     args = ap.parse_args()
-    args.epochs = {"mlp": 10, "cnn": 6}
-    args.finetune_epochs = {"mlp": 3, "cnn": 2}
+    args.epochs = {"mlp": 10, "cnn": 4}
+    args.finetune_epochs = {"mlp": 3, "cnn": 1}
     mnist_settings, cnn_settings = [128, 64, 32, 16], [32, 16, 8]
     if args.quick:
         args.epochs, args.finetune_epochs = {"mlp": 0.3, "cnn": 0.05}, {"mlp": 0.2, "cnn": 0.05}
