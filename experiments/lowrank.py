@@ -121,7 +121,7 @@ def markdown(out: dict) -> str:
              "per final model. No published reference is claimed for these numbers.", ""]
     for name, res in out["models"].items():
         lines += [f"## {name}", "",
-                  f"Dense {res['epochs']:g} epochs, fine-tuning {res['finetune_epochs']:g} epochs; "
+                  f"Dense {res['epochs']:g} epoch(s), fine-tuning {res['finetune_epochs']:g} epoch(s); "
                   f"A/A control {_cell(res['aa'])}; training {res['train_seconds']} s.", "",
                   "| model | val after SVD | val (fine-tuned) | test | file bytes | float32 bytes | latency vs dense | "
                   "XLA FLOPs |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
