@@ -9,7 +9,8 @@ from jaxcompress.recipes.runner import run_recipe, smoke_recipe
 from jaxcompress.recipes.schema import load_recipe, shipped_recipes
 
 
-@pytest.mark.parametrize("name", shipped_recipes())
+# the demo recipe's smoke run is tests/test_demo.py (through `jaxcompress demo`, with more checks)
+@pytest.mark.parametrize("name", [n for n in shipped_recipes() if n != "demo"])
 def test_shipped_recipe_smoke(name, mnist_dir, tmp_path):
     out = tmp_path / name
     if load_recipe(name)["data"]["name"] == "cifar10":
