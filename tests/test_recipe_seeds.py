@@ -209,3 +209,20 @@ def test_hinton_recipe_and_its_sweep():
         temps = {s["name"]: s["temperature"] for s in sweep["stages"][1:]}
         assert stages["kd"]["temperature"] == stages["kd_jitter"]["temperature"] == temps[best["stage"]]
         assert all(r["test_accuracy"] is None for r in rows)
+
+
+def test_report_shows_data_directories_without_absolute_paths(tmp_path, monkeypatch):
+    from jaxcompress.recipes.runner import _portable_path
+
+    home, start = tmp_path / "home", tmp_path / "work" / "project"
+    (home / ".cache" / "data").mkdir(parents=True)
+    (tmp_path / "work" / "shared").mkdir(parents=True)
+    start.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(start)
+    assert _portable_path(str(home / ".cache" / "data")) == "~/.cache/data"
+    assert _portable_path(str(tmp_path / "work" / "shared")) == "../shared"
+    (start / "data").mkdir()
+    assert _portable_path(str(start / "data")) == "data"
+    assert _portable_path("mnist") == "mnist"  # a data set name is shown as given
+    assert _portable_path(str(tmp_path / "missing")) == str(tmp_path / "missing")  # not a directory: as given

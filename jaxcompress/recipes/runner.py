@@ -411,6 +411,18 @@ def _summary(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
+def _portable_path(source: str) -> str:
+    """A data directory as the report shows it: relative to where the run started, or to the home
+    directory when it lies there and not below the start, so the report holds no machine's absolute path."""
+    if not os.path.isdir(source):
+        return source  # a data set name, not a directory
+    here = os.path.relpath(source)
+    home = os.path.expanduser("~")
+    if here.startswith(os.pardir) and os.path.abspath(source).startswith(home + os.sep):
+        return os.path.join("~", os.path.relpath(source, home))
+    return here
+
+
 def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Callable[[str], None] = print,
                split: Optional[Split] = None) -> dict:
     """Runs every stage of ``recipe`` (from :func:`~jaxcompress.recipes.schema.load_recipe`) for each seed.
@@ -461,8 +473,7 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
     return {
         "recipe": recipe["name"],
         "dataset": split.name,
-        # a data directory relative to where the run started: the report holds no machine's absolute path
-        "source": os.path.relpath(split.source) if os.path.isdir(split.source) else split.source,
+        "source": _portable_path(split.source),
         "split": {"train": len(split.train[1]), "validation": len(split.validation[1]), "test": len(split.test[1]),
                   "split_seed": recipe["data"]["split_seed"]},
         "seeds": list(recipe["seeds"]),
@@ -471,7 +482,8 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
         "stages": _summary(runs),
         **({"paired": paired_comparison(runs, recipe.get("reference"), references=own)}
            if (recipe.get("reference") or own) and recipe["score_test"] else {}),
-        "config": recipe,
+        "config": {**recipe, "data": {**recipe["data"], **({"dir": _portable_path(recipe["data"]["dir"])}
+                                                          if recipe["data"].get("dir") else {})}},
         "environment": {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count()},
         "total_seconds": round(time.time() - t0, 1),
     }
