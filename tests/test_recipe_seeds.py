@@ -140,6 +140,17 @@ BAD = [
     ('reference = "dense"', 'reference = "dense"\nscore_test = "no"', "score_test"),
     ("sparsity = 0.8\n", 'sparsity = 0.8\nreference = "pruned"\n', "stages[1].reference"),
     ("sparsity = 0.8\n", 'sparsity = 0.8\nreference = "dence"\n', "stages[1].reference"),
+    ("sparsity = 0.8\n", 'sparsity = 0.8\nbits = 9\n', "stages[1].bits"),
+    ("sparsity = 0.8\n", 'allocation = "budget"\n', "stages[1].allocation"),  # neither budget nor max_drop
+    ("sparsity = 0.8\n", 'allocation = "budget"\nbudget = 5000\nmax_drop = 0.01\n', "stages[1].allocation"),
+    ("sparsity = 0.8\n", 'sparsity = 0.8\nallocation = "budget"\nbudget = 5000\n', "stages[1].sparsity"),
+    ("sparsity = 0.8\n", 'allocation = "budget"\nbudget = "dence"\n', "stages[1].budget"),
+    ("sparsity = 0.8\n", 'allocation = "budget"\nbudget = -3\n', "stages[1].budget"),
+    ("sparsity = 0.8\n", 'allocation = "budget"\nmax_drop = 1.5\n', "stages[1].max_drop"),
+    ("sparsity = 0.8\n", 'allocation = "budget"\nbudget = 5000\nbits_grid = [1, 4]\n', "stages[1].bits_grid"),
+    ("sparsity = 0.8\n", 'allocation = "budget"\nbudget = 5000\nscope = "global"\n', "stages[1].allocation"),
+    ("sparsity = 0.8\n", 'sparsity = 0.8\nbits_grid = [2, 4]\n', "stages[1].bits_grid"),
+    ("sparsity = 0.8\n", 'sparsity = 0.8\nbudget = "dense"\n', "stages[1].budget"),
 ]
 
 
@@ -226,3 +237,40 @@ def test_report_shows_data_directories_without_absolute_paths(tmp_path, monkeypa
     assert _portable_path(str(start / "data")) == "data"
     assert _portable_path("mnist") == "mnist"  # a data set name is shown as given
     assert _portable_path(str(tmp_path / "missing")) == str(tmp_path / "missing")  # not a directory: as given
+
+
+def test_budget_allocation_fits_the_file_of_the_uniform_stage(mnist_dir, tmp_path):
+    """Per-layer sparsity and bits chosen on validation so the file fits another stage's file bytes."""
+    text = (BASE.replace("seeds = [0, 1]", "seeds = [0]").replace("features = [32]", "features = [24]")
+            .replace("sparsity = 0.8\n", "sparsity = 0.8\nbits = 4\nepochs = 0.5\n")
+            + '[[stages]]\nname = "auto"\nkind = "prune"\nfrom = "dense"\nreference = "pruned"\n'
+              'allocation = "budget"\nbudget = "pruned"\nsensitivity_grid = [0.0, 0.8, 0.95]\nbits_grid = [2, 4, 8]\n'
+              'epochs = 0.5\n')
+    recipe = parse_recipe(text)
+    recipe["data"].update(dir=str(mnist_dir), train_subset=400, validation=100, test_subset=100, batch_size=50)
+    report = run_recipe(recipe, tmp_path, progress=False, log=lambda m: None)
+    dense, uniform, auto = report["stages"]
+    assert uniform["weight_bits"] == 4 and uniform["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    alloc = auto["budget_allocation"]
+    assert alloc["budget_bytes"] == uniform["file_bytes"]
+    assert alloc["tries"][-1]["one_shot_file_bytes"] <= uniform["file_bytes"]
+    # the baseline of the measurements is the dense stage's validation accuracy
+    assert alloc["baseline"] == pytest.approx(dense["validation_accuracy"], abs=1e-12)
+    assert set(alloc["layers"]) == {"fc1/kernel", "head/kernel"}
+    for name, layer in alloc["layers"].items():
+        assert auto["allocated_sparsity"][name] == layer["sparsity"]
+        size = {"fc1/kernel": 784 * 24, "head/kernel": 240}[name]
+        # the masks hold it; a coarse grid rounds some kept weights to 0 as well
+        assert auto["layer_sparsity"][name] >= layer["sparsity"] - 1 / size - 1e-12
+        assert [layer["sparsity"], layer["bits"], layer["bytes"]] in [o[:3] for o in alloc["options"][name]]
+    sizes = {"fc1/kernel": 784 * 24, "head/kernel": 240}
+    mean_bits = sum(sizes[k] * v["bits"] for k, v in alloc["layers"].items()) / sum(sizes.values())
+    assert auto["weight_bits"] == pytest.approx(mean_bits, abs=0.01)
+    from jaxcompress.export import load
+
+    _, info = load(tmp_path / auto["artifact"])  # the file stores each layer at most at its chosen bits
+    for name, layer in alloc["layers"].items():  # (the kept values of a sparse 2-bit layer are signs: 1 bit)
+        assert info.tensors[name]["kind"] in ("int", "sign") and info.tensors[name]["bits"] <= layer["bits"]
+    assert report["paired"][-1]["stage"] == "auto" and report["paired"][-1]["reference"] == "pruned"
+    md = report_markdown(report)
+    assert "Budget allocations" in md and f"| {uniform['file_bytes']:,} |" in md

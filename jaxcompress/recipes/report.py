@@ -148,8 +148,32 @@ def _layer_lines(report: dict) -> list[str]:
              "| stage | " + " | ".join(layers) + " | total |", "| --- | " + " | ".join("---:" for _ in layers) + " | ---: |"]
     for s in pruned:
         alloc = s.get("allocated_sparsity") or {}
+        if s.get("budget_allocation"):
+            alloc = {}  # per seed in the budget table below
         cells = [f"{s['layer_sparsity'][k]:.1%}" + (f" ({alloc[k]:.1%})" if k in alloc else "") for k in layers]
         lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {s['sparsity']:.1%} |")
+    return lines + _budget_lines(report)
+
+
+def _budget_lines(report: dict) -> list[str]:
+    """Per seed, what each budget allocation aimed at and what its file came to."""
+    rows = [(run["seed"], s) for run in report.get("runs", [{"seed": None, "stages": report["stages"]}])
+            for s in run["stages"] if s.get("budget_allocation")]
+    if not rows:
+        return []
+    lines = ["", "Budget allocations (each layer compressed alone over the grids, scored on the validation split and "
+             "packed; one option per layer chosen exactly for the least predicted accuracy drop within the budget, "
+             "the one-shot file saved to check the prediction): per layer sparsity / bits, per seed.", "",
+             "| stage | seed | budget bytes | predicted drop | predicted bytes | one-shot file bytes | file bytes after "
+             "fine-tuning | within budget | layers |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for seed, s in rows:
+        b = s["budget_allocation"]
+        last = b["tries"][-1]
+        budget = "-" if b["budget_bytes"] is None else f"{b['budget_bytes']:,}"
+        within = "-" if b["budget_bytes"] is None else ("yes" if s["file_bytes"] <= b["budget_bytes"] else "NO")
+        layers = ", ".join(f"{k} {v['sparsity']:.0%}/{v['bits']}" for k, v in b["layers"].items())
+        lines.append(f"| {s['name']} | {seed} | {budget} | {b['predicted_drop']:.2%} | {last['predicted_file_bytes']:,} | "
+                     f"{last['one_shot_file_bytes']:,} | {s['file_bytes']:,} | {within} | {layers} |")
     return lines
 
 

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import Transform, chain
 from jaxcompress.data import load_dataset
 from jaxcompress.data.batching import epochs as epoch_batches
@@ -37,6 +39,7 @@ from jaxcompress.data.batching import num_batches
 from jaxcompress.distill.losses import kd_loss
 from jaxcompress.distill.matching import compose, input_dropout, mixup, random_shift
 from jaxcompress.export.artifact import save
+from jaxcompress.export.budget import allocate_budget, budget_sensitivity, budget_transform, compressed_view, file_bytes
 from jaxcompress.export.reader import load
 from jaxcompress.export.size import size_report
 from jaxcompress.prune import (allocate_sparsity, erk_sparsities, fixed_masks, pruning, sensitivity_analysis,
@@ -106,7 +109,8 @@ def load_split(data: dict, log: Callable[[str], None] = print) -> Split:
 def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: int = 128) -> dict:
     """The recipe cut to a few seconds: the first seed, a few hundred images, at most one epoch a stage.
 
-    A sensitivity allocation's grid is cut to its two ends (each grid point prunes every layer once).
+    A sensitivity or budget allocation's grids are cut to their two ends (each grid point compresses
+    every layer once).
 
     For checking that a recipe runs end to end, not for its numbers.
 
@@ -126,6 +130,9 @@ def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: 
         if stage.get("allocation") == "sensitivity":
             grid = stage.get("sensitivity_grid", SENSITIVITY_GRID)
             stage["sensitivity_grid"] = [min(grid), max(grid)]
+        if stage.get("allocation") == "budget":
+            stage["sensitivity_grid"] = sorted({min(stage["sensitivity_grid"]), max(stage["sensitivity_grid"])})
+            stage["bits_grid"] = sorted({min(stage["bits_grid"]), max(stage["bits_grid"])})
     return out
 
 
@@ -228,6 +235,44 @@ class _Run:
         allocated = allocate_sparsity(sens, stage["sparsity"])
         return allocated, {"baseline": sens.baseline, "sparsities": list(sens.sparsities), "curves": sens.curves}
 
+    def _allocate_budget(self, stage: dict, apply, src: "_Model") -> tuple[dict, dict, dict]:
+        """Per-layer sparsity and bits from each layer compressed alone (validation accuracy, packed
+        bytes), allocated to the stage's byte budget or allowed drop; the one-shot result is saved to
+        check the predicted size, and the budget tightened by any excess (at most 5 times)."""
+        step = jax.jit(make_eval_step(apply))
+
+        def accuracy(params):
+            return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=src.model_state),
+                                  None, "validation", step)
+
+        grid = dict(symmetric=stage["symmetric"], per_channel=stage["per_channel"])
+        sens = budget_sensitivity(src.view, accuracy, sparsities=stage["sensitivity_grid"], bits=stage["bits_grid"],
+                                  **grid)
+        ref = stage.get("budget")
+        budget = self.rows[ref]["file_bytes"] if isinstance(ref, str) else ref
+        limit, tries = budget, []
+        for _ in range(5):
+            try:
+                choice = (allocate_budget(sens, budget_bytes=limit) if budget is not None
+                          else allocate_budget(sens, max_drop=stage["max_drop"]))
+            except ValueError as e:
+                raise RecipeError(f"{e} (stage {stage['name']!r}, seed {self.seed})", key="budget") from None
+            predicted = sens.fixed_bytes + sum(o.nbytes for o in choice.values())
+            actual = file_bytes(*compressed_view(src.view, budget_transform(src.view, choice, **grid)))
+            tries.append({"limit": limit, "predicted_file_bytes": predicted, "one_shot_file_bytes": actual})
+            if budget is None or actual <= budget:
+                break
+            limit -= actual - budget
+        sparsities = {k: float(o.sparsity) for k, o in choice.items()}
+        bits = {k: int(o.bits) for k, o in choice.items()}
+        info = {"budget_bytes": budget, "max_drop": stage.get("max_drop"), "tries": tries,
+                "predicted_drop": float(sum(sens.baseline - o.metric for o in choice.values())),
+                "layers": {k: {"sparsity": o.sparsity, "bits": o.bits, "bytes": o.nbytes,
+                               "validation_drop": sens.baseline - o.metric} for k, o in choice.items()},
+                "baseline": sens.baseline, "fixed_bytes": sens.fixed_bytes,
+                "options": {k: [list(o[:3]) + [o.metric] for o in opts] for k, opts in sens.options.items()}}
+        return sparsities, bits, info
+
     def stage(self, index: int, stage: dict) -> None:
         sdir = self.dir / f"stage_{stage['name'].replace(' ', '_')}"
         key = _fingerprint(self.recipe["data"], self.seed, self.recipe["stages"][: index + 1],
@@ -254,14 +299,28 @@ class _Run:
             module, params, model_state, masks, quant = src.module, src.params, src.model_state, src.masks, src.quant
         apply = linen_apply_fn(module)
         num_steps = self._num_steps(stage["epochs"])
-        parts, prune_at, allocated, sensitivity = [], None, None, None
+        parts, prune_at, allocated, sensitivity, budget = [], None, None, None, None
         if masks is not None:
             parts.append(fixed_masks(masks))
         if stage["kind"] == "prune":
+            if stage.get("bits") is not None or stage.get("allocation") == "budget":
+                if quant is not None:
+                    raise RecipeError(f"stage {stage['name']!r} quantizes while it prunes, but its model "
+                                      f"{stage['from']!r} is quantized already; start from a float stage or drop "
+                                      "bits / allocation = 'budget'.", key=f"stages[{index}].from")
             if stage.get("allocation") == "sensitivity":
                 allocated, sensitivity = self._allocate(stage, apply, self.models[stage["from"]])
                 self.log(f"{label}: sensitivity allocation on validation: "
                          + ", ".join(f"{k} {v:.1%}" for k, v in allocated.items()))
+            elif stage.get("allocation") == "budget":
+                allocated, layer_bits, budget = self._allocate_budget(stage, apply, self.models[stage["from"]])
+                quant = {"bits": 8, "symmetric": stage["symmetric"], "per_channel": stage["per_channel"],
+                         "rules": [(f"^{re.escape(k)}$", b) for k, b in layer_bits.items()] + [(".*", None)]}
+                self.log(f"{label}: budget allocation on validation ({budget['tries'][-1]['one_shot_file_bytes']:,} "
+                         "one-shot file bytes): " + ", ".join(f"{k} {allocated[k]:.0%} / {b} bits"
+                                                             for k, b in layer_bits.items()))
+            elif stage.get("bits") is not None:
+                quant = {"bits": stage["bits"], "symmetric": stage["symmetric"], "per_channel": stage["per_channel"]}
             prune_at = len(parts)
             parts.append(_pruner(stage, params, num_steps, allocated))
         if stage["kind"] == "quantize":
@@ -297,7 +356,9 @@ class _Run:
                        "epochs": stage["epochs"], "total_epochs": self._total_epochs(stage), "train_loss": loss,
                        "validation_accuracy": self._evaluate(apply, state, transform, "validation"),
                        "test_accuracy": test, "test_evaluations": int(test is not None)}
-                if allocated is not None:
+                if budget is not None:
+                    row.update(allocated_sparsity=allocated, budget_allocation=budget)
+                elif allocated is not None:
                     row.update(allocated_sparsity=allocated, sensitivity=sensitivity)
         finally:
             ckpt.close()
@@ -313,6 +374,10 @@ class _Run:
                                                                   "seed": self.seed})
             size = size_report(view, description, artifact=saved)
             bits = quant["bits"] if quant else 32
+            if quant and quant.get("rules"):  # mixed precision: the mean code width over the quantized weights
+                sizes = {path_name(p): int(np.size(x)) for p, x in jax.tree.leaves_with_path(view)}
+                coded = [(sizes[k], d.bits) for k, d in description.items() if d.bits is not None]
+                bits = round(sum(n * b for n, b in coded) / max(sum(n for n, _ in coded), 1), 2) if coded else 32
             row.update(params=size.params, nonzero_params=size.nonzero_params,
                        weight_bits={"binary": 1, "ternary": 2}.get(bits, bits), bytes_float32=size.bytes_float32,
                        bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,

@@ -13,7 +13,12 @@ student trained on labels); ``[published]`` (``source``, ``test_error = { STAGE 
 quotes published numbers beside the measured ones; ``score_test = false`` makes a tuning run
 that never scores the test set. A prune stage with ``allocation = "sensitivity"`` chooses its
 per-layer sparsities by pruning each layer of its starting model alone over ``sensitivity_grid``
-and scoring it on the validation split. A training stage may set ``lr_schedule = "cosine"``
+and scoring it on the validation split; one with ``allocation = "budget"`` chooses each layer's
+sparsity and bit width (from ``sensitivity_grid`` and ``bits_grid``, each layer compressed alone
+and scored on the validation split, its packed bytes measured) so that the saved file fits
+``budget`` (a number of bytes, or the name of an earlier stage whose file on the same seed sets
+it), or, with ``max_drop``, so that the file is smallest within that predicted accuracy drop. A
+prune stage with ``bits`` quantizes the kept weights to that many bits while it prunes. A training stage may set ``lr_schedule = "cosine"``
 (cosine decay from ``learning_rate`` to 0 over the stage) and ``augment = { shift = 2,
 input_dropout = 0.2, mixup = 1.0 }``: in-step augmentations (a random shift of up to ``shift``
 pixels, input dropout, mixup with that Beta alpha), applied in that order to the batch both the
@@ -59,6 +64,9 @@ INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (
 _CATCH_ALL = (".*", "")
 #: The sparsities at which a prune stage with ``allocation = "sensitivity"`` prunes each layer alone.
 SENSITIVITY_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+#: The sparsities and bit widths a prune stage with ``allocation = "budget"`` tries on each layer.
+BUDGET_SPARSITY_GRID = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+BUDGET_BITS_GRID = (2, 3, 4, 6, 8)
 
 
 class RecipeError(ValueError):
@@ -122,6 +130,19 @@ def _fraction_list(v):
             isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in v):
         return f"must be a non-empty list of sparsities in [0, 1), e.g. [0.5, 0.9, 0.95], got {v!r}."
     return None
+
+
+def _bits_list(v):
+    if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and 2 <= x <= 8
+                                                   for x in v):
+        return f"must be a non-empty list of bit widths in 2..8, e.g. [2, 4, 8], got {v!r}."
+    return None
+
+
+def _budget(v):
+    if isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return None
+    return f"must be a file size in bytes (an integer >= 1) or the name of an earlier stage, got {v!r}."
 
 
 def _published(v):
@@ -265,8 +286,14 @@ STAGE_KEYS = {
         "rules": _rules(_sparsity_value),
         "density_rules": _rules(_positive_value),
         "erk_power": _number(0, math.inf),
-        "allocation": _choice("sensitivity"),
+        "allocation": _choice("sensitivity", "budget"),
         "sensitivity_grid": _fraction_list,
+        "bits": _int(2, 8),
+        "symmetric": _type(bool, "true or false"),
+        "per_channel": _type(bool, "true or false"),
+        "budget": _budget,
+        "max_drop": _number(0, 1, high_open=False, example=" (an accuracy drop, e.g. 0.01 for one point)"),
+        "bits_grid": _bits_list,
     },
     "quantize": {
         **_COMMON, **_TRAINING,
@@ -289,7 +316,7 @@ DEFAULTS = {
     "training": {"epochs": 1.0, "learning_rate": 1e-3, "optimizer": "adam", "lr_schedule": "constant", "temperature": 4.0,
                  "kd_weight": 0.9, "ce_weight": 0.1},
     "prune": {"schedule": "polynomial", "schedule_end": 0.6, "criterion": "magnitude",
-              "structure": "unstructured", "scope": "layer", "erk_power": 1.0},
+              "structure": "unstructured", "scope": "layer", "erk_power": 1.0, "symmetric": True, "per_channel": True},
     "quantize": {"symmetric": True, "per_channel": True, "epochs": 0.5},
     "export": {"file": "model.npz", "float_dtype": "float32"},
 }
@@ -469,8 +496,9 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         c.fail(path + ("name",), f"{name!r} names an earlier stage too; stage names must be unique.")
     if not re.fullmatch(r"[A-Za-z0-9_.\- ()%+]+", name):
         c.fail(path + ("name",), f"{name!r} may only hold letters, digits, spaces and _ . - ( ) % +.")
+    budget = stage.get("allocation") == "budget"
     for key in REQUIRED.get(kind, ()):
-        if key not in stage:
+        if key not in stage and not (budget and key == "sparsity"):
             c.fail(path, f"a {kind} stage{extra} needs {key!r}"
                    + (" (the name of an earlier train or distill stage)." if key == "teacher" else "."))
     for key in ("from", "teacher"):
@@ -492,7 +520,9 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         out["model"] = names[out["from"]]["model"]
     if "rules" in stage and "density_rules" in stage:
         c.fail(path + ("density_rules",), f"give either rules or density_rules{extra}, not both.")
-    if "allocation" in stage:
+    if budget:
+        _check_budget_stage(c, stage, out, path, names, extra)
+    elif "allocation" in stage:
         for key in ("rules", "density_rules"):
             if key in stage:
                 c.fail(path + (key,), f"allocation = 'sensitivity' chooses the per-layer sparsities; remove {key}{extra}.")
@@ -503,8 +533,31 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
             c.fail(path + ("sensitivity_grid",), f"must reach the stage's sparsity {out['sparsity']}{extra}; add a "
                    "larger grid point such as 0.98.")
     elif "sensitivity_grid" in stage:
-        c.fail(path + ("sensitivity_grid",), f"is only read with allocation = \"sensitivity\"{extra}.")
+        c.fail(path + ("sensitivity_grid",), f"is only read with allocation = \"sensitivity\" or \"budget\"{extra}.")
+    if not budget:
+        for key in ("budget", "max_drop", "bits_grid"):
+            if key in stage:
+                c.fail(path + (key,), f"is only read with allocation = \"budget\"{extra}.")
     return out
+
+
+def _check_budget_stage(c: _Checker, stage: dict, out: dict, path: tuple, names: dict, extra: str) -> None:
+    for key in ("sparsity", "bits", "rules", "density_rules"):
+        if key in stage:
+            c.fail(path + (key,), f"allocation = 'budget' chooses each layer's sparsity and bits; remove {key}{extra}.")
+    if out["scope"] != "layer" or out["structure"] != "unstructured" or out["criterion"] != "magnitude":
+        c.fail(path + ("allocation",), "allocation = 'budget' measures layers pruned by magnitude, unstructured, "
+               f"layer by layer; use its default criterion, structure and scope{extra}.")
+    if ("budget" in stage) == ("max_drop" in stage):
+        c.fail(path + ("allocation",), f"allocation = 'budget' needs exactly one of budget (file bytes, or an earlier "
+               f"stage whose file sets them) or max_drop (an allowed accuracy drop){extra}.")
+    ref = stage.get("budget")
+    if isinstance(ref, str) and (ref not in names or names[ref]["kind"] == "export"):
+        c.fail(path + ("budget",), f"{ref!r} is not an earlier trained stage{extra}; earlier stages: "
+               f"{[n for n, s in names.items() if s['kind'] != 'export']}.")
+    out["sparsity"] = 0.0  # per layer from the allocation
+    out.setdefault("sensitivity_grid", list(BUDGET_SPARSITY_GRID))
+    out.setdefault("bits_grid", list(BUDGET_BITS_GRID))
 
 
 def _model_params(model: dict, num_classes: int, shape: tuple):
