@@ -46,6 +46,7 @@ from jaxcompress.prune import (allocate_sparsity, erk_sparsities, fixed_masks, p
                                sparsity_report, sparsity_rules)
 from jaxcompress.prune.schedules import one_shot_schedule, polynomial_schedule
 from jaxcompress.prune.structures import NM, Channels, Unstructured
+from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.recipes.models import build_model
 from jaxcompress.recipes.report import paired_comparison
@@ -170,10 +171,13 @@ def _and_masks(a, b):
 
 
 def _quant_transform(quant: dict) -> Transform:
+    acts = {} if not quant.get("activation_bits") else {"activation_bits": quant["activation_bits"],
+                                                         "activation_range": "calibrated"}
     return weight_quantization(quant["bits"], symmetric=quant["symmetric"],
                                channel_axis=-1 if quant["per_channel"] else None,
                                group_size=quant.get("group_size"),
-                               rules=None if quant.get("rules") is None else [tuple(r) for r in quant["rules"]])
+                               rules=None if quant.get("rules") is None else [tuple(r) for r in quant["rules"]],
+                               **acts)
 
 
 def _pruner(stage: dict, params, num_steps: int, allocated: Optional[dict] = None) -> Transform:
@@ -324,7 +328,8 @@ class _Run:
             prune_at = len(parts)
             parts.append(_pruner(stage, params, num_steps, allocated))
         if stage["kind"] == "quantize":
-            quant = {k: stage.get(k) for k in ("bits", "symmetric", "per_channel", "group_size", "rules")}
+            quant = {k: stage.get(k) for k in ("bits", "symmetric", "per_channel", "group_size", "rules",
+                                               "activation_bits", "calibration_batches")}
         if quant is not None:
             parts.append(_quant_transform(quant))
         transform = None if not parts else parts[0] if len(parts) == 1 else chain(*parts)
@@ -334,6 +339,8 @@ class _Run:
         opt = _optimizer(stage, num_steps)
         state = init_train_state(params, opt, transform=transform, model_state=model_state,
                                  rng=self.seed * 1000 + index)
+        if quant is not None and quant.get("activation_bits"):
+            state = self._calibrate(apply, transform, state, quant["calibration_batches"], index)
         ckpt = Checkpointer(sdir / "checkpoints", every=self.recipe["checkpoint_every"], keep=2)
         try:
             restored = ckpt.restore(state)
@@ -391,6 +398,15 @@ class _Run:
                      f"{row['file_bytes']:,} file bytes, {row['seconds']:.1f} s")
         self.rows[stage["name"]] = row
         self.models[stage["name"]] = _Model(module, state.params, state.model_state, masks, quant, view, description)
+
+    def _calibrate(self, apply, transform, state, count: int, index: int):
+        """Min/max input ranges of the quantized layers from ``count`` training batches (no training)."""
+        xs, ys = self.split.train
+        batches = itertools.islice(epoch_batches(xs, ys, self.batch_size, seed=self.seed * 1000 + index,
+                                                 num_epochs=1), count)
+        cstate = calibrate_activations(transform, state.compression_state, apply, state.params, state.model_state,
+                                       batches)
+        return state._replace(compression_state=cstate)
 
     def _total_epochs(self, stage: dict) -> float:
         """Epochs of this stage and of every stage its model comes from (its whole training budget)."""

@@ -18,7 +18,10 @@ sparsity and bit width (from ``sensitivity_grid`` and ``bits_grid``, each layer 
 and scored on the validation split, its packed bytes measured) so that the saved file fits
 ``budget`` (a number of bytes, or the name of an earlier stage whose file on the same seed sets
 it), or, with ``max_drop``, so that the file is smallest within that predicted accuracy drop. A
-prune stage with ``bits`` quantizes the kept weights to that many bits while it prunes. A training stage may set ``lr_schedule = "cosine"``
+prune stage with ``bits`` quantizes the kept weights to that many bits while it prunes. A quantize
+stage with ``activation_bits`` also quantizes every Dense/Conv input, with ranges calibrated (min/max)
+on ``calibration_batches`` training batches before the stage trains (``epochs = 0``: post-training
+quantization) and moved by an EMA while it trains. A training stage may set ``lr_schedule = "cosine"``
 (cosine decay from ``learning_rate`` to 0 over the stage) and ``augment = { shift = 2,
 input_dropout = 0.2, mixup = 1.0 }``: in-step augmentations (a random shift of up to ``shift``
 pixels, input dropout, mixup with that Beta alpha), applied in that order to the batch both the
@@ -303,6 +306,8 @@ STAGE_KEYS = {
         "per_channel": _type(bool, "true or false"),
         "group_size": _int(1),
         "rules": _rules(_bits_value),
+        "activation_bits": _int(2, 8),
+        "calibration_batches": _int(1),
     },
     "finetune": {**_COMMON, **_TRAINING},
     "export": {**_COMMON, "file": _type(str, "a file name such as 'model.npz'"),
@@ -317,7 +322,7 @@ DEFAULTS = {
                  "kd_weight": 0.9, "ce_weight": 0.1},
     "prune": {"schedule": "polynomial", "schedule_end": 0.6, "criterion": "magnitude",
               "structure": "unstructured", "scope": "layer", "erk_power": 1.0, "symmetric": True, "per_channel": True},
-    "quantize": {"symmetric": True, "per_channel": True, "epochs": 0.5},
+    "quantize": {"symmetric": True, "per_channel": True, "epochs": 0.5, "calibration_batches": 8},
     "export": {"file": "model.npz", "float_dtype": "float32"},
 }
 
