@@ -274,3 +274,31 @@ def test_budget_allocation_fits_the_file_of_the_uniform_stage(mnist_dir, tmp_pat
     assert report["paired"][-1]["stage"] == "auto" and report["paired"][-1]["reference"] == "pruned"
     md = report_markdown(report)
     assert "Budget allocations" in md and f"| {uniform['file_bytes']:,} |" in md
+
+
+def test_quantize_stage_calibrates_activation_ranges_before_it_scores(mnist_dir, tmp_path):
+    """Post-training W8A8 scores as W8 does (ranges calibrated on training batches); 2-bit inputs do not."""
+    text = (BASE.replace("seeds = [0, 1]", "seeds = [0]").replace('reference = "dense"', "")
+            .replace('kind = "train"\n', 'kind = "train"\nepochs = 2\n')
+            .replace('name = "pruned"\nkind = "prune"\nsparsity = 0.8\n',
+                     'name = "w8"\nkind = "quantize"\nbits = 8\nepochs = 0\n'
+                     '[[stages]]\nname = "w8a8"\nkind = "quantize"\nfrom = "dense"\nbits = 8\nactivation_bits = 8\n'
+                     'epochs = 0\n'
+                     '[[stages]]\nname = "w8a2"\nkind = "quantize"\nfrom = "dense"\nbits = 8\nactivation_bits = 2\n'
+                     'calibration_batches = 2\nepochs = 0\n'))
+    recipe = parse_recipe(text)
+    recipe["data"].update(dir=str(mnist_dir), train_subset=2000, validation=500, test_subset=500, batch_size=50)
+    rows = {r["stage"]: r for r in run_recipe(recipe, tmp_path, progress=False, log=lambda m: None)["stages"]}
+    assert rows["dense"]["validation_accuracy"] > 0.8
+    assert abs(rows["w8a8"]["validation_accuracy"] - rows["w8"]["validation_accuracy"]) <= 0.01
+    assert rows["w8a2"]["validation_accuracy"] < rows["w8a8"]["validation_accuracy"] - 0.02
+    assert "activation_ranges" not in rows["w8"]
+    many, few = rows["w8a8"]["activation_ranges"], rows["w8a2"]["activation_ranges"]
+    assert set(many) == set(few) == {"fc1", "head"}
+    lo, hi = many["fc1"]  # the normalized pixels: black and white occur in every batch
+    assert few["fc1"] == many["fc1"] and lo < 0 < hi
+    lo, hi = few["head"]  # the hidden activations after the ReLU: 2 batches' range inside 8 batches'
+    assert 0.0 == lo == many["head"][0] and 0.0 < hi <= many["head"][1]
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text.replace("activation_bits = 2", "activation_bits = 1"))
+    assert e.value.key == "stages[3].activation_bits"

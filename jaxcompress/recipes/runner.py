@@ -199,6 +199,15 @@ def _pruner(stage: dict, params, num_steps: int, allocated: Optional[dict] = Non
                    schedule=schedule, rules=rules)
 
 
+def _activation_ranges(cstate) -> Optional[dict]:
+    """``{layer: [min, max]}`` of the input ranges a quantizer's state holds (``None`` without any)."""
+    for part in cstate if isinstance(cstate, tuple) and not hasattr(cstate, "_fields") else (cstate,):
+        ranges = getattr(part, "ranges", None)
+        if ranges:
+            return {k: [float(r["min"]), float(r["max"])] for k, r in ranges.items()}
+    return None
+
+
 class _Run:
     """One seed of a recipe."""
 
@@ -389,6 +398,9 @@ class _Run:
                        weight_bits={"binary": 1, "ternary": 2}.get(bits, bits), bytes_float32=size.bytes_float32,
                        bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,
                        artifact=str(artifact.relative_to(self.out)), seconds=round(time.time() - t0, 2))
+            ranges = _activation_ranges(cstate)
+            if ranges:
+                row.update(activation_ranges=ranges)
             if masks is not None:
                 layers, total = sparsity_report(view, masks)
                 row.update(sparsity=total.sparsity, layer_sparsity={r.path: r.sparsity for r in layers})
@@ -522,7 +534,7 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
       accuracies), ``config`` and ``environment``. A stage row holds ``name, stage, kind, steps,
       epochs, total_epochs, train_loss, validation_accuracy, test_accuracy, test_evaluations,
       params, nonzero_params, weight_bits, bytes_float32, bytes_compressed, file_bytes, artifact,
-      seconds`` (``sparsity`` and ``layer_sparsity`` when pruned; ``allocated_sparsity`` and
+      seconds`` (``activation_ranges`` with quantized inputs; ``sparsity`` and ``layer_sparsity`` when pruned; ``allocated_sparsity`` and
       ``sensitivity`` with a sensitivity allocation; ``exported, exported_file_bytes,
       test_accuracy_from_file`` when an export stage saved it). ``total_epochs`` counts the
       stages the model comes from too; ``test_accuracy`` is ``None`` with ``score_test = false``.
