@@ -534,9 +534,11 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
       accuracies), ``config`` and ``environment``. A stage row holds ``name, stage, kind, steps,
       epochs, total_epochs, train_loss, validation_accuracy, test_accuracy, test_evaluations,
       params, nonzero_params, weight_bits, bytes_float32, bytes_compressed, file_bytes, artifact,
-      seconds`` (``activation_ranges`` with quantized inputs; ``sparsity`` and ``layer_sparsity`` when pruned; ``allocated_sparsity`` and
-      ``sensitivity`` with a sensitivity allocation; ``exported, exported_file_bytes,
-      test_accuracy_from_file`` when an export stage saved it). ``total_epochs`` counts the
+      seconds`` (``activation_ranges`` with quantized inputs; ``sparsity`` and ``layer_sparsity``
+      when pruned, counting every zero of the view; ``allocated_sparsity`` and ``sensitivity``
+      with a sensitivity allocation; ``allocated_sparsity`` and ``budget_allocation`` with a
+      budget allocation; ``exported, exported_file_bytes, test_accuracy_from_file`` when an
+      export stage saved it). ``total_epochs`` counts the
       stages the model comes from too; ``test_accuracy`` is ``None`` with ``score_test = false``.
     """
     out = Path(out)
