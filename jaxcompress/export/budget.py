@@ -34,13 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.core.paths import path_name
-from jaxcompress.core.rules import Rules, explain
+from jaxcompress.core.rules import Rules
 from jaxcompress.core.transform import Transform, chain
 from jaxcompress.core.validation import check_fraction
 from jaxcompress.export.artifact import save
 from jaxcompress.export.pack import pack_leaf
 from jaxcompress.prune.masks import magnitude_mask
 from jaxcompress.prune.pruner import fixed_masks
+from jaxcompress.prune.sensitivity import selected_leaves
 from jaxcompress.quant.weights import weight_quantization
 
 
@@ -153,12 +154,8 @@ def budget_sensitivity(
     if not grid:
         raise ValueError("sparsities must not be empty, e.g. (0.0, 0.5, 0.9).")
     widths = _check_bits(bits)
-    selected = [d.path for d in explain(params, rules) if d.value is not None]
-    if not selected:
-        raise ValueError("budget_sensitivity: the rules select no leaf; check jaxcompress.explain(params, rules).")
+    selected, names, leaves, treedef = selected_leaves(params, rules, "budget_sensitivity")
     baseline = float(evaluate(params))
-    names = [path_name(p) for p, _ in jax.tree.leaves_with_path(params)]
-    leaves, treedef = jax.tree.flatten(params)
     options, sizes = {}, {}
     for name in selected:
         i = names.index(name)

@@ -35,6 +35,20 @@ class Sensitivity(NamedTuple):
     sizes: dict
 
 
+def selected_leaves(params: Any, rules: Optional[Rules], caller: str) -> tuple[list, list, list, Any]:
+    """``(selected names, every leaf's name, leaves, treedef)`` of the leaves ``rules`` select.
+
+    Raises:
+      ValueError: when the rules select no leaf (the message names ``caller``).
+    """
+    selected = [d.path for d in explain(params, rules) if d.value is not None]
+    if not selected:
+        raise ValueError(f"{caller}: the rules select no leaf; check jaxcompress.explain(params, rules).")
+    names = [path_name(p) for p, _ in jax.tree.leaves_with_path(params)]
+    leaves, treedef = jax.tree.flatten(params)
+    return selected, names, leaves, treedef
+
+
 def sensitivity_analysis(
     params: Any,
     evaluate: Callable[[Any], float],
@@ -60,12 +74,8 @@ def sensitivity_analysis(
     grid = tuple(sorted(check_fraction("sparsities entry", s) for s in sparsities))
     if not grid:
         raise ValueError("sparsities must not be empty, e.g. (0.5, 0.7, 0.9).")
-    names = [d.path for d in explain(params, rules) if d.value is not None]
-    if not names:
-        raise ValueError("sensitivity_analysis: the rules select no leaf; check jaxcompress.explain(params, rules).")
+    names, paths, leaves, treedef = selected_leaves(params, rules, "sensitivity_analysis")
     baseline = float(evaluate(params))
-    paths = [path_name(p) for p, _ in jax.tree.leaves_with_path(params)]
-    leaves, treedef = jax.tree.flatten(params)
     curves, sizes = {}, {}
     for name in names:
         i = paths.index(name)
