@@ -205,7 +205,7 @@ def report_markdown(report: dict) -> str:
             f" ({s['total_epochs']:g})" if s.get("total_epochs", s["epochs"]) != s["epochs"] else "")
         lines.append(
             f"| {s['name']} | {epochs} | {format_accuracy(s, 'validation_accuracy')} | {format_accuracy(s, 'test_accuracy')} | "
-            f"{s['params']:,.0f} | {s['nonzero_params']:,.0f} | {s['weight_bits']:g} | {s['bytes_float32']:,.0f} | "
+            f"{s['params']:,.0f} | {s['nonzero_params']:,.0f} | {s['weight_bits']:.3g} | {s['bytes_float32']:,.0f} | "
             f"{s['file_bytes']:,.0f} | {ratio:.1f}x | {s['seconds']:.1f} |"
         )
     lines += [
