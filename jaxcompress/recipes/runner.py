@@ -236,15 +236,19 @@ class _Run:
         step = jax.jit(make_eval_step(apply, transform=transform)) if step is None else step
         return evaluate(step, state, {"image": x, "label": y}, batch_size=self.eval_batch_size)["accuracy"]
 
-    def _allocate(self, stage: dict, apply, src: "_Model") -> tuple[dict, dict]:
-        """Per-layer sparsities from each layer pruned alone, scored on the validation split only."""
+    def _validation_accuracy(self, apply, src: "_Model") -> Callable[[Any], float]:
+        """``params -> validation accuracy`` of ``src``'s model with other weights (one compiled eval step)."""
         step = jax.jit(make_eval_step(apply))
 
         def accuracy(params):
             return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=src.model_state),
                                   None, "validation", step)
 
-        sens = sensitivity_analysis(src.view, accuracy, sparsities=stage.get("sensitivity_grid", SENSITIVITY_GRID))
+        return accuracy
+
+    def _allocate(self, stage: dict, apply, src: "_Model") -> tuple[dict, dict]:
+        """Per-layer sparsities from each layer pruned alone, scored on the validation split only."""
+        sens = sensitivity_analysis(src.view, self._validation_accuracy(apply, src), sparsities=stage.get("sensitivity_grid", SENSITIVITY_GRID))
         allocated = allocate_sparsity(sens, stage["sparsity"])
         return allocated, {"baseline": sens.baseline, "sparsities": list(sens.sparsities), "curves": sens.curves}
 
@@ -252,14 +256,8 @@ class _Run:
         """Per-layer sparsity and bits from each layer compressed alone (validation accuracy, packed
         bytes), allocated to the stage's byte budget or allowed drop; the one-shot result is saved to
         check the predicted size, and the budget tightened by any excess (at most 5 times)."""
-        step = jax.jit(make_eval_step(apply))
-
-        def accuracy(params):
-            return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=src.model_state),
-                                  None, "validation", step)
-
         grid = dict(symmetric=stage["symmetric"], per_channel=stage["per_channel"])
-        sens = budget_sensitivity(src.view, accuracy, sparsities=stage["sensitivity_grid"], bits=stage["bits_grid"],
+        sens = budget_sensitivity(src.view, self._validation_accuracy(apply, src), sparsities=stage["sensitivity_grid"], bits=stage["bits_grid"],
                                   **grid)
         ref = stage.get("budget")
         budget = self.rows[ref]["file_bytes"] if isinstance(ref, str) else ref
