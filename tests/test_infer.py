@@ -199,6 +199,28 @@ def test_no_whole_model_check_when_every_layer_stays_float(monkeypatch):
     assert plan.whole is None and set(plan.paths.values()) == {"float"}
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_all_float_plan_is_the_models_own_program(bits):
+    """With float inputs and nothing folded, the all-float plan runs the unchanged model on the view."""
+    model = CNN(channels=(4, 8), hidden=8)
+    x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 1))
+    params = model.init(jax.random.key(1), x)["params"]
+    t = jc.pruning(0.5) if bits is None else jc.weight_quantization(bits)
+    s = t.init(params)
+    view = t.apply(params, s)
+    prepared = infer.prepare(model, view, t.describe(params, s), x)
+    apply, weights = infer.inference_program(prepared, infer.float_plan(prepared))
+    own = jax.make_jaxpr(lambda p, v: model.apply({"params": p}, v))(view, x)
+    assert str(jax.make_jaxpr(apply)(weights, x)) == str(own)
+    np.testing.assert_array_equal(jax.jit(apply)(weights, x), model.apply({"params": view}, x))
+    # a layer off float32 goes back to the intercepted program, with the same outputs up to rounding
+    one = infer.Plan({**infer.float_plan(prepared).paths, "conv1": "patches"}, {})
+    assert str(jax.make_jaxpr(infer.inference_program(prepared, one)[0])(*infer.inference_program(prepared, one)[1:],
+                                                                          x)) != str(own)
+    np.testing.assert_allclose(infer.inference_fn(prepared, one)(x), model.apply({"params": view}, x), rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.95])
 def test_sparse_paths_equal_dense(sparsity):
     model = MLP((64,))

@@ -40,6 +40,7 @@ class Layer(NamedTuple):
       act: ``(quant_min, quant_max)`` of the input grid, or ``None`` (float input).
       norm: the path of the BatchNorm folded into this layer, or ``None``.
       candidates: the paths this layer can run.
+      use_bias: whether the module has a bias parameter.
     """
 
     path: str
@@ -52,6 +53,7 @@ class Layer(NamedTuple):
     act: Optional[tuple] = None
     norm: Optional[str] = None
     candidates: tuple = ("float",)
+    use_bias: bool = True
 
 
 def explicit_padding(conv: nn.Conv, in_shape) -> tuple:
@@ -104,7 +106,8 @@ def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec]) -> Layer:
             cands += ["int8"] + (["int8_patches"] if patches else [])
     if spec is not None and spec.mask is not None and base["kind"] == "dense":
         cands += ["bcoo", "bcsr", "gather"]
-    return Layer(path=path, kernel_shape=kshape, act=act, norm=norm, candidates=tuple(cands), **base)
+    return Layer(path=path, kernel_shape=kshape, act=act, norm=norm, candidates=tuple(cands),
+                 use_bias=bool(module.use_bias), **base)
 
 
 def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], act_range, bits: int, symmetric: bool,

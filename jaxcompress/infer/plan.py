@@ -13,7 +13,9 @@ where its interval lies wholly below float32's; otherwise the layer stays float3
 do not always compose (one fused program is not the sum of separately compiled layers), so the
 per-layer choice is then checked on the whole model: the chosen plan and the plans that keep
 only one of its non-float layers are timed as whole programs against the all-float plan, and
-the fastest one measurably faster than all-float wins (all-float when none is). Which path
+the fastest one measurably faster than all-float wins (all-float when none is). A plan that runs
+every layer in float32, with float inputs and no folded BatchNorm, runs as the unchanged model on
+the compressed view's weights: the very program of the float model, so it cannot be slower. Which path
 wins depends on the backend (XLA:CPU's int8 convolution may be slower than float32), the batch
 and the sparsity, so nothing is assumed. :func:`inference_fn` runs the model with a plan.
 """
@@ -83,6 +85,15 @@ def _without(tree, paths):
         if k in paths:
             continue
         out[k] = _without(v, inner) if inner else v
+    return out
+
+
+def _with(tree, entries):
+    """``tree`` with ``{'a/b': subtree}`` entries put back at their paths (the inverse of :func:`_without`)."""
+    out = dict(tree)
+    for path, value in entries.items():
+        head, _, rest = path.partition("/")
+        out[head] = _with(out.get(head, {}), {rest: value}) if rest else value
     return out
 
 
@@ -250,7 +261,10 @@ def choose_paths(prepared: Prepared, *, blocks: int = 10, calls: int = 5, warmup
 def inference_program(prepared: Prepared, plan: Plan) -> tuple[Callable, Any]:
     """A pure ``apply(weights, x) -> outputs`` and the ``weights`` it runs with (only the chosen paths' arrays).
 
-    ``jax.jit(apply)`` or ``jax.export`` it; the weights are an argument, not constants.
+    ``jax.jit(apply)`` or ``jax.export`` it; the weights are an argument, not constants. When
+    every layer runs in float32 on float inputs with no BatchNorm folded, ``apply`` is the
+    model's own ``apply`` on the compressed view's weights (masked, dequantized): nothing is
+    intercepted, so the program is the float model's, and ``weights`` are its variables.
     """
     missing = sorted(set(prepared.layers) - set(plan.paths))
     if missing:
@@ -259,6 +273,16 @@ def inference_program(prepared: Prepared, plan: Plan) -> tuple[Callable, Any]:
         if n in prepared.layers and p not in prepared.layers[n].candidates:
             raise ValueError(f"plan runs layer {n!r} on {p!r}, not one of its candidates {prepared.layers[n].candidates}.")
     layers, folded = prepared.layers, {l.norm for l in prepared.layers.values() if l.norm}
+    if all(plan.paths[n] == "float" and l.act is None and l.norm is None for n, l in layers.items()):
+        kept = {n: {k: v for k, v in prepared.arrays[n]["float"].items() if k == "kernel" or (k == "bias" and l.use_bias)}
+                for n, l in layers.items()}
+        variables = dict(prepared.variables)
+        variables["params"] = _with(variables.get("params", {}), kept)
+
+        def plain(variables, x):
+            return prepared.module.apply(variables, x, **prepared.call_kwargs)
+
+        return plain, variables
     weights = {"layers": {n: prepared.arrays[n][plan.paths[n]] for n in layers}, "variables": prepared.variables}
 
     def apply(weights, x):
