@@ -222,6 +222,28 @@ def test_hinton_recipe_and_its_sweep():
         assert all(r["test_accuracy"] is None for r in rows)
 
 
+def test_cifar10_distill_runs_the_settings_its_sweep_chose_on_validation():
+    root = Path(__file__).resolve().parents[1]
+    sweep = load_recipe(root / "experiments" / "cifar10_distill_sweep.toml")
+    shipped = load_recipe("cifar10_distill")
+    assert sweep["score_test"] is False and shipped["seeds"] == [0, 1, 2]
+    stages = {s["name"]: s for s in shipped["stages"]}
+    assert stages["teacher"] == sweep["stages"][0]
+    students = [s for n, s in stages.items() if n != "teacher"]
+    assert len({(s["epochs"], s["learning_rate"], s["lr_schedule"], s["optimizer"], repr(s["model"]))
+                for s in students}) == 1  # one budget, one student
+    assert stages["student_kd"]["reference"] == stages["student_dkd"]["reference"] == "student_labels"
+    keys = ("loss", "temperature", "kd_weight", "tckd_weight", "nckd_weight", "ce_weight")
+    setting = lambda s: tuple(s.get(k) for k in keys)
+    rows = json.loads((root / "experiments" / "results" / "cifar10_distill_sweep" / "report.json").read_text())["stages"]
+    assert all(r["test_accuracy"] is None for r in rows)
+    by_name = {s["name"]: s for s in sweep["stages"]}
+    for loss, name in (("kd", "student_kd"), ("dkd", "student_dkd")):
+        tried = [r for r in rows if by_name[r["stage"]].get("loss") == loss]
+        best = max(tried, key=lambda r: r["validation_accuracy"])
+        assert len(tried) == 2 and setting(by_name[best["stage"]]) == setting(stages[name])
+
+
 def test_report_shows_data_directories_without_absolute_paths(tmp_path, monkeypatch):
     from jaxcompress.recipes.runner import _portable_path
 

@@ -69,6 +69,28 @@ def test_good_recipe_parses_with_defaults():
     assert r["data"]["split_seed"] == 0 and r["stages"][1]["temperature"] == 4.0
 
 
+def test_distill_stage_runs_the_loss_it_names():
+    import jax
+    import numpy as np
+
+    from jaxcompress.distill import dkd_loss, kd_loss
+    from jaxcompress.recipes.runner import _distill_loss
+
+    kd = parse_recipe(GOOD)["stages"][1]
+    dkd = parse_recipe(GOOD.replace('teacher = "teacher"\n', 'teacher = "teacher"\nloss = "dkd"\nnckd_weight = 2.0\n'))
+    dkd = dkd["stages"][1]
+    assert kd["loss"] == "kd" and "tckd_weight" not in kd
+    assert dkd["loss"] == "dkd" and (dkd["tckd_weight"], dkd["nckd_weight"]) == (1.0, 2.0) and "kd_weight" not in dkd
+    s, t = jax.random.normal(jax.random.key(0), (2, 6, 10))
+    y = np.arange(6) % 10
+    np.testing.assert_allclose(_distill_loss(kd)(s, t, labels=y),
+                               kd_loss(s, t, labels=y, temperature=4.0, kd_weight=0.9, ce_weight=0.1), rtol=1e-6)
+    np.testing.assert_allclose(_distill_loss(dkd)(s, t, labels=y),
+                               dkd_loss(s, t, labels=y, temperature=4.0, tckd_weight=1.0, nckd_weight=2.0,
+                                        ce_weight=0.1), rtol=1e-6)
+    assert not np.allclose(_distill_loss(dkd)(s, t, labels=y), _distill_loss(kd)(s, t, labels=y))
+
+
 # (description, edit of GOOD, exception type, key in the message, line of the key: the text it is on)
 BAD = [
     ("unknown stage", ('kind = "quantize"', 'kind = "quantise"'), "stages[3].kind", 'kind = "quantise"'),
@@ -88,6 +110,11 @@ BAD = [
     ("unknown augment", ("epochs = 0.5", "epochs = 0.5\naugment = { jitter = 2 }"), "stages[3].augment", "augment = "),
     ("bad lr schedule", ("epochs = 0.5", "epochs = 0.5\nlr_schedule = \"linear\""), "stages[3].lr_schedule",
      "lr_schedule"),
+    ("unknown loss", ('teacher = "teacher"\n', 'teacher = "teacher"\nloss = "dk"\n'), "stages[1].loss", 'loss = "dk"'),
+    ("kd weight with dkd", ('teacher = "teacher"\n', 'teacher = "teacher"\nloss = "dkd"\nkd_weight = 0.5\n'),
+     "stages[1].kd_weight", "kd_weight = 0.5"),
+    ("dkd weight with kd", ('teacher = "teacher"\n', 'teacher = "teacher"\nnckd_weight = 2.0\n'),
+     "stages[1].nckd_weight", "nckd_weight = 2.0"),
     ("duplicate stage name", ('name = "int8"', 'name = "pruned"'), "stages[3].name", 'name = "pruned"', 1),
 ]
 
@@ -219,3 +246,75 @@ def test_cli_run_bad_recipe_exits_2_before_training(tmp_path, capsys):
 def test_cli_report_refuses_a_directory_without_report(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
     assert "report.json" in capsys.readouterr().err
+
+
+FACTOR = GOOD.split("[model]")[0] + """\
+[model]
+kind = "mlp"
+features = [64, 32]
+
+[[stages]]
+name = "dense"
+kind = "train"
+epochs = 1
+
+[[stages]]
+name = "lowrank"
+kind = "factorize"
+reference = "dense"
+ranks = { fc1 = 8, fc2 = 4 }
+epochs = 0
+
+[[stages]]
+name = "int8"
+kind = "quantize"
+bits = 8
+epochs = 0.5
+"""
+
+BAD_FACTOR = [
+    ("neither ranks nor energy", ("ranks = { fc1 = 8, fc2 = 4 }\n", ""), "stages[1].kind"),
+    ("both ranks and energy", ("ranks = { fc1 = 8, fc2 = 4 }", "ranks = { fc1 = 8 }\nenergy = { fc2 = 0.9 }"),
+     "stages[1].kind"),
+    ("not a layer", ("fc2 = 4", "fc3 = 4"), "stages[1].ranks"),
+    ("rank too large", ("fc2 = 4", "fc2 = 33"), "stages[1].ranks"),
+    ("bad energy", ("ranks = { fc1 = 8, fc2 = 4 }", "energy = { fc1 = 1.5 }"), "stages[1].energy"),
+    ("after quantizing", ('name = "lowrank"\nkind = "factorize"', 'name = "q"\nkind = "quantize"\nbits = 8\n'
+                          '[[stages]]\nname = "lowrank"\nkind = "factorize"'), "stages[2].from"),
+    ("rules after factoring", ("bits = 8", 'bits = 8\nrules = [["fc1", 8]]'), "stages[2].rules"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_FACTOR, ids=[c[0] for c in BAD_FACTOR])
+def test_bad_factorize_stage_fails_naming_the_key(case):
+    _, (old, new), key = case
+    assert old in FACTOR
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(FACTOR.replace(old, new, 1))
+    assert e.value.key == key
+
+
+def test_factorize_stage_saves_the_truncated_svd_factors(mnist_dir, tmp_path):
+    import numpy as np
+
+    from jaxcompress.export import load
+    from jaxcompress.lowrank.svd import factor_kernel
+
+    recipe = parse_recipe(FACTOR)
+    recipe["data"]["dir"] = str(mnist_dir)
+    out = tmp_path / "run"
+    report = run_recipe(recipe, out, progress=False, log=lambda m: None)
+    dense, low, q = report["stages"]
+    assert low["ranks"] == {"fc1": 8, "fc2": 4} and low["mode"] == "reshape"
+    # no fine-tuning: the saved factors are the SVD of the dense kernels, scored as before training
+    assert low["validation_accuracy_factored"] == low["validation_accuracy"]
+    dense_params, _ = load(out / dense["artifact"])
+    low_params, _ = load(out / low["artifact"])
+    for layer, r in low["ranks"].items():
+        u, v = factor_kernel(dense_params[layer]["kernel"], r)
+        np.testing.assert_allclose(low_params[layer]["u"], u, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(low_params[layer]["v"], v, rtol=1e-5, atol=1e-6)
+        assert "kernel" not in low_params[layer]
+    assert low["params"] == (784 * 8 + 8 * 64 + 64) + (64 * 4 + 4 * 32 + 32) + (32 * 10 + 10)
+    assert low["file_bytes"] < dense["file_bytes"] and q["file_bytes"] < low["file_bytes"]
+    assert q["weight_bits"] == 8 and q["test_evaluations"] == 1

@@ -36,12 +36,14 @@ from jaxcompress.core.transform import Transform, chain
 from jaxcompress.data import load_dataset
 from jaxcompress.data.batching import epochs as epoch_batches
 from jaxcompress.data.batching import num_batches
+from jaxcompress.distill.logit_losses import dkd_loss
 from jaxcompress.distill.losses import kd_loss
 from jaxcompress.distill.matching import compose, input_dropout, mixup, random_shift
 from jaxcompress.export.artifact import save
 from jaxcompress.export.budget import allocate_budget, budget_sensitivity, budget_transform, compressed_view, file_bytes
 from jaxcompress.export.reader import load
 from jaxcompress.export.size import size_report
+from jaxcompress.lowrank import factorize
 from jaxcompress.prune import (allocate_sparsity, erk_sparsities, fixed_masks, pruning, sensitivity_analysis,
                                sparsity_report, sparsity_rules)
 from jaxcompress.prune.schedules import one_shot_schedule, polynomial_schedule
@@ -141,6 +143,15 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _distill_loss(stage: dict):
+    """The per-example loss of a stage with a teacher: Hinton KD, or decoupled KD with ``loss = 'dkd'``."""
+    if stage.get("loss") == "dkd":
+        return functools.partial(dkd_loss, temperature=stage["temperature"], tckd_weight=stage["tckd_weight"],
+                                 nckd_weight=stage["nckd_weight"], ce_weight=stage["ce_weight"])
+    return functools.partial(kd_loss, temperature=stage["temperature"], kd_weight=stage["kd_weight"],
+                             ce_weight=stage["ce_weight"])
+
+
 def _optimizer(stage: dict, num_steps: int):
     lr = stage["learning_rate"]
     if stage["lr_schedule"] == "cosine":
@@ -236,19 +247,19 @@ class _Run:
         step = jax.jit(make_eval_step(apply, transform=transform)) if step is None else step
         return evaluate(step, state, {"image": x, "label": y}, batch_size=self.eval_batch_size)["accuracy"]
 
-    def _validation_accuracy(self, apply, src: "_Model") -> Callable[[Any], float]:
-        """``params -> validation accuracy`` of ``src``'s model with other weights (one compiled eval step)."""
+    def _validation_accuracy(self, apply, model_state) -> Callable[[Any], float]:
+        """``params -> validation accuracy`` of the model ``apply`` runs, with ``model_state`` (one compiled eval step)."""
         step = jax.jit(make_eval_step(apply))
 
         def accuracy(params):
-            return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=src.model_state),
+            return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=model_state),
                                   None, "validation", step)
 
         return accuracy
 
     def _allocate(self, stage: dict, apply, src: "_Model") -> tuple[dict, dict]:
         """Per-layer sparsities from each layer pruned alone, scored on the validation split only."""
-        sens = sensitivity_analysis(src.view, self._validation_accuracy(apply, src), sparsities=stage.get("sensitivity_grid", SENSITIVITY_GRID))
+        sens = sensitivity_analysis(src.view, self._validation_accuracy(apply, src.model_state), sparsities=stage.get("sensitivity_grid", SENSITIVITY_GRID))
         allocated = allocate_sparsity(sens, stage["sparsity"])
         return allocated, {"baseline": sens.baseline, "sparsities": list(sens.sparsities), "curves": sens.curves}
 
@@ -257,7 +268,7 @@ class _Run:
         bytes), allocated to the stage's byte budget or allowed drop; the one-shot result is saved to
         check the predicted size, and the budget tightened by any excess (at most 5 times)."""
         grid = dict(symmetric=stage["symmetric"], per_channel=stage["per_channel"])
-        sens = budget_sensitivity(src.view, self._validation_accuracy(apply, src), sparsities=stage["sensitivity_grid"], bits=stage["bits_grid"],
+        sens = budget_sensitivity(src.view, self._validation_accuracy(apply, src.model_state), sparsities=stage["sensitivity_grid"], bits=stage["bits_grid"],
                                   **grid)
         ref = stage.get("budget")
         budget = self.rows[ref]["file_bytes"] if isinstance(ref, str) else ref
@@ -308,6 +319,11 @@ class _Run:
         else:
             src = self.models[stage["from"]]
             module, params, model_state, masks, quant = src.module, src.params, src.model_state, src.masks, src.quant
+        factored = None
+        if stage["kind"] == "factorize":  # truncated SVD of the trained kernels; the factors are the new params
+            module, params = factorize(module, params, mode=stage["mode"],
+                                       **{k: dict(stage[k]) for k in ("ranks", "energy") if k in stage})
+            factored = {"ranks": dict(module.ranks), "mode": stage["mode"]}
         apply = linen_apply_fn(module)
         num_steps = self._num_steps(stage["epochs"])
         parts, prune_at, allocated, sensitivity, budget = [], None, None, None, None
@@ -341,8 +357,7 @@ class _Run:
             parts.append(_quant_transform(quant))
         transform = None if not parts else parts[0] if len(parts) == 1 else chain(*parts)
         teacher = self.models.get(stage.get("teacher")) if stage.get("teacher") else None
-        kd = None if teacher is None else Teacher(linen_apply_fn(teacher.module), functools.partial(
-            kd_loss, temperature=stage["temperature"], kd_weight=stage["kd_weight"], ce_weight=stage["ce_weight"]))
+        kd = None if teacher is None else Teacher(linen_apply_fn(teacher.module), _distill_loss(stage))
         opt = _optimizer(stage, num_steps)
         state = init_train_state(params, opt, transform=transform, model_state=model_state,
                                  rng=self.seed * 1000 + index)
@@ -370,6 +385,8 @@ class _Run:
                        "epochs": stage["epochs"], "total_epochs": self._total_epochs(stage), "train_loss": loss,
                        "validation_accuracy": self._evaluate(apply, state, transform, "validation"),
                        "test_accuracy": test, "test_evaluations": int(test is not None)}
+                if factored is not None:
+                    row.update(factored, validation_accuracy_factored=self._validation_accuracy(apply, model_state)(params))
                 if budget is not None:
                     row.update(allocated_sparsity=allocated, budget_allocation=budget)
                 elif allocated is not None:

@@ -21,7 +21,13 @@ it), or, with ``max_drop``, so that the file is smallest within that predicted a
 prune stage with ``bits`` quantizes the kept weights to that many bits while it prunes. A quantize
 stage with ``activation_bits`` also quantizes every Dense/Conv input, with ranges calibrated (min/max)
 on ``calibration_batches`` training batches before the stage trains (``epochs = 0``: post-training
-quantization) and moved by an EMA while it trains. A training stage may set ``lr_schedule = "cosine"``
+quantization) and moved by an EMA while it trains. A distill stage trains on Hinton KD
+(``temperature``, ``kd_weight``, ``ce_weight``) or, with ``loss = "dkd"``, on decoupled KD
+(``temperature``, ``tckd_weight``, ``nckd_weight``, ``ce_weight``). A factorize stage replaces
+the named layers of a float, unpruned model by their truncated SVD (``ranks = { fc1 = 32 }`` or
+``energy = { fc1 = 0.9 }``; ``mode = "spatial"`` splits a convolution into a kx1 and a 1xk one)
+and fine-tunes the two factors; its row records the validation accuracy right after the SVD
+(``validation_accuracy_factored``). A training stage may set ``lr_schedule = "cosine"``
 (cosine decay from ``learning_rate`` to 0 over the stage) and ``augment = { shift = 2,
 input_dropout = 0.2, mixup = 1.0 }``: in-step augmentations (a random shift of up to ``shift``
 pixels, input dropout, mixup with that Beta alpha), applied in that order to the batch both the
@@ -59,7 +65,7 @@ from typing import Any, Callable, Optional, Sequence
 from jaxcompress.data.load import DATASETS, TFDS_PREFIX
 
 #: The stage kinds, in the order a recipe usually lists them.
-STAGE_KINDS = ("train", "distill", "prune", "quantize", "finetune", "export")
+STAGE_KINDS = ("train", "distill", "prune", "quantize", "factorize", "finetune", "export")
 #: The models a recipe can name (``[model] kind``), with the keys each one takes.
 MODEL_KINDS = ("mlp", "lenet5", "cnn", "teacher_cnn", "student_cnn", "resnet")
 #: Image shape (H, W, C) of each named data set, to build the model before any data is read.
@@ -140,6 +146,18 @@ def _bits_list(v):
                                                    for x in v):
         return f"must be a non-empty list of bit widths in 2..8, e.g. [2, 4, 8], got {v!r}."
     return None
+
+
+def _layer_table(value_check: Callable, example: str) -> Callable:
+    def check(v):
+        if not isinstance(v, dict) or not v:
+            return f"must be a table of layer paths, e.g. {example}, got {v!r}."
+        for k, x in v.items():
+            problem = value_check(x)
+            if problem:
+                return f"{k!r} {problem}"
+        return None
+    return check
 
 
 def _budget(v):
@@ -277,7 +295,8 @@ _COMMON = {"name": _type(str, "a string"), "kind": _choice(*STAGE_KINDS), "label
            "reference": _type(str, "the name of a stage this one is compared with, seed by seed")}
 STAGE_KEYS = {
     "train": {**_COMMON, **_TRAINING, "model": _type(dict, "a table such as { kind = \"cnn\", hidden = 128 }")},
-    "distill": {**_COMMON, **_TRAINING, "model": _type(dict, "a table such as { kind = \"cnn\", hidden = 64 }")},
+    "distill": {**_COMMON, **_TRAINING, "model": _type(dict, "a table such as { kind = \"cnn\", hidden = 64 }"),
+                "loss": _choice("kd", "dkd"), "tckd_weight": _number(0, math.inf), "nckd_weight": _number(0, math.inf)},
     "prune": {
         **_COMMON, **_TRAINING,
         "sparsity": _number(0, 1, example=" (e.g. 0.9 for 90% of the weights zero)"),
@@ -309,6 +328,12 @@ STAGE_KEYS = {
         "activation_bits": _int(2, 8),
         "calibration_batches": _int(1),
     },
+    "factorize": {
+        **_COMMON, **_TRAINING,
+        "ranks": _layer_table(_int(1), "{ fc1 = 32, fc2 = 16 }"),
+        "energy": _layer_table(_number(0, 1, low_open=True, high_open=False), "{ fc1 = 0.9 }"),
+        "mode": _choice("reshape", "spatial"),
+    },
     "finetune": {**_COMMON, **_TRAINING},
     "export": {**_COMMON, "file": _type(str, "a file name such as 'model.npz'"),
                "float_dtype": _choice("float32", "float16")},
@@ -323,6 +348,7 @@ DEFAULTS = {
     "prune": {"schedule": "polynomial", "schedule_end": 0.6, "criterion": "magnitude",
               "structure": "unstructured", "scope": "layer", "erk_power": 1.0, "symmetric": True, "per_channel": True},
     "quantize": {"symmetric": True, "per_channel": True, "epochs": 0.5, "calibration_batches": 8},
+    "factorize": {"mode": "reshape"},
     "export": {"file": "model.npz", "float_dtype": "float32"},
 }
 
@@ -483,6 +509,22 @@ def _check_model(c: _Checker, model: Any, path: tuple, what: str) -> dict:
     return dict(model)
 
 
+def _check_distill_loss(c: _Checker, stage: dict, out: dict, path: tuple, extra: str) -> None:
+    """``loss = 'kd'`` (Hinton: temperature, kd_weight, ce_weight) or ``'dkd'`` (temperature, tckd_weight,
+    nckd_weight, ce_weight); a weight of the other loss is refused, not ignored."""
+    loss = out.setdefault("loss", "kd")
+    own, other = (("tckd_weight", "nckd_weight"), ("kd_weight",)) if loss == "dkd" else \
+        (("kd_weight",), ("tckd_weight", "nckd_weight"))
+    for key in other:
+        if key in stage:
+            c.fail(path + (key,), f"{key} is a weight of loss = {'kd' if loss == 'dkd' else 'dkd'!r}, not of "
+                   f"loss = {loss!r}{extra}; give {' and '.join(own)} instead.")
+    if loss == "dkd":
+        out.pop("kd_weight", None)
+        out.setdefault("tckd_weight", 1.0)
+        out.setdefault("nckd_weight", 8.0)
+
+
 def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> dict:
     path = ("stages", i)
     if not isinstance(stage, dict):
@@ -523,6 +565,21 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
                    "distill stage before it.")
         out["from"] = stage.get("from", list(names)[-1] if names else None)
         out["model"] = names[out["from"]]["model"]
+    if kind == "distill":
+        _check_distill_loss(c, stage, out, path, extra)
+    if kind == "factorize":
+        if ("ranks" in stage) == ("energy" in stage):
+            c.fail(path + ("kind",), f"a factorize stage{extra} needs exactly one of ranks = {{ layer = rank }} or "
+                   "energy = { layer = kept fraction of the squared singular values }.")
+        compressed = [n for n in _lineage(names, out["from"]) if names[n]["kind"] in ("prune", "quantize", "factorize")]
+        if compressed:
+            c.fail(path + ("from",), f"factorize starts from a float, unfactored model, but {compressed[0]!r} is a "
+                   f"{names[compressed[0]]['kind']} stage it comes from{extra}; factor before pruning or quantizing.")
+    if any(names[n]["kind"] == "factorize" for n in _lineage(names, out.get("from"))):
+        for key in ("rules", "density_rules"):
+            if key in stage:
+                c.fail(path + (key,), f"the model of this stage{extra} is factored (its kernels are u and v); "
+                       f"{key} are not supported after a factorize stage.")
     if "rules" in stage and "density_rules" in stage:
         c.fail(path + ("density_rules",), f"give either rules or density_rules{extra}, not both.")
     if budget:
@@ -543,6 +600,15 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         for key in ("budget", "max_drop", "bits_grid"):
             if key in stage:
                 c.fail(path + (key,), f"is only read with allocation = \"budget\"{extra}.")
+    return out
+
+
+def _lineage(names: dict, start: Optional[str]) -> list:
+    """``start`` and every stage its model comes from, nearest first."""
+    out = []
+    while start is not None:
+        out.append(start)
+        start = names[start].get("from")
     return out
 
 
@@ -586,9 +652,28 @@ def check_stage_rules(recipe: dict, image_shape: tuple, *, num_classes: int = 10
     """
     from jaxcompress.core.rules import explain
 
+    from jaxcompress.core.paths import get_path, leaf_names
+    from jaxcompress.lowrank.svd import max_rank
+
     c = _Checker(text, source)
     cache: dict = {}
     for i, stage in enumerate(recipe["stages"]):
+        if stage["kind"] == "factorize":
+            model_key = repr(sorted(stage["model"].items()))
+            if model_key not in cache:
+                cache[model_key] = _model_params(stage["model"], num_classes, image_shape)
+            params = cache[model_key]
+            key = "ranks" if "ranks" in stage else "energy"
+            layers = sorted(path.rsplit("/", 1)[0] for path in leaf_names(params) if path.endswith("/kernel"))
+            for layer, value in stage[key].items():
+                node = get_path(params, layer) if layer in layers else None
+                if node is None:
+                    c.fail(("stages", i, key), f"{layer!r} is not a layer with a kernel in stage {stage['name']!r}'s "
+                           f"model; its layers are {layers}.")
+                limit = max_rank(node["kernel"].shape, stage["mode"])
+                if key == "ranks" and value > limit:
+                    c.fail(("stages", i, key), f"rank {value} of {layer!r} exceeds its largest rank {limit} "
+                           f"(kernel {tuple(node['kernel'].shape)}, mode {stage['mode']!r}).")
         for key in ("rules", "density_rules"):
             rules = stage.get(key)
             if not rules:
