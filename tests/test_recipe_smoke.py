@@ -10,7 +10,15 @@ from jaxcompress.recipes.schema import load_recipe, shipped_recipes
 
 
 # the demo recipe's smoke run is tests/test_demo.py (through `jaxcompress demo`, with more checks)
-@pytest.mark.parametrize("name", [n for n in shipped_recipes() if n != "demo"])
+# In the slow set: recipes whose every stage kind and option also runs in a default test: quantize with
+# calibrated inputs (cifar10_tutorials' smoke, tests/test_recipe_seeds.py), the budget allocation
+# (tests/test_recipe_seeds.py), augmentations (tests/test_recipes.py), factorize (cifar10_lowrank's smoke,
+# tests/test_recipes.py).
+_SLOW = {"mnist_quant", "cifar10_quant", "cifar10_budget", "hinton_mnist", "mnist_lowrank"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
+                                  for n in shipped_recipes() if n != "demo"])
 def test_shipped_recipe_smoke(name, mnist_dir, tmp_path):
     out = tmp_path / name
     if load_recipe(name)["data"]["name"] == "cifar10":
