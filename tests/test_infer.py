@@ -199,6 +199,19 @@ def test_no_whole_model_check_when_every_layer_stays_float(monkeypatch):
     assert plan.whole is None and set(plan.paths.values()) == {"float"}
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_input_grid_constants_give_the_fake_quantizers_values_bit_for_bit(symmetric):
+    from jaxcompress.infer.layers import _input
+    from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
+
+    x = jnp.concatenate([jax.random.normal(jax.random.key(0), (4096,)) * 3, jnp.array([-1e30, 1e30, 0.0, -0.0])])
+    s, z, qmin, qmax = affine_qparams(jnp.float32(-1.7), jnp.float32(2.3), 8, symmetric=symmetric)
+    layer = infer.Layer("l", "dense", (1, 1), act=(qmin, qmax), act_grid=(float(s), float(z)))
+    want = fake_quant_affine(x, s, z, qmin, qmax)
+    for got in (_input(layer, x), jax.jit(lambda v: _input(layer, v))(x)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("bits", [None, 4])
 def test_all_float_plan_is_the_models_own_program(bits):
     """With float inputs and nothing folded, the all-float plan runs the unchanged model on the view."""

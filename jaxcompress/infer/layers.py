@@ -9,7 +9,9 @@ A convolution can also run as one matrix product over its input patches (``'patc
 ``'int8_patches'`` on int8 codes): the patches are the kernel-offset slices of the padded input
 laid side by side; or as a sum over kernel offsets of each offset's slice times that offset's
 kernel matrix (``'shifts'``; a broadcast product for one input channel), which XLA fuses into
-one loop. For few channels either can beat XLA:CPU's convolution several times over.
+one loop. For few channels either can beat XLA:CPU's convolution several times over. A
+quantized input's calibrated grid is a constant of the program (:attr:`Layer.act_grid`), not an
+argument: XLA folds it into the neighbouring ops instead of broadcasting it over the input.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import numpy as np
 
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.infer import kernels, sparse
-from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 
 #: Every path name, in the order candidates are listed.
 PATHS = ("float", "patches", "shifts", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
@@ -38,6 +39,9 @@ class Layer(NamedTuple):
       strides, padding, kernel_dilation, feature_group_count: the convolution's (explicit
         ``((low, high), ...)`` padding); ``None``/1 for Dense.
       act: ``(quant_min, quant_max)`` of the input grid, or ``None`` (float input).
+      act_grid: ``(scale, zero_point)`` of the input grid as Python floats (with ``act``): the
+        calibrated grid is a constant of the compiled program, so XLA folds it into the ops around
+        the product instead of broadcasting an argument over the whole input.
       norm: the path of the BatchNorm folded into this layer, or ``None``.
       candidates: the paths this layer can run.
       use_bias: whether the module has a bias parameter.
@@ -51,6 +55,7 @@ class Layer(NamedTuple):
     kernel_dilation: Optional[tuple] = None
     feature_group_count: int = 1
     act: Optional[tuple] = None
+    act_grid: Optional[tuple] = None
     norm: Optional[str] = None
     candidates: tuple = ("float",)
     use_bias: bool = True
@@ -80,7 +85,7 @@ def _tuple(v, n):
     return (v,) * n if isinstance(v, int) else tuple(v)
 
 
-def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec]) -> Layer:
+def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec], act_grid: Optional[tuple] = None) -> Layer:
     """The :class:`Layer` of a Flax ``Dense``/``Conv`` called on ``x``, with its candidate paths."""
     path = "/".join(module.path)
     if isinstance(module, nn.Conv):
@@ -106,12 +111,15 @@ def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec]) -> Layer:
             cands += ["int8"] + (["int8_patches"] if patches else [])
     if spec is not None and spec.mask is not None and base["kind"] == "dense":
         cands += ["bcoo", "bcsr", "gather"]
-    return Layer(path=path, kernel_shape=kshape, act=act, norm=norm, candidates=tuple(cands),
+    if (act is None) != (act_grid is None):
+        raise ValueError(f"layer {path!r}: give the input grid's act=(quant_min, quant_max) and act_grid=(scale, "
+                         "zero_point) together, or neither.")
+    return Layer(path=path, kernel_shape=kshape, act=act, norm=norm, candidates=tuple(cands), act_grid=act_grid,
                  use_bias=bool(module.use_bias), **base)
 
 
-def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], act_range, bits: int, symmetric: bool,
-                 norm_params=None, norm_stats=None, epsilon: float = 1e-5) -> dict:
+def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], norm_params=None, norm_stats=None,
+                 epsilon: float = 1e-5) -> dict:
     """Every array any candidate path of ``layer`` needs: ``{path name: {array name: array}}``.
 
     ``kernel`` may be the latent weights or the compressed view: the description's mask is
@@ -140,37 +148,40 @@ def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], act_range
         b = jnp.zeros((out_ch,), jnp.float32)
     wf = q.astype(jnp.float32) * w_scale if quantized else k * w_scale
     arrays: dict[str, Any] = {}
-    x_q = {}
-    if act_range is not None:
-        s, z, _, _ = affine_qparams(act_range[0], act_range[1], bits, symmetric=symmetric)
-        x_q = {"x_scale": s, "x_zero": z}
     if quantized:
-        arrays["weight_int8"] = {"q": q, "scale": w_scale, "bias": b, **x_q}
+        arrays["weight_int8"] = {"q": q, "scale": w_scale, "bias": b}
         if "weight_int4" in layer.candidates:
-            arrays["weight_int4"] = {"q4": kernels.pack_int4(q), "scale": w_scale, "bias": b, **x_q}
+            arrays["weight_int4"] = {"q4": kernels.pack_int4(q), "scale": w_scale, "bias": b}
         if "int8" in layer.candidates:
+            x_scale, x_zero = layer.act_grid
             shift = -128 if layer.act[0] >= 0 else 0  # an unsigned grid as a signed one
-            zs = (x_q["x_zero"] + shift).astype(jnp.int32)
             ksum = jnp.sum(q.astype(jnp.int32), axis=tuple(range(q.ndim - 1)))
-            arrays["int8"] = {"q": q, "out_scale": x_q["x_scale"] * w_scale, "bias": b, "x_scale": x_q["x_scale"],
-                              "x_zero": x_q["x_zero"], "zero_correction": zs * ksum}
-    arrays["float"] = {"kernel": wf, "bias": b, **x_q}
+            arrays["int8"] = {"q": q, "out_scale": np.float32(x_scale) * w_scale, "bias": b,
+                              "zero_correction": (int(x_zero) + shift) * ksum}
+    arrays["float"] = {"kernel": wf, "bias": b}
     if "patches" in layer.candidates:
         arrays["patches"] = arrays["shifts"] = arrays["float"]
     if "int8_patches" in layer.candidates:
         arrays["int8_patches"] = arrays["int8"]
     if "gather" in layer.candidates:
         idx, val = sparse.ell(np.asarray(wf))
-        arrays["gather"] = {"idx": idx, "val": val, "bias": b, **x_q}
-        arrays["bcoo"] = {"wt": sparse.bcoo(wf), "bias": b, **x_q}
-        arrays["bcsr"] = {"wt": sparse.bcsr(wf), "bias": b, **x_q}
+        arrays["gather"] = {"idx": idx, "val": val, "bias": b}
+        arrays["bcoo"] = {"wt": sparse.bcoo(wf), "bias": b}
+        arrays["bcsr"] = {"wt": sparse.bcsr(wf), "bias": b}
     return arrays
 
 
-def _input(layer: Layer, a: dict, x):
+def _input(layer: Layer, x):
+    """The input on its grid: :func:`~jaxcompress.quant.affine.fake_quant_affine`'s values, bit for bit.
+
+    ``(clip(round(x / s) + z, qmin, qmax) - z) s`` is ``clip(round(x / s), qmin - z, qmax - z) s``
+    exactly (``z`` is an integer), which needs no zero point over the whole input.
+    """
     if layer.act is None:
         return x.astype(jnp.float32)
-    return fake_quant_affine(x.astype(jnp.float32), a["x_scale"], a["x_zero"], layer.act[0], layer.act[1])
+    s, z = layer.act_grid
+    inv = np.float32(1.0) / np.float32(s)
+    return jnp.clip(jnp.round(x.astype(jnp.float32) * inv), layer.act[0] - z, layer.act[1] - z) * np.float32(s)
 
 
 def _float_op(layer: Layer, x, w):
@@ -233,19 +244,19 @@ def run_layer(layer: Layer, path: str, a: dict, x) -> jax.Array:
     """The output of ``layer`` on input ``x`` by ``path``, with ``a = layer_arrays(...)[path]``."""
     if path in ("int8", "int8_patches"):
         qmin, qmax = layer.act
-        shift = -128 if qmin >= 0 else 0
-        xq = (kernels.quantize(x, a["x_scale"], a["x_zero"], qmin, qmax) + shift).astype(jnp.int8)
+        (scale, zero), shift = layer.act_grid, -128 if qmin >= 0 else 0
+        xq = (kernels.quantize(x, scale, zero, qmin, qmax) + shift).astype(jnp.int8)
         if layer.kind == "dense":
             acc = kernels.int8_dot(xq, a["q"])
         else:
-            xq = _pad(layer, xq, (a["x_zero"] + shift).astype(jnp.int8))  # padding holds the real value 0
+            xq = _pad(layer, xq, np.int8(int(zero) + shift))  # padding holds the real value 0
             if path == "int8_patches":
                 acc = kernels.int8_dot(patches(layer, xq), a["q"].reshape(-1, layer.kernel_shape[-1]))
             else:
                 acc = kernels.int8_conv(xq, a["q"], layer.strides, "VALID", kernel_dilation=layer.kernel_dilation,
                                         feature_group_count=layer.feature_group_count)
         return (acc - a["zero_correction"]).astype(jnp.float32) * a["out_scale"] + a["bias"]
-    x = _input(layer, a, x)
+    x = _input(layer, x)
     if path == "float":
         return _float_op(layer, x, a["kernel"]) + a["bias"]
     if path == "shifts":

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxcompress.benchmark import compare, verdict
 from jaxcompress.core.transform import LeafSpec
@@ -167,21 +168,20 @@ def prepare(module: nn.Module, params: Any, description: Mapping[str, LeafSpec],
     layers, arrays, inputs, removed = {}, {}, {}, []
     for name, (m, x) in calls.items():
         spec = description.get(f"{name}/kernel")
-        act = None
+        act = grid = None
         if name in ranges:
-            _, _, qmin, qmax = affine_qparams(ranges[name]["min"], ranges[name]["max"], act_bits, symmetric=act_symmetric)
-            act = (qmin, qmax)
+            s, z, qmin, qmax = affine_qparams(ranges[name]["min"], ranges[name]["max"], act_bits, symmetric=act_symmetric)
+            act, grid = (qmin, qmax), (float(np.asarray(s)), float(np.asarray(z)))
         fold = folds.get(name)
-        layer = describe_layer(m, x, act=act, norm=None if fold is None else fold[0], spec=spec)
+        layer = describe_layer(m, x, act=act, act_grid=grid, norm=None if fold is None else fold[0], spec=spec)
         p = get_path(params, name)
         norm_params = norm_stats = None
         if fold is not None:
             norm_params = get_path(params, fold[0]) or {}
             norm_stats = get_path(state.get("batch_stats", {}), fold[0])
             removed.append(fold[0])
-        rng = None if act is None else (ranges[name]["min"], ranges[name]["max"])
-        arrays[name] = layer_arrays(layer, p["kernel"], p.get("bias"), spec, rng, act_bits, act_symmetric,
-                                    norm_params, norm_stats, 1e-5 if fold is None else fold[1])
+        arrays[name] = layer_arrays(layer, p["kernel"], p.get("bias"), spec, norm_params, norm_stats,
+                                    1e-5 if fold is None else fold[1])
         layers[name], inputs[name] = layer, x
         removed.append(name)
     rest = {c: _without(v, removed) for c, v in variables.items()}
