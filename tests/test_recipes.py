@@ -318,3 +318,7 @@ def test_factorize_stage_saves_the_truncated_svd_factors(mnist_dir, tmp_path):
     assert low["params"] == (784 * 8 + 8 * 64 + 64) + (64 * 4 + 4 * 32 + 32) + (32 * 10 + 10)
     assert low["file_bytes"] < dense["file_bytes"] and q["file_bytes"] < low["file_bytes"]
     assert q["weight_bits"] == 8 and q["test_evaluations"] == 1
+    from jaxcompress.recipes.report import report_markdown
+
+    acc = f"{low['validation_accuracy']:.2%}"
+    assert f"| lowrank | fc1 8, fc2 4 | reshape | {acc} | {acc} |" in report_markdown(report)

@@ -155,6 +155,21 @@ def _layer_lines(report: dict) -> list[str]:
     return lines + _budget_lines(report)
 
 
+def _factor_lines(report: dict) -> list[str]:
+    """Per factorize stage: its ranks, and validation accuracy right after the SVD and after fine-tuning."""
+    rows = [s for s in report["stages"] if s.get("ranks")]
+    if not rows:
+        return []
+    lines = ["", "Factorized stages (truncated SVD of the named layers, then the factors fine-tuned): validation "
+             "accuracy right after the SVD, before any training, and after the stage's fine-tuning.", "",
+             "| stage | ranks | mode | validation after SVD | validation after fine-tuning |", "| --- | --- | --- | ---: | ---: |"]
+    for s in rows:
+        ranks = ", ".join(f"{k} {v:g}" for k, v in s["ranks"].items())
+        lines.append(f"| {s['name']} | {ranks} | {s['mode']} | {format_accuracy(s, 'validation_accuracy_factored')} | "
+                     f"{format_accuracy(s, 'validation_accuracy')} |")
+    return lines
+
+
 def _budget_lines(report: dict) -> list[str]:
     """Per seed, what each budget allocation aimed at and what its file came to."""
     rows = [(run["seed"], s) for run in report.get("runs", [{"seed": None, "stages": report["stages"]}])
@@ -215,7 +230,7 @@ def report_markdown(report: dict) -> str:
         "float32 biases, and the checked metadata). The ratio is float32 bytes over file bytes. Epochs: the",
         "stage's own, and in brackets its whole budget with the stages its model comes from.",
     ]
-    lines += _paired_lines(report) + _published_lines(report) + _layer_lines(report)
+    lines += _paired_lines(report) + _published_lines(report) + _layer_lines(report) + _factor_lines(report)
     if report["stages"]:
         lines.append("")
     for s in report["stages"]:
