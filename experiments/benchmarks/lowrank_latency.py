@@ -24,7 +24,8 @@ import jax
 from jaxcompress.benchmark import CONTROL, compare, cost_analysis, environment, verdict, write_result
 from jaxcompress.lowrank import factorize
 from jaxcompress.recipes.models import build_model
-from jaxcompress.recipes.schema import INPUT_SHAPES, load_recipe
+from jaxcompress.recipes.keys import INPUT_SHAPES
+from jaxcompress.recipes.schema import load_recipe
 
 RECIPES = ("mnist_lowrank", "cifar10_lowrank")
 

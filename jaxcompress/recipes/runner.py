@@ -52,7 +52,8 @@ from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.recipes.models import build_model
 from jaxcompress.recipes.report import paired_comparison
-from jaxcompress.recipes.schema import SENSITIVITY_GRID, RecipeError, check_stage_rules
+from jaxcompress.recipes.keys import SENSITIVITY_GRID
+from jaxcompress.recipes.schema import RecipeError, check_stage_rules
 from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.loop import fit
 from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
