@@ -12,9 +12,10 @@ from jaxcompress.recipes.schema import load_recipe, shipped_recipes
 # the demo recipe's smoke run is tests/test_demo.py (through `jaxcompress demo`, with more checks)
 # In the slow set: recipes whose every stage kind and option also runs in a default test: quantize with
 # calibrated inputs (cifar10_tutorials' smoke, tests/test_recipe_seeds.py), the budget allocation
-# (tests/test_recipe_seeds.py), augmentations (tests/test_recipes.py), factorize (cifar10_lowrank's smoke,
-# tests/test_recipes.py).
-_SLOW = {"mnist_quant", "cifar10_quant", "cifar10_budget", "hinton_mnist", "mnist_lowrank"}
+# (tests/test_recipe_seeds.py), augmentations and factorize stages, and the distillation losses
+# (tests/test_recipes.py; a distill stage also runs in cifar10_tutorials' smoke).
+_SLOW = {"mnist_quant", "cifar10_quant", "cifar10_budget", "hinton_mnist", "mnist_lowrank", "cifar10_lowrank",
+         "cifar10_distill"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
