@@ -6,67 +6,70 @@ functions start with ``make_``. The subpackages hold the rest of each concept.
 """
 __version__ = "0.1.0"
 
-# The abstraction: transforms, composition, selection by path rules, self-description.
-from jaxcompress.core.rules import explain as explain
-from jaxcompress.core.rules import select as select
-from jaxcompress.core.transform import LeafSpec as LeafSpec
-from jaxcompress.core.transform import Trainable as Trainable
-from jaxcompress.core.transform import Transform as Transform
-from jaxcompress.core.transform import UpdateInfo as UpdateInfo
-from jaxcompress.core.transform import chain as chain
-from jaxcompress.core.transform import identity as identity
-from jaxcompress.core.transform import intercepted as intercepted
+from jaxcompress._lazy import lazy_names
 
-# Pruning.
-from jaxcompress.prune.dynamic import rigl as rigl
-from jaxcompress.prune.dynamic import set_pruning as set_pruning
-from jaxcompress.prune.optax_adapter import sparse_optimizer as sparse_optimizer
-from jaxcompress.prune.pruner import fixed_masks as fixed_masks
-from jaxcompress.prune.pruner import pruning as pruning
-from jaxcompress.prune.pruner import straight_through as straight_through
-from jaxcompress.prune.report import sparsity_report as sparsity_report
-from jaxcompress.prune.saliency import snip_masks as snip_masks
-from jaxcompress.prune.schedules import polynomial_schedule as polynomial_schedule
-from jaxcompress.prune.sensitivity import allocate_sparsity as allocate_sparsity
-from jaxcompress.prune.sensitivity import sensitivity_analysis as sensitivity_analysis
+# Each public name and the module it comes from. They are imported on first use (PEP 562), so that
+# ``import jaxcompress`` and the command line's recipe checks start without loading JAX.
+_PUBLIC = {
+    # The abstraction: transforms, composition, selection by path rules, self-description.
+    "explain": "jaxcompress.core.rules",
+    "select": "jaxcompress.core.rules",
+    "LeafSpec": "jaxcompress.core.transform",
+    "Trainable": "jaxcompress.core.transform",
+    "Transform": "jaxcompress.core.transform",
+    "UpdateInfo": "jaxcompress.core.transform",
+    "chain": "jaxcompress.core.transform",
+    "identity": "jaxcompress.core.transform",
+    "intercepted": "jaxcompress.core.transform",
+    # Pruning.
+    "rigl": "jaxcompress.prune.dynamic",
+    "set_pruning": "jaxcompress.prune.dynamic",
+    "sparse_optimizer": "jaxcompress.prune.optax_adapter",
+    "fixed_masks": "jaxcompress.prune.pruner",
+    "pruning": "jaxcompress.prune.pruner",
+    "straight_through": "jaxcompress.prune.pruner",
+    "sparsity_report": "jaxcompress.prune.report",
+    "snip_masks": "jaxcompress.prune.saliency",
+    "polynomial_schedule": "jaxcompress.prune.schedules",
+    "allocate_sparsity": "jaxcompress.prune.sensitivity",
+    "sensitivity_analysis": "jaxcompress.prune.sensitivity",
+    # Quantization.
+    "calibrate_activations": "jaxcompress.quant.activations",
+    "fake_quant": "jaxcompress.quant.affine",
+    "lsq_quantization": "jaxcompress.quant.lsq",
+    "weight_sharing": "jaxcompress.quant.sharing",
+    "QuantSpec": "jaxcompress.quant.weights",
+    "weight_quantization": "jaxcompress.quant.weights",
+    # One-shot (post-training, data-aware) compression.
+    "GPTQ": "jaxcompress.oneshot",
+    "SparseGPT": "jaxcompress.oneshot",
+    "Wanda": "jaxcompress.oneshot",
+    "one_shot": "jaxcompress.oneshot",
+    # Distillation.
+    "capture_apply_fn": "jaxcompress.distill.capture",
+    "distill_loss": "jaxcompress.distill.capture",
+    "dkd_loss": "jaxcompress.distill.logit_losses",
+    "hard_label_kd_loss": "jaxcompress.distill.logit_losses",
+    "cross_entropy": "jaxcompress.distill.losses",
+    "kd_loss": "jaxcompress.distill.losses",
+    "frozen_apply_fn": "jaxcompress.distill.teachers",
+    # Training.
+    "fit": "jaxcompress.train.loop",
+    "data_parallel": "jaxcompress.train.parallel",
+    "TrainState": "jaxcompress.train.state",
+    "init_train_state": "jaxcompress.train.state",
+    "linen_apply_fn": "jaxcompress.train.state",
+    "Teacher": "jaxcompress.train.step",
+    "classification_loss": "jaxcompress.train.objectives",
+    "classification_metrics": "jaxcompress.train.objectives",
+    "evaluate": "jaxcompress.train.evaluation",
+    "make_eval_step": "jaxcompress.train.evaluation",
+    "make_train_step": "jaxcompress.train.step",
+    "token_loss": "jaxcompress.train.objectives",
+    "token_metrics": "jaxcompress.train.objectives",
+    # Export.
+    "size_report": "jaxcompress.export.size",
+}
+__all__ = sorted(_PUBLIC)
 
-# Quantization.
-from jaxcompress.quant.activations import calibrate_activations as calibrate_activations
-from jaxcompress.quant.affine import fake_quant as fake_quant
-from jaxcompress.quant.lsq import lsq_quantization as lsq_quantization
-from jaxcompress.quant.sharing import weight_sharing as weight_sharing
-from jaxcompress.quant.weights import QuantSpec as QuantSpec
-from jaxcompress.quant.weights import weight_quantization as weight_quantization
-
-# One-shot (post-training, data-aware) compression.
-from jaxcompress.oneshot import GPTQ as GPTQ
-from jaxcompress.oneshot import SparseGPT as SparseGPT
-from jaxcompress.oneshot import Wanda as Wanda
-from jaxcompress.oneshot import one_shot as one_shot
-
-# Distillation.
-from jaxcompress.distill.capture import capture_apply_fn as capture_apply_fn
-from jaxcompress.distill.capture import distill_loss as distill_loss
-from jaxcompress.distill.logit_losses import dkd_loss as dkd_loss
-from jaxcompress.distill.logit_losses import hard_label_kd_loss as hard_label_kd_loss
-from jaxcompress.distill.losses import cross_entropy as cross_entropy
-from jaxcompress.distill.losses import kd_loss as kd_loss
-from jaxcompress.distill.teachers import frozen_apply_fn as frozen_apply_fn
-
-# Training.
-from jaxcompress.train.loop import fit as fit
-from jaxcompress.train.parallel import data_parallel as data_parallel
-from jaxcompress.train.state import TrainState as TrainState
-from jaxcompress.train.state import init_train_state as init_train_state
-from jaxcompress.train.state import linen_apply_fn as linen_apply_fn
-from jaxcompress.train.step import Teacher as Teacher
-from jaxcompress.train.objectives import classification_loss as classification_loss
-from jaxcompress.train.objectives import classification_metrics as classification_metrics
-from jaxcompress.train.evaluation import evaluate as evaluate
-from jaxcompress.train.evaluation import make_eval_step as make_eval_step
-from jaxcompress.train.step import make_train_step as make_train_step
-from jaxcompress.train.objectives import token_loss as token_loss
-from jaxcompress.train.objectives import token_metrics as token_metrics
-
-# Export.
-from jaxcompress.export.size import size_report as size_report
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

@@ -14,8 +14,9 @@ from jaxcompress.recipes.schema import load_recipe, shipped_recipes
 # calibrated inputs (cifar10_tutorials' smoke, tests/test_recipe_seeds.py), the budget allocation
 # (tests/test_recipe_seeds.py), augmentations and factorize stages, and the distillation losses
 # (tests/test_recipes.py; a distill stage also runs in cifar10_tutorials' smoke).
+# deep_compression_mnist: iterative pruning and share stages run in tests/test_recipe_share.py.
 _SLOW = {"mnist_quant", "cifar10_quant", "cifar10_budget", "hinton_mnist", "mnist_lowrank", "cifar10_lowrank",
-         "cifar10_distill"}
+         "cifar10_distill", "deep_compression_mnist"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n

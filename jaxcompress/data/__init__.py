@@ -1,39 +1,46 @@
 """Data sets (MNIST, Fashion-MNIST, CIFAR-10, scikit-learn digits, any prepared tfds set) and batching."""
-from .batching import epochs as epochs
-from .batching import iterate_batches as iterate_batches
-from .batching import iterate_source_batches as iterate_source_batches
-from .batching import num_batches as num_batches
-from .batching import stack_examples as stack_examples
-from .cifar import CIFAR10_CLASSES as CIFAR10_CLASSES
-from .cifar import CIFAR10_FILES as CIFAR10_FILES
-from .cifar import load_cifar10 as load_cifar10
-from .cifar import parse_cifar_batch as parse_cifar_batch
-from .dataset import DATA_DIR_ENV as DATA_DIR_ENV
-from .dataset import DataNotFoundError as DataNotFoundError
-from .dataset import Dataset as Dataset
-from .dataset import default_cache_dir as default_cache_dir
-from .dataset import write_atomic as write_atomic
-from .digits import load_digits as load_digits
-from .idx import parse_idx as parse_idx
-from .idx import read_idx as read_idx
-from .idx import read_idx_content as read_idx_content
-from .idx import write_idx as write_idx
-from .load import DATASETS as DATASETS
-from .load import TFDS_PREFIX as TFDS_PREFIX
-from .load import load_dataset as load_dataset
-from .mnist import CLASS_NAMES as CLASS_NAMES
-from .mnist import MIRRORS as MIRRORS
-from .mnist import MNIST_FILES as MNIST_FILES
-from .mnist import PIXEL_STATS as PIXEL_STATS
-from .mnist import load_mnist as load_mnist
-from .tfds_source import load_tfds as load_tfds
-from .tfds_source import open_tfds as open_tfds
-from .tfds_source import read_tfds as read_tfds
-from .text import SEPARATOR as SEPARATOR
-from .text import SPLITS as SPLITS
-from .text import TextCorpus as TextCorpus
-from .text import eval_windows as eval_windows
-from .text import load_python_corpus as load_python_corpus
-from .text import sample_windows as sample_windows
-from .text import source_files as source_files
-from .text import split_of as split_of
+from jaxcompress._lazy import lazy_names
+
+# Imported on first use, so that reading a recipe's data set names does not load JAX.
+_PUBLIC = {
+    "epochs": ".batching",
+    "iterate_batches": ".batching",
+    "iterate_source_batches": ".batching",
+    "num_batches": ".batching",
+    "stack_examples": ".batching",
+    "CIFAR10_CLASSES": ".cifar",
+    "CIFAR10_FILES": ".cifar",
+    "load_cifar10": ".cifar",
+    "parse_cifar_batch": ".cifar",
+    "DATA_DIR_ENV": ".dataset",
+    "DataNotFoundError": ".dataset",
+    "Dataset": ".dataset",
+    "default_cache_dir": ".dataset",
+    "write_atomic": ".dataset",
+    "load_digits": ".digits",
+    "parse_idx": ".idx",
+    "read_idx": ".idx",
+    "read_idx_content": ".idx",
+    "write_idx": ".idx",
+    "DATASETS": ".load",
+    "TFDS_PREFIX": ".load",
+    "load_dataset": ".load",
+    "CLASS_NAMES": ".mnist",
+    "MIRRORS": ".mnist",
+    "MNIST_FILES": ".mnist",
+    "PIXEL_STATS": ".mnist",
+    "load_mnist": ".mnist",
+    "load_tfds": ".tfds_source",
+    "open_tfds": ".tfds_source",
+    "read_tfds": ".tfds_source",
+    "SEPARATOR": ".text",
+    "SPLITS": ".text",
+    "TextCorpus": ".text",
+    "eval_windows": ".text",
+    "load_python_corpus": ".text",
+    "sample_windows": ".text",
+    "source_files": ".text",
+    "split_of": ".text",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .batching import stack_examples
 from .dataset import DataNotFoundError, Dataset, how_to_point, resolve_data_dir, standardise_uint8
 
 #: The folder under the data root (see :func:`~jaxcompress.data.default_cache_dir`) that is the
@@ -136,6 +135,8 @@ def read_tfds(
 
 
 def _columns(source: Sequence[dict], name: str, split: str, keys: Sequence[str] | None) -> dict[str, np.ndarray]:
+    from .batching import stack_examples  # loads JAX: only when a tfds set is read
+
     n = len(source)
     if n == 0:
         raise ValueError(f"split={split!r} of tfds data set {name!r} is empty; choose a split with examples.")

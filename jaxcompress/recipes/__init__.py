@@ -1,5 +1,12 @@
 """End-to-end recipes built from the library's public pieces."""
-from jaxcompress.recipes.demo import DemoConfig as DemoConfig
-from jaxcompress.recipes.demo import run_demo as run_demo
-from jaxcompress.recipes.report import report_markdown as report_markdown
-from jaxcompress.recipes.report import write_report as write_report
+from jaxcompress._lazy import lazy_names
+
+# Imported on first use, so that checking a recipe does not load JAX.
+_PUBLIC = {
+    "DemoConfig": "jaxcompress.recipes.demo",
+    "run_demo": "jaxcompress.recipes.demo",
+    "report_markdown": "jaxcompress.recipes.report",
+    "write_report": "jaxcompress.recipes.report",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

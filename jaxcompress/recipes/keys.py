@@ -12,9 +12,9 @@ from typing import Any, Callable, Optional
 from jaxcompress.data.load import DATASETS, TFDS_PREFIX
 
 #: The stage kinds, in the order a recipe usually lists them.
-STAGE_KINDS = ("train", "distill", "prune", "quantize", "factorize", "finetune", "export")
+STAGE_KINDS = ("train", "distill", "prune", "quantize", "share", "factorize", "finetune", "export")
 #: The models a recipe can name (``[model] kind``), with the keys each one takes.
-MODEL_KINDS = ("mlp", "lenet5", "cnn", "teacher_cnn", "student_cnn", "resnet")
+MODEL_KINDS = ("mlp", "lenet5", "caffe_lenet", "cnn", "teacher_cnn", "student_cnn", "resnet")
 #: Image shape (H, W, C) of each named data set, to build the model before any data is read.
 INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "digits": (8, 8, 1)}
 CATCH_ALL = (".*", "")
@@ -61,6 +61,12 @@ def of_type(kind: type, what: str) -> Callable:
 def _int_list(v):
     if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v):
         return f"must be a non-empty list of integers >= 1, got {v!r}."
+    return None
+
+
+def _int_pair(v):
+    if _int_list(v) or len(v) != 2:
+        return f"must be a list of two integers >= 1, e.g. [20, 50], got {v!r}."
     return None
 
 
@@ -188,7 +194,8 @@ def _bits_value(v):
 
 MODEL_KEYS = {
     "mlp": {"features": _int_list, "dropout_rate": _number(0, 1)},
-    "lenet5": {"channels": _int_list, "features": _int_list},
+    "lenet5": {"channels": _int_pair, "features": _int_pair},
+    "caffe_lenet": {"channels": _int_pair, "hidden": _int(1)},
     "cnn": {"channels": _int_list, "hidden": _int(1), "batch_norm": of_type(bool, "true or false")},
     "teacher_cnn": {},
     "student_cnn": {},
@@ -226,6 +233,7 @@ _TRAINING = {
     "kd_weight": _number(0, math.inf),
     "ce_weight": _number(0, math.inf),
     "lr_schedule": choice("constant", "cosine"),
+    "weight_decay": _number(0, math.inf, example=" (an L2 factor on the kernels, e.g. 5e-4)"),
     "augment": _augment,
 }
 _COMMON = {"name": of_type(str, "a string"), "kind": choice(*STAGE_KINDS), "label": of_type(str, "a string"),
@@ -238,7 +246,8 @@ STAGE_KEYS = {
     "prune": {
         **_COMMON, **_TRAINING,
         "sparsity": _number(0, 1, example=" (e.g. 0.9 for 90% of the weights zero)"),
-        "schedule": choice("one_shot", "polynomial"),
+        "schedule": choice("one_shot", "polynomial", "iterative"),
+        "rounds": _int(1),
         "schedule_end": _number(0, 1, low_open=True, high_open=False),
         "criterion": choice("magnitude", "random", "saliency", "movement"),
         "structure": choice("unstructured", "channels", "2:4"),
@@ -266,6 +275,13 @@ STAGE_KEYS = {
         "activation_bits": _int(2, 8),
         "calibration_batches": _int(1),
     },
+    "share": {
+        **_COMMON, **_TRAINING,
+        "bits": _int(1, 8),
+        "rules": _rules(lambda v: None if isinstance(v, bool) else (
+            _int(1, 8)(v) and f"must be true, false or a bit width 1..8, got {v!r}.")),
+        "iters": _int(1),
+    },
     "factorize": {
         **_COMMON, **_TRAINING,
         "ranks": _layer_table(_int(1), "{ fc1 = 32, fc2 = 16 }"),
@@ -286,6 +302,7 @@ DEFAULTS = {
     "prune": {"schedule": "polynomial", "schedule_end": 0.6, "criterion": "magnitude",
               "structure": "unstructured", "scope": "layer", "erk_power": 1.0, "symmetric": True, "per_channel": True},
     "quantize": {"symmetric": True, "per_channel": True, "epochs": 0.5, "calibration_batches": 8},
+    "share": {"iters": 30, "epochs": 1.0},
     "factorize": {"mode": "reshape"},
     "export": {"file": "model.npz", "float_dtype": "float32"},
 }

@@ -5,7 +5,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jaxcompress.models import CNN, MLP, LeNet5, ResNet, student_cnn, teacher_cnn
+from jaxcompress.models import CNN, MLP, CaffeLeNet, LeNet5, ResNet, student_cnn, teacher_cnn
 
 
 def build_model(model: dict[str, Any], num_classes: int) -> nn.Module:
@@ -21,5 +21,5 @@ def build_model(model: dict[str, Any], num_classes: int) -> nn.Module:
         return teacher_cnn(num_classes)
     if kind == "student_cnn":
         return student_cnn(num_classes)
-    cls = {"mlp": MLP, "lenet5": LeNet5, "cnn": CNN, "resnet": ResNet}[kind]
+    cls = {"mlp": MLP, "lenet5": LeNet5, "caffe_lenet": CaffeLeNet, "cnn": CNN, "resnet": ResNet}[kind]
     return cls(num_classes=num_classes, **kwargs)

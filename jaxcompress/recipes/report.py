@@ -138,20 +138,25 @@ def _published_lines(report: dict) -> list[str]:
 
 
 def _layer_lines(report: dict) -> list[str]:
+    """The sparsity of each pruned layer: one table per model (stages with the same layers)."""
     pruned = [s for s in report["stages"] if s.get("layer_sparsity")]
     if not pruned:
         return []
-    layers = list(pruned[0]["layer_sparsity"])
+    models: dict[tuple, list] = {}
+    for s in pruned:
+        models.setdefault(tuple(s["layer_sparsity"]), []).append(s)
     lines = ["", "Sparsity of each pruned layer" + (" (mean over seeds)" if len(report.get("seeds", [0])) > 1 else "")
              + "; where a stage allocated sparsities by sensitivity (each layer pruned alone by magnitude, scored on "
-             "the validation split), the allocation follows in brackets.", "",
-             "| stage | " + " | ".join(layers) + " | total |", "| --- | " + " | ".join("---:" for _ in layers) + " | ---: |"]
-    for s in pruned:
-        alloc = s.get("allocated_sparsity") or {}
-        if s.get("budget_allocation"):
-            alloc = {}  # per seed in the budget table below
-        cells = [f"{s['layer_sparsity'][k]:.1%}" + (f" ({alloc[k]:.1%})" if k in alloc else "") for k in layers]
-        lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {s['sparsity']:.1%} |")
+             "the validation split), the allocation follows in brackets."]
+    for layers, stages in models.items():
+        lines += ["", "| stage | " + " | ".join(layers) + " | total |",
+                  "| --- | " + " | ".join("---:" for _ in layers) + " | ---: |"]
+        for s in stages:
+            alloc = s.get("allocated_sparsity") or {}
+            if s.get("budget_allocation"):
+                alloc = {}  # per seed in the budget table below
+            cells = [f"{s['layer_sparsity'][k]:.1%}" + (f" ({alloc[k]:.1%})" if k in alloc else "") for k in layers]
+            lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {s['sparsity']:.1%} |")
     return lines + _budget_lines(report)
 
 
@@ -234,10 +239,15 @@ def report_markdown(report: dict) -> str:
     if report["stages"]:
         lines.append("")
     for s in report["stages"]:
-        if s.get("test_accuracy_from_file") is not None:
-            where = s.get("exported", s["artifact"])
-            lines.append(f"The model of stage {s['name']!r} loaded back from `{where}` scores "
-                         f"{s['test_accuracy_from_file']:.2%} on the test set.")
+        if s.get("exported_file_bytes") is None:
+            continue
+        scores = [f"{format_accuracy(s, key)} on the {split}" for key, split in
+                  (("validation_accuracy_from_file", "validation split"), ("test_accuracy_from_file", "test set"))
+                  if s.get(key) is not None]
+        lines.append(f"The model of stage {s['name']!r} saved to `{s['exported']}` ({s['exported_file_bytes']:,.0f}"
+                     + (f" ± {s['exported_file_bytes_std']:,.0f}" if s.get("exported_file_bytes_std") is not None else "")
+                     + f" bytes, {s['bytes_float32'] / s['exported_file_bytes']:.1f}x its float32 bytes)"
+                     + (" scores " + " and ".join(scores) + " loaded back from that file." if scores else "."))
     return "\n".join(lines) + "\n"
 
 

@@ -46,9 +46,10 @@ from jaxcompress.export.size import size_report
 from jaxcompress.lowrank import factorize
 from jaxcompress.prune import (allocate_sparsity, erk_sparsities, fixed_masks, pruning, sensitivity_analysis,
                                sparsity_report, sparsity_rules)
-from jaxcompress.prune.schedules import one_shot_schedule, polynomial_schedule
+from jaxcompress.prune.schedules import iterative_schedule, one_shot_schedule, polynomial_schedule
 from jaxcompress.prune.structures import NM, Channels, Unstructured
 from jaxcompress.quant.activations import calibrate_activations
+from jaxcompress.quant.sharing import weight_sharing
 from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.recipes.models import build_model
 from jaxcompress.recipes.report import paired_comparison
@@ -154,10 +155,16 @@ def _distill_loss(stage: dict):
 
 
 def _optimizer(stage: dict, num_steps: int):
+    """The stage's optimizer; ``weight_decay`` adds that multiple of every kernel (ndim >= 2) to its
+    gradient before the optimizer sees it (L2 regularisation as Caffe applies it)."""
     lr = stage["learning_rate"]
     if stage["lr_schedule"] == "cosine":
         lr = optax.cosine_decay_schedule(lr, max(num_steps, 1))
-    return {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](lr)
+    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](lr)
+    if stage.get("weight_decay"):
+        kernels = lambda tree: jax.tree.map(lambda x: np.ndim(x) >= 2, tree)  # noqa: E731
+        opt = optax.chain(optax.add_decayed_weights(stage["weight_decay"], mask=kernels), opt)
+    return opt
 
 
 def _augment(stage: dict, num_classes: int):
@@ -192,6 +199,24 @@ def _quant_transform(quant: dict) -> Transform:
                                **acts)
 
 
+def _prune_schedule(stage: dict, num_steps: int, rules: Optional[list]):
+    """When a prune stage of ``num_steps`` steps prunes: gradually (``polynomial``, Zhu & Gupta), in
+    ``rounds`` (``iterative``), or all at once at its first step (``one_shot``, or a stage of no steps)."""
+    if stage["schedule"] == "polynomial" and num_steps > 0:
+        end = max(int(stage["schedule_end"] * num_steps), 1)
+        return polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1))
+    if stage["schedule"] == "iterative" and num_steps > 0:
+        # ``rounds`` magnitude rounds, evenly spread over the first ``schedule_end`` of the stage, each
+        # removing the same fraction of the survivors, so the sparsest layer reaches its target at the
+        # last round; training goes on between rounds and after the last one with the masks held.
+        rounds = stage["rounds"]
+        top = max([stage["sparsity"]] + [v for _, v in rules or () if isinstance(v, (int, float))
+                                         and not isinstance(v, bool)])
+        return iterative_schedule(rate=max(1.0 - (1.0 - top) ** (1.0 / rounds), 1e-6),
+                                  round_steps=max(int(stage["schedule_end"] * num_steps) // rounds, 1), num_rounds=rounds)
+    return one_shot_schedule()
+
+
 def _pruner(stage: dict, params, num_steps: int, allocated: Optional[dict] = None) -> Transform:
     if allocated is not None:
         rules = sparsity_rules(allocated)
@@ -201,11 +226,7 @@ def _pruner(stage: dict, params, num_steps: int, allocated: Optional[dict] = Non
         rules = sparsity_rules(per_leaf)
     else:
         rules = None if stage.get("rules") is None else [tuple(r) for r in stage["rules"]]
-    if stage["schedule"] == "polynomial" and num_steps > 0:
-        end = max(int(stage["schedule_end"] * num_steps), 1)
-        schedule = polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1))
-    else:
-        schedule = one_shot_schedule()
+    schedule = _prune_schedule(stage, num_steps, rules)
     structure = {"unstructured": Unstructured(), "channels": Channels(), "2:4": NM(2, 4)}[stage["structure"]]
     return pruning(stage["sparsity"], criterion=stage["criterion"], structure=structure, scope=stage["scope"],
                    schedule=schedule, rules=rules)
@@ -356,6 +377,10 @@ class _Run:
                                                "activation_bits", "calibration_batches")}
         if quant is not None:
             parts.append(_quant_transform(quant))
+        if stage["kind"] == "share":  # k-means codebooks of 2**bits trained centroids; zeros and masks stay
+            rules = None if stage.get("rules") is None else [
+                (r, v if isinstance(v, bool) else 2 ** v) for r, v in stage["rules"]]
+            parts.append(weight_sharing(2 ** stage.get("bits", 8), iters=stage["iters"], rules=rules))
         transform = None if not parts else parts[0] if len(parts) == 1 else chain(*parts)
         teacher = self.models.get(stage.get("teacher")) if stage.get("teacher") else None
         kd = None if teacher is None else Teacher(linen_apply_fn(teacher.module), _distill_loss(stage))
@@ -406,7 +431,7 @@ class _Run:
                                                                   "seed": self.seed})
             size = size_report(view, description, artifact=saved)
             bits = quant["bits"] if quant else 32
-            if quant and quant.get("rules"):  # mixed precision: the mean code width over the quantized weights
+            if (quant and quant.get("rules")) or stage["kind"] == "share":  # the mean code width over the coded weights
                 sizes = {path_name(p): int(np.size(x)) for p, x in jax.tree.leaves_with_path(view)}
                 coded = [(sizes[k], d.bits) for k, d in description.items() if d.bits is not None]
                 bits = round(sum(n * b for n, b in coded) / max(sum(n for n, _ in coded), 1), 2) if coded else 32
@@ -483,8 +508,10 @@ class _Run:
                                "test_accuracy": row["test_accuracy"]})
         loaded, _ = load(target, like=src.view)  # the model as a user gets it from the file
         state = init_train_state(loaded, optax.sgd(0.0), model_state=src.model_state)
-        acc = self._evaluate(linen_apply_fn(src.module), state, None, "test")  # None when score_test = false
+        apply = linen_apply_fn(src.module)
+        acc = self._evaluate(apply, state, None, "test")  # None when score_test = false
         extra = {"exported": str(target.relative_to(self.out)), "exported_file_bytes": saved.file_bytes,
+                 "validation_accuracy_from_file": self._evaluate(apply, state, None, "validation"),
                  "test_accuracy_from_file": acc}
         result_file.write_text(json.dumps(extra, indent=2) + "\n")
         row.update(extra)
@@ -511,7 +538,7 @@ def _summary(runs: list[list[dict]]) -> list[dict]:
             if _is_number(v) and all(r.get(k) is not None for r in rows):
                 values = np.array([r[k] for r in rows], dtype=np.float64)
                 row[k] = float(values.mean())
-                if "accuracy" in k:
+                if "accuracy" in k or k.endswith("file_bytes"):
                     row[f"{k}_std"] = float(values.std(ddof=1))
             elif isinstance(v, dict) and v and all(_is_number(x) for x in v.values()):
                 row[k] = {name: float(np.mean([r[k][name] for r in rows])) for name in v}

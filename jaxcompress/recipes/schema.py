@@ -297,6 +297,11 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         if compressed:
             c.fail(path + ("from",), f"factorize starts from a float, unfactored model, but {compressed[0]!r} is a "
                    f"{names[compressed[0]]['kind']} stage it comes from{extra}; factor before pruning or quantizing.")
+    _check_share_order(c, stage, out, path, names, extra)
+    if "rounds" in stage and out.get("schedule") != "iterative":
+        c.fail(path + ("rounds",), f"is only read with schedule = \"iterative\"{extra}.")
+    if out.get("schedule") == "iterative":
+        out.setdefault("rounds", 4)
     if any(names[n]["kind"] == "factorize" for n in _lineage(names, out.get("from"))):
         for key in ("rules", "density_rules"):
             if key in stage:
@@ -323,6 +328,24 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
             if key in stage:
                 c.fail(path + (key,), f"is only read with allocation = \"budget\"{extra}.")
     return out
+
+
+def _check_share_order(c: _Checker, stage: dict, out: dict, path: tuple, names: dict, extra: str) -> None:
+    """Weight sharing starts from a float (possibly pruned) model, and only an export may follow it."""
+    lineage = _lineage(names, out.get("from"))
+    shared = [n for n in lineage if names[n]["kind"] == "share"]
+    if shared and out["kind"] != "export":
+        c.fail(path + ("from",), f"{shared[0]!r} is a share stage this {out['kind']} stage's model comes from{extra}; "
+               "only an export stage may follow weight sharing (its codebooks are the final weights).")
+    if out["kind"] == "share" and "bits" not in stage and any(v is True for _, v in stage.get("rules", [[None, True]])):
+        c.fail(path, f"a share stage{extra} needs bits (the codebook of each shared kernel has 2**bits entries), or "
+               "rules that give every shared kernel its bit width.")
+    if out["kind"] == "share":
+        coded = [n for n in lineage if names[n]["kind"] == "quantize" or names[n].get("bits") is not None
+                 or names[n].get("allocation") == "budget"]
+        if coded:
+            c.fail(path + ("from",), f"weight sharing clusters float weights, but {coded[0]!r} quantizes the model "
+                   f"this stage comes from{extra}; share a float (possibly pruned) model instead.")
 
 
 def _lineage(names: dict, start: Optional[str]) -> list:
