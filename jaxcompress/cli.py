@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("recipe", help="path of a .toml recipe, or a shipped recipe's name")
     run.add_argument("--out", default=None, help="output directory (default: jaxcompress_<recipe name>)")
-    run.add_argument("--data-dir", default=None, help="the data set's directory (overrides the recipe's data.dir)")
+    run.add_argument("--data-dir", default=None, help="the data set's directory (overrides the recipe's data.dir; for "
+                     "python_corpus, a directory of .py files to read instead of the standard library)")
     run.add_argument("--smoke", action="store_true",
                      help="a few seconds' check: first seed, a few hundred images, at most one epoch a stage")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -1,5 +1,6 @@
-"""Shared fixtures: where the real data sets live; the environment of a test's child process."""
+"""Shared fixtures: where the real data sets live; the environment of a test's child process; bad recipes."""
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,20 @@ def child_env():
         return env
 
     return make
+
+
+@pytest.fixture
+def recipe_fails():
+    """``fails(text, key, match)``: reading the recipe TOML ``text`` raises, in under a second, a
+    ``RecipeError`` matching ``match`` that names ``key`` and a line; returns the error."""
+    from jaxcompress.recipes.schema import RecipeError, parse_recipe
+
+    def fails(text, key, match):
+        t0 = time.perf_counter()
+        with pytest.raises(RecipeError, match=match) as e:
+            parse_recipe(text, source="r.toml")
+        assert time.perf_counter() - t0 < 1.0
+        assert e.value.key == key and e.value.line is not None
+        return e.value
+
+    return fails

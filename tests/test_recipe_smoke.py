@@ -14,9 +14,10 @@ from jaxcompress.recipes.schema import load_recipe, shipped_recipes
 # calibrated inputs (cifar10_tutorials' smoke, tests/test_recipe_seeds.py), the budget allocation
 # (tests/test_recipe_seeds.py), augmentations and factorize stages, and the distillation losses
 # (tests/test_recipes.py; a distill stage also runs in cifar10_tutorials' smoke).
-# deep_compression_mnist: iterative pruning and share stages run in tests/test_recipe_share.py.
+# deep_compression_mnist: iterative pruning and share stages run in tests/test_recipe_share.py;
+# transformer_lm, oneshot_lm: text stages and one-shot stages run in tests/test_recipe_text.py.
 _SLOW = {"mnist_quant", "cifar10_quant", "cifar10_budget", "hinton_mnist", "mnist_lowrank", "cifar10_lowrank",
-         "cifar10_distill", "deep_compression_mnist"}
+         "cifar10_distill", "deep_compression_mnist", "transformer_lm", "oneshot_lm"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
@@ -29,10 +30,13 @@ def test_shipped_recipe_smoke(name, mnist_dir, tmp_path):
         recipe["data"].update(name="mnist", dir=str(mnist_dir))
         write_report(run_recipe(recipe, out, progress=False, log=lambda m: None), out)
     else:
-        rc = cli.main(["run", name, "--smoke", "--data-dir", str(mnist_dir), "--out", str(out), "--no-progress"])
+        text = load_recipe(name)["data"]["name"] == "python_corpus"  # the standard library's sources, no data dir
+        rc = cli.main(["run", name, "--smoke", *(() if text else ("--data-dir", str(mnist_dir))), "--out", str(out),
+                       "--no-progress"])
         assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["split"]["train"] == 256 and len(report["stages"]) >= 1
+    assert report["split"]["train"] == (128_000 if report["split"]["unit"] == "bytes" else 256)
+    assert len(report["stages"]) >= 1
     for row in report["stages"]:
         for layer, s in (row.get("allocated_sparsity") or {}).items():  # the masks hold the allocation
             if row.get("budget_allocation"):  # the grid of a quantized layer may round kept weights to 0 too

@@ -197,7 +197,7 @@ def test_smoke_run_resume_and_compare(mnist_dir, tmp_path, capsys):
     report = run_recipe(_recipe(mnist_dir), out, progress=False, log=lambda m: None)
     rows = report["stages"]
     assert [r["stage"] for r in rows] == ["teacher", "student", "pruned", "int8"]
-    assert report["split"] == {"train": 240, "validation": 60, "test": 100, "split_seed": 0}
+    assert report["split"] == {"train": 240, "validation": 60, "test": 100, "unit": "images", "split_seed": 0}
     for r in rows:
         assert r["test_evaluations"] == 1 and 0 <= r["validation_accuracy"] <= 1
         assert (out / r["artifact"]).stat().st_size == r["file_bytes"]

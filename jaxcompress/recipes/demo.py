@@ -6,7 +6,8 @@ import dataclasses
 import tempfile
 from typing import Callable, Optional
 
-from jaxcompress.recipes.runner import load_split, run_recipe
+from jaxcompress.recipes.runner import run_recipe
+from jaxcompress.recipes.tasks import load_split
 from jaxcompress.recipes.schema import load_recipe
 
 

@@ -12,9 +12,16 @@ from typing import Any, Callable, Optional
 from jaxcompress.data.load import DATASETS, TFDS_PREFIX
 
 #: The stage kinds, in the order a recipe usually lists them.
-STAGE_KINDS = ("train", "distill", "prune", "quantize", "share", "factorize", "finetune", "export")
+STAGE_KINDS = ("train", "distill", "prune", "quantize", "share", "factorize", "oneshot", "finetune", "export")
 #: The models a recipe can name (``[model] kind``), with the keys each one takes.
-MODEL_KINDS = ("mlp", "lenet5", "caffe_lenet", "cnn", "teacher_cnn", "student_cnn", "resnet")
+MODEL_KINDS = ("mlp", "lenet5", "caffe_lenet", "cnn", "teacher_cnn", "student_cnn", "resnet", "transformer_lm")
+#: The byte-level text corpora a recipe can name; they take ``seq_len`` and the ``transformer_lm`` model.
+TEXT_DATASETS = ("python_corpus",)
+TEXT_MODELS = ("transformer_lm",)
+#: The one-shot methods of an ``oneshot`` stage (``methods = [{ method = "sparsegpt", ... }]``):
+#: reparametrisations first, then one solver (``awq`` alone is AWQ with its round-to-nearest solver).
+ONESHOT_REPARAMETRISATIONS = ("rotation", "smoothquant", "awq")
+ONESHOT_SOLVERS = ("wanda", "sparsegpt", "gptq", "rtn")
 #: Image shape (H, W, C) of each named data set, to build the model before any data is read.
 INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "digits": (8, 8, 1)}
 CATCH_ALL = (".*", "")
@@ -143,9 +150,28 @@ def _augment(v):
 
 
 def _dataset(v):
-    if isinstance(v, str) and (v in DATASETS or (v.startswith(TFDS_PREFIX) and v != TFDS_PREFIX)):
+    if isinstance(v, str) and (v in DATASETS or v in TEXT_DATASETS or (v.startswith(TFDS_PREFIX) and v != TFDS_PREFIX)):
         return None
-    return f"must be one of {list(DATASETS)} or '{TFDS_PREFIX}<name>', got {v!r}."
+    return f"must be one of {list(DATASETS) + list(TEXT_DATASETS)} or '{TFDS_PREFIX}<name>', got {v!r}."
+
+
+def _methods(v):
+    """The one-shot pipeline: tables ``{ method = NAME, setting = value, ... }``, reparametrisations
+    first and one solver last (the settings are checked against the method when the recipe is read)."""
+    example = '[{ method = "rotation" }, { method = "gptq", bits = 4, group_size = 128 }]'
+    if not isinstance(v, list) or not v or not all(isinstance(m, dict) for m in v):
+        return f"must be a non-empty array of tables such as {example}, got {v!r}."
+    names = [m.get("method") for m in v]
+    known = ONESHOT_REPARAMETRISATIONS + ONESHOT_SOLVERS
+    for j, name in enumerate(names):
+        if name not in known:
+            return f"[{j}] method must be one of {list(known)}, got {name!r}."
+    if names == ["awq"]:
+        return None
+    if names[-1] not in ONESHOT_SOLVERS or any(n in ONESHOT_SOLVERS for n in names[:-1]):
+        return (f"must list reparametrisations ({list(ONESHOT_REPARAMETRISATIONS)}) first and end with exactly one "
+                f"solver ({list(ONESHOT_SOLVERS)}), or be awq alone, got {names}.")
+    return None
 
 
 def _validation(v):
@@ -200,6 +226,8 @@ MODEL_KEYS = {
     "teacher_cnn": {},
     "student_cnn": {},
     "resnet": {"blocks": _int_list, "widths": _int_list},
+    "transformer_lm": {"dim": _int(1), "depth": _int(1), "heads": _int(1), "mlp_ratio": _int(1),
+                       "dropout": _number(0, 1)},
 }
 
 TOP_KEYS = {
@@ -220,19 +248,25 @@ DATA_KEYS = {
     "validation": _validation,
     "split_seed": _int(0),
     "train_subset": _int(1),
+    "validation_subset": _int(1),
     "test_subset": _int(1),
+    "seq_len": _int(1),
+    "max_bytes": _int(1),
     "batch_size": _int(1),
     "eval_batch_size": _int(1),
 }
 _TRAINING = {
     "epochs": _number(0, math.inf, high_open=True),
+    "steps": _int(0),
+    "eval_every": _int(1),
+    "grad_clip": _number(0, math.inf, low_open=True, example=" (a global gradient norm, e.g. 1.0)"),
     "learning_rate": _number(0, math.inf, low_open=True),
     "optimizer": choice("adam", "adamw", "sgd"),
     "teacher": of_type(str, "the name of an earlier stage"),
     "temperature": _number(0, math.inf, low_open=True),
     "kd_weight": _number(0, math.inf),
     "ce_weight": _number(0, math.inf),
-    "lr_schedule": choice("constant", "cosine"),
+    "lr_schedule": choice("constant", "cosine", "warmup_cosine"),
     "weight_decay": _number(0, math.inf, example=" (an L2 factor on the kernels, e.g. 5e-4)"),
     "augment": _augment,
 }
@@ -288,11 +322,19 @@ STAGE_KEYS = {
         "energy": _layer_table(_number(0, 1, low_open=True, high_open=False), "{ fc1 = 0.9 }"),
         "mode": choice("reshape", "spatial"),
     },
+    "oneshot": {
+        **_COMMON,
+        "methods": _methods,
+        "rules": _rules(lambda v: None if isinstance(v, bool) else f"must be true or false, got {v!r}."),
+        "calibration": _int(1),
+        "calibration_batch": _int(1),
+        "sequential": of_type(bool, "true or false"),
+    },
     "finetune": {**_COMMON, **_TRAINING},
     "export": {**_COMMON, "file": of_type(str, "a file name such as 'model.npz'"),
                "float_dtype": choice("float32", "float16")},
 }
-REQUIRED = {"prune": ("sparsity",), "quantize": ("bits",), "distill": ("teacher",)}
+REQUIRED = {"prune": ("sparsity",), "quantize": ("bits",), "distill": ("teacher",), "oneshot": ("methods",)}
 DEFAULTS = {
     "top": {"name": "recipe", "seeds": [0], "parallel": "none", "checkpoint_every": 500, "score_test": True},
     "data": {"download": True, "fallback_to_digits": False, "validation": 0.1, "split_seed": 0,
@@ -304,5 +346,6 @@ DEFAULTS = {
     "quantize": {"symmetric": True, "per_channel": True, "epochs": 0.5, "calibration_batches": 8},
     "share": {"iters": 30, "epochs": 1.0},
     "factorize": {"mode": "reshape"},
+    "oneshot": {"calibration": 128, "calibration_batch": 16, "sequential": True},
     "export": {"file": "model.npz", "float_dtype": "float32"},
 }

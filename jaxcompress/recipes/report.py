@@ -1,6 +1,7 @@
 """Writing a run's report as JSON, Markdown and a plot (accuracy vs file bytes)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -8,12 +9,20 @@ from typing import Mapping, Optional
 
 
 def format_accuracy(row: dict, key: str) -> str:
-    """``row[key]`` as a percentage, with its ``KEY_std`` over seeds when there is one, else ``-``."""
+    """``row[key]`` as a percentage (a perplexity as a number), with its ``KEY_std`` over seeds when
+    there is one, else ``-``."""
     value = row.get(key)
     if value is None:
         return "-"
     std = row.get(f"{key}_std")
+    if "perplexity" in key:
+        return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
     return f"{value:.2%}" + (f" ± {std:.2%}" if std is not None else "")
+
+
+def is_text_report(report: dict) -> bool:
+    """Whether the report is of a language model on a byte-level corpus (scored by perplexity)."""
+    return report.get("split", {}).get("unit") == "bytes"
 
 
 def paired_comparison(runs: list[list[dict]], reference: Optional[str], key: str = "test_accuracy",
@@ -80,8 +89,10 @@ def paired_comparison(runs: list[list[dict]], reference: Optional[str], key: str
     return out
 
 
-def _points(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}"
+def _points(value: Optional[float], key: str = "accuracy") -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.3f}" if "perplexity" in key else f"{100 * value:+.2f}"
 
 
 def _paired_lines(report: dict) -> list[str]:
@@ -93,21 +104,25 @@ def _paired_lines(report: dict) -> list[str]:
     one = len(refs) == 1
     against = f"against {names.get(refs[0], refs[0])!r}" if one else "against each stage's reference"
     seeds = report.get("seeds", [])
-    lines = ["", f"Paired by seed {against}: the difference in {paired[0]['key'].replace('_', ' ')} "
-             "(percentage points, this stage minus the reference) on each seed, its mean, standard deviation and "
+    key = paired[0]["key"]
+    points = functools.partial(_points, key=key)
+    unit, scale = ("", 1) if "perplexity" in key else ("points ", 100)
+    lines = ["", f"Paired by seed {against}: the difference in {key.replace('_', ' ')} "
+             f"({'perplexity' if scale == 1 else 'percentage points'}, this stage minus the reference) on each seed, "
+             "its mean, standard deviation and "
              f"t statistic, and the {paired[0]['level']:.0%} t-interval of the mean difference.", "",
              "| stage | " + ("" if one else "reference | ") + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | std | t | interval | within the seeds' spread |",
              "| --- | " + ("" if one else "--- | ") + " | ".join("---:" for _ in seeds)
              + " | ---: | ---: | ---: | ---: | --- |"]
     for p in paired:
-        interval = "-" if p["interval"] is None else f"[{_points(p['interval'][0])}, {_points(p['interval'][1])}]"
+        interval = "-" if p["interval"] is None else f"[{points(p['interval'][0])}, {points(p['interval'][1])}]"
         verdict = {None: "-", True: "yes: the interval holds 0", False: "no: the interval excludes 0"}[p["within_spread"]]
-        std = "-" if p["std"] is None else f"{100 * p['std']:.2f}"
+        std = "-" if p["std"] is None else f"{scale * p['std']:.{3 if scale == 1 else 2}f}"
         t = "-" if p["t"] is None else f"{p['t']:.2f}"
         lines.append(f"| {p['name']} | " + ("" if one else f"{names.get(p['reference'], p['reference'])} | ")
-                     + " | ".join(_points(d) for d in p["differences"])
-                     + f" | {_points(p['mean'])} | {std} | {t} | {interval} | {verdict} |")
+                     + " | ".join(points(d) for d in p["differences"])
+                     + f" | {points(p['mean'])} | {std} | {t} | {interval} | {verdict} |")
     lines.append("")
     for p in paired:
         if p["within_spread"] is None:
@@ -116,7 +131,8 @@ def _paired_lines(report: dict) -> list[str]:
         side = "higher" if p["mean"] > 0 else "lower"
         every = sum((d > 0) == (p["mean"] > 0) and d != 0 for d in p["differences"]) == len(p["differences"])
         lines.append(f"- {p['name']} " + ("matches" if p["within_spread"] else "does not match")
-                     + f" {ref!r} within the seeds' spread: {abs(100 * p['mean']):.2f} points {side} on average"
+                     + f" {ref!r} within the seeds' spread: {abs(scale * p['mean']):.{3 if scale == 1 else 2}f} {unit}{side} "
+                     "on average"
                      + (f", {side} on every seed" if every else "")
                      + (", a difference these seeds cannot tell from 0." if p["within_spread"] else "."))
     return lines
@@ -200,6 +216,7 @@ def _budget_lines(report: dict) -> list[str]:
 def report_markdown(report: dict) -> str:
     """Renders a run's report (from ``run_recipe``) as a Markdown table."""
     seeds = report.get("seeds", [0])
+    text = is_text_report(report)
     lines = [
         f"# jaxcompress {report.get('recipe', 'demo')} on {report['dataset']}",
         "",
@@ -208,23 +225,36 @@ def report_markdown(report: dict) -> str:
     ]
     if "split" in report:
         s = report["split"]
-        lines.append(f"Split: {s['train']:,} train / {s['validation']:,} validation (carved from the training set "
-                     f"with seed {s['split_seed']}) / {s['test']:,} test. Seeds: {seeds}"
-                     + (" (accuracies are mean ± standard deviation)." if len(seeds) > 1 else "."))
+        if text:
+            lines.append(f"Split: {s['train']:,} train / {s['validation']:,} validation / {s['test']:,} test bytes (whole "
+                         f"files, split by path hash), windows of {s['seq_len']} bytes. Seeds: {seeds}"
+                         + (" (scores are mean ± standard deviation)." if len(seeds) > 1 else "."))
+        else:
+            lines.append(f"Split: {s['train']:,} train / {s['validation']:,} validation (carved from the training set "
+                         f"with seed {s['split_seed']}) / {s['test']:,} test. Seeds: {seeds}"
+                         + (" (accuracies are mean ± standard deviation)." if len(seeds) > 1 else "."))
     if "selection" in report:
         lines.append(f"Selection: {report['selection']}.")
+    scores = (("steps", "validation_perplexity", "test_perplexity", "test_accuracy") if text else
+              ("epochs (total)", "validation_accuracy", "test_accuracy"))
+    titles = {"validation_perplexity": "validation perplexity", "test_perplexity": "test perplexity",
+              "test_accuracy": "test next-byte accuracy" if text else "test accuracy",
+              "validation_accuracy": "validation accuracy"}
     lines += [
         "",
-        "| stage | epochs (total) | validation accuracy | test accuracy | params | non-zero | weight bits "
+        f"| stage | {scores[0]} | " + " | ".join(titles[k] for k in scores[1:]) + " | params | non-zero | weight bits "
         "| float32 bytes | file bytes | ratio | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | " + " | ".join("---:" for _ in scores) + " | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in report["stages"]:
         ratio = s["bytes_float32"] / max(s["file_bytes"], 1)
-        epochs = "-" if s.get("epochs") is None else f"{s['epochs']:g}" + (
-            f" ({s['total_epochs']:g})" if s.get("total_epochs", s["epochs"]) != s["epochs"] else "")
+        if text:
+            length = f"{s.get('steps', 0):,.0f}"
+        else:
+            length = "-" if s.get("epochs") is None else f"{s['epochs']:g}" + (
+                f" ({s['total_epochs']:g})" if s.get("total_epochs", s["epochs"]) != s["epochs"] else "")
         lines.append(
-            f"| {s['name']} | {epochs} | {format_accuracy(s, 'validation_accuracy')} | {format_accuracy(s, 'test_accuracy')} | "
+            f"| {s['name']} | {length} | " + " | ".join(format_accuracy(s, k) for k in scores[1:]) + " | "
             f"{s['params']:,.0f} | {s['nonzero_params']:,.0f} | {s['weight_bits']:.3g} | {s['bytes_float32']:,.0f} | "
             f"{s['file_bytes']:,.0f} | {ratio:.1f}x | {s['seconds']:.1f} |"
         )
@@ -232,8 +262,10 @@ def report_markdown(report: dict) -> str:
         "",
         "File bytes are the size on disk of each stage's saved artifact (`jaxcompress.export.save`: packed",
         "integer codes, sparse positions as a bitmask or relative indices, Huffman-coded streams, scales,",
-        "float32 biases, and the checked metadata). The ratio is float32 bytes over file bytes. Epochs: the",
-        "stage's own, and in brackets its whole budget with the stages its model comes from.",
+        "float32 biases, and the checked metadata). The ratio is float32 bytes over file bytes. "
+        + ("Perplexity is per byte (exp of the mean next-byte negative log-likelihood over every byte of the "
+           "split once, in non-overlapping windows); steps: the stage's own training steps (0: no training)."
+           if text else "Epochs: the\nstage's own, and in brackets its whole budget with the stages its model comes from."),
     ]
     lines += _paired_lines(report) + _published_lines(report) + _layer_lines(report) + _factor_lines(report)
     if report["stages"]:
@@ -241,9 +273,12 @@ def report_markdown(report: dict) -> str:
     for s in report["stages"]:
         if s.get("exported_file_bytes") is None:
             continue
+        metric = "perplexity" if text else "accuracy"
         scores = [f"{format_accuracy(s, key)} on the {split}" for key, split in
-                  (("validation_accuracy_from_file", "validation split"), ("test_accuracy_from_file", "test set"))
+                  ((f"validation_{metric}_from_file", "validation split"), (f"test_{metric}_from_file", "test set"))
                   if s.get(key) is not None]
+        if text and scores:
+            scores[0] = "perplexity " + scores[0]
         lines.append(f"The model of stage {s['name']!r} saved to `{s['exported']}` ({s['exported_file_bytes']:,.0f}"
                      + (f" ± {s['exported_file_bytes_std']:,.0f}" if s.get("exported_file_bytes_std") is not None else "")
                      + f" bytes, {s['bytes_float32'] / s['exported_file_bytes']:.1f}x its float32 bytes)"
@@ -265,28 +300,32 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_accuracy_vs_bytes(series: dict[str, list[dict]], path: str | Path, title: str) -> Path:
-    """Plots test accuracy against file bytes for each series of stage rows, with the Pareto front."""
+def plot_accuracy_vs_bytes(series: dict[str, list[dict]], path: str | Path, title: str,
+                           key: str = "test_accuracy") -> Path:
+    """Plots ``key`` (test accuracy, or test perplexity: lower is better) against file bytes for
+    each series of stage rows, with the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scale = 1.0 if "perplexity" in key else 100.0
+    sign = -1.0 if "perplexity" in key else 1.0  # the front keeps the best: high accuracy, low perplexity
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     everything = []
     for label, rows in series.items():
         xs = [r["file_bytes"] / 1024 for r in rows]
-        ys = [100 * r["test_accuracy"] for r in rows]
-        errs = [100 * r.get("test_accuracy_std", 0.0) for r in rows]
+        ys = [scale * r[key] for r in rows]
+        errs = [scale * r.get(f"{key}_std", 0.0) for r in rows]
         ax.errorbar(xs, ys, yerr=errs, fmt="o", capsize=2, label=label if len(series) > 1 else None)
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         everything += list(zip(xs, ys))
-    front = [everything[i] for i in pareto_front(everything)]
+    front = [everything[i] for i in pareto_front([(x, sign * y) for x, y in everything])]
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("file size (KiB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test perplexity (per byte)" if "perplexity" in key else "test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -309,5 +348,6 @@ def write_report(report: dict, out_dir: str | Path) -> list[Path]:
     if any(s.get("test_accuracy") is None for s in report["stages"]):
         return paths[:2]  # a run that did not score the test set has no test accuracy to plot
     plot_accuracy_vs_bytes({report.get("recipe", "demo"): report["stages"]}, paths[2],
-                           f"jaxcompress {report.get('recipe', 'demo')}: {report['dataset']}")
+                           f"jaxcompress {report.get('recipe', 'demo')}: {report['dataset']}",
+                           key="test_perplexity" if is_text_report(report) else "test_accuracy")
     return paths

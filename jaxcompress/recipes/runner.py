@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -33,9 +31,6 @@ import optax
 
 from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import Transform, chain
-from jaxcompress.data import load_dataset
-from jaxcompress.data.batching import epochs as epoch_batches
-from jaxcompress.data.batching import num_batches
 from jaxcompress.distill.logit_losses import dkd_loss
 from jaxcompress.distill.losses import kd_loss
 from jaxcompress.distill.matching import compose, input_dropout, mixup, random_shift
@@ -51,32 +46,23 @@ from jaxcompress.prune.structures import NM, Channels, Unstructured
 from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.quant.sharing import weight_sharing
 from jaxcompress.quant.weights import weight_quantization
-from jaxcompress.recipes.models import build_model
+from jaxcompress.recipes import tasks
+from jaxcompress.recipes.models import build_methods, build_model
 from jaxcompress.recipes.report import paired_comparison
 from jaxcompress.recipes.keys import SENSITIVITY_GRID
 from jaxcompress.recipes.schema import RecipeError, check_stage_rules
+from jaxcompress.recipes.tasks import Split, load_split
 from jaxcompress.train.checkpoint import Checkpointer
 from jaxcompress.train.loop import fit
 from jaxcompress.train.parallel import data_parallel, per_device_batch_size, step_axis_name
 from jaxcompress.train.state import init_train_state, linen_apply_fn, split_variables
-from jaxcompress.train.evaluation import evaluate, make_eval_step
+from jaxcompress.train.evaluation import make_eval_step
 from jaxcompress.train.step import Teacher, make_train_step
 
 SELECTION = ("none: each stage keeps its last step; validation accuracy is recorded per stage and the test "
              "set is scored once per stage's final model")
 SELECTION_NO_TEST = ("none: each stage keeps its last step; validation accuracy is recorded per stage and no model is "
                      "scored on the test set (score_test = false)")
-
-
-class Split(NamedTuple):
-    """The data a recipe runs on: train, validation (carved from the training set) and test."""
-
-    name: str
-    source: str
-    num_classes: int
-    train: tuple
-    validation: tuple
-    test: tuple
 
 
 class _Model(NamedTuple):
@@ -89,26 +75,6 @@ class _Model(NamedTuple):
     quant: Optional[dict]
     view: Any
     description: Optional[dict]
-
-
-def load_split(data: dict, log: Callable[[str], None] = print) -> Split:
-    """Loads the recipe's data set and carves the validation split out of its training set."""
-    ds = load_dataset(data["name"], data.get("dir"), download=data["download"],
-                      fallback_to_digits=data["fallback_to_digits"], log=log)
-    xs, ys = ds.train_images, ds.train_labels
-    xt, yt = ds.test_images, ds.test_labels
-    if data.get("train_subset"):
-        xs, ys = xs[: data["train_subset"]], ys[: data["train_subset"]]
-    if data.get("test_subset"):
-        xt, yt = xt[: data["test_subset"]], yt[: data["test_subset"]]
-    v = data["validation"]
-    n_val = int(round(v * len(ys))) if isinstance(v, float) else int(v)
-    if not 1 <= n_val < len(ys):
-        raise RecipeError(f"carves {n_val} of {len(ys)} training examples for validation; give a fraction in (0, 1) "
-                          "or a count that leaves training examples.", key="data.validation")
-    order = np.random.default_rng(data["split_seed"]).permutation(len(ys))
-    val, train = order[:n_val], np.sort(order[n_val:])
-    return Split(ds.name, ds.source, ds.num_classes, (xs[train], ys[train]), (xs[val], ys[val]), (xt, yt))
 
 
 def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: int = 128) -> dict:
@@ -127,11 +93,23 @@ def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: 
     """
     out = json.loads(json.dumps(recipe))
     out["seeds"] = out["seeds"][:1]
-    out["data"].update(train_subset=min(out["data"].get("train_subset") or train, train), validation=validation,
-                       test_subset=min(out["data"].get("test_subset") or test, test), batch_size=32)
+    data = out["data"]
+    if "seq_len" in data:  # text: a few thousand bytes a split, a few steps a stage
+        cap = 40 * data["seq_len"]
+        data.update(max_bytes=min(data.get("max_bytes") or 50 * cap, 50 * cap), train_subset=50 * cap,
+                    validation_subset=cap, test_subset=cap, batch_size=8, eval_batch_size=16)
+    else:
+        data.update(train_subset=min(data.get("train_subset") or train, train), validation=validation,
+                    test_subset=min(data.get("test_subset") or test, test), batch_size=32)
     for stage in out["stages"]:
         if "epochs" in stage:
             stage["epochs"] = min(float(stage["epochs"]), 1.0)
+        if "steps" in stage:
+            stage["steps"] = min(stage["steps"], 4)
+        if "eval_every" in stage:
+            stage["eval_every"] = 2
+        if stage["kind"] == "oneshot":
+            stage.update(calibration=min(stage["calibration"], 8), calibration_batch=min(stage["calibration_batch"], 4))
         if stage.get("allocation") == "sensitivity":
             grid = stage.get("sensitivity_grid", SENSITIVITY_GRID)
             stage["sensitivity_grid"] = [min(grid), max(grid)]
@@ -156,14 +134,19 @@ def _distill_loss(stage: dict):
 
 def _optimizer(stage: dict, num_steps: int):
     """The stage's optimizer; ``weight_decay`` adds that multiple of every kernel (ndim >= 2) to its
-    gradient before the optimizer sees it (L2 regularisation as Caffe applies it)."""
+    gradient before the optimizer sees it (L2 regularisation as Caffe applies it), and ``grad_clip``
+    first scales the gradient to at most that global norm."""
     lr = stage["learning_rate"]
     if stage["lr_schedule"] == "cosine":
         lr = optax.cosine_decay_schedule(lr, max(num_steps, 1))
+    elif stage["lr_schedule"] == "warmup_cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, lr, max(num_steps // 20, 1), max(num_steps, 2), lr / 10)
     opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](lr)
     if stage.get("weight_decay"):
         kernels = lambda tree: jax.tree.map(lambda x: np.ndim(x) >= 2, tree)  # noqa: E731
         opt = optax.chain(optax.add_decayed_weights(stage["weight_decay"], mask=kernels), opt)
+    if stage.get("grad_clip"):
+        opt = optax.chain(optax.clip_by_global_norm(stage["grad_clip"]), opt)
     return opt
 
 
@@ -253,25 +236,49 @@ class _Run:
         self.recomputed = False
         data = recipe["data"]
         self.batch_size = data["batch_size"]
-        self.eval_batch_size = min(data["eval_batch_size"], len(split.test[1]), len(split.validation[1]))
+        self.eval_batch_size = data["eval_batch_size"] if split.text else min(
+            data["eval_batch_size"], split.size("test"), split.size("validation"))
         self.parallel, self.devices = recipe["parallel"], recipe.get("devices")
         self.axis_name = step_axis_name(self.parallel)
+        self.objective = tasks.objective(split)
 
-    def _num_steps(self, epochs: float) -> int:
-        if epochs == 0:
+    def _num_steps(self, stage: dict) -> int:
+        if "steps" in stage:
+            return stage["steps"]
+        if stage["epochs"] == 0:
             return 0
-        return max(int(round(epochs * num_batches(len(self.split.train[1]), self.batch_size))), 1)
+        return max(int(round(stage["epochs"] * tasks.steps_per_epoch(self.split, self.batch_size))), 1)
 
-    def _evaluate(self, apply, state, transform, which: str, step=None) -> Optional[float]:
+    def _apply(self, module):
+        return linen_apply_fn(module, inputs=tasks.inputs_key(self.split))
+
+    def _eval_step(self, apply, transform=None):
+        return jax.jit(make_eval_step(apply, transform=transform, **self.objective))
+
+    def _scores(self, apply, state, transform, which: str, step=None) -> Optional[dict]:
+        """``{'accuracy', ('perplexity')}`` on split ``which`` (``None`` for the test set with ``score_test = false``)."""
         if which == "test" and not self.recipe["score_test"]:
             return None
-        x, y = getattr(self.split, which)
-        step = jax.jit(make_eval_step(apply, transform=transform)) if step is None else step
-        return evaluate(step, state, {"image": x, "label": y}, batch_size=self.eval_batch_size)["accuracy"]
+        step = self._eval_step(apply, transform) if step is None else step
+        return tasks.score(step, state, self.split, which, self.eval_batch_size)
+
+    def _evaluate(self, apply, state, transform, which: str, step=None) -> Optional[float]:
+        scores = self._scores(apply, state, transform, which, step)
+        return None if scores is None else scores["accuracy"]
+
+    def _score_fields(self, apply, state, transform, suffix: str = "") -> dict:
+        """The row's ``validation_accuracy``, ``test_accuracy`` (and ``*_perplexity`` on text), with ``suffix``."""
+        step = self._eval_step(apply, transform)
+        out = {}
+        for which in ("validation", "test"):
+            scores = self._scores(apply, state, transform, which, step)
+            for metric in ("accuracy",) + (("perplexity",) if self.split.text else ()):
+                out[f"{which}_{metric}{suffix}"] = None if scores is None else scores[metric]
+        return out
 
     def _validation_accuracy(self, apply, model_state) -> Callable[[Any], float]:
         """``params -> validation accuracy`` of the model ``apply`` runs, with ``model_state`` (one compiled eval step)."""
-        step = jax.jit(make_eval_step(apply))
+        step = self._eval_step(apply)
 
         def accuracy(params):
             return self._evaluate(apply, init_train_state(params, optax.sgd(0.0), model_state=model_state),
@@ -331,12 +338,14 @@ class _Run:
         (sdir / "fingerprint").write_text(key)
         if stage["kind"] == "export":
             return self._export(stage, sdir, result_file)
+        if stage["kind"] == "oneshot":
+            return self._oneshot(index, stage, sdir, result_file)
         t0 = time.time()
         label = stage.get("label", stage["name"])
         if stage["kind"] in ("train", "distill"):
-            module = build_model(stage["model"], self.split.num_classes)
+            module = build_model(stage["model"], self.split.num_classes, seq_len=self.split.seq_len)
             init_key = jax.random.fold_in(jax.random.key(self.seed), index)
-            params, model_state = split_variables(module.init(init_key, self.split.train[0][:1]))
+            params, model_state = split_variables(module.init(init_key, tasks.example_input(self.split)))
             masks, quant = None, None
         else:
             src = self.models[stage["from"]]
@@ -346,8 +355,8 @@ class _Run:
             module, params = factorize(module, params, mode=stage["mode"],
                                        **{k: dict(stage[k]) for k in ("ranks", "energy") if k in stage})
             factored = {"ranks": dict(module.ranks), "mode": stage["mode"]}
-        apply = linen_apply_fn(module)
-        num_steps = self._num_steps(stage["epochs"])
+        apply = self._apply(module)
+        num_steps = self._num_steps(stage)
         parts, prune_at, allocated, sensitivity, budget = [], None, None, None, None
         if masks is not None:
             parts.append(fixed_masks(masks))
@@ -383,7 +392,8 @@ class _Run:
             parts.append(weight_sharing(2 ** stage.get("bits", 8), iters=stage["iters"], rules=rules))
         transform = None if not parts else parts[0] if len(parts) == 1 else chain(*parts)
         teacher = self.models.get(stage.get("teacher")) if stage.get("teacher") else None
-        kd = None if teacher is None else Teacher(linen_apply_fn(teacher.module), _distill_loss(stage))
+        kd = None if teacher is None else Teacher(self._apply(teacher.module), _distill_loss(stage),
+                                                  labels=tasks.labels_key(self.split))
         opt = _optimizer(stage, num_steps)
         state = init_train_state(params, opt, transform=transform, model_state=model_state,
                                  rng=self.seed * 1000 + index)
@@ -404,13 +414,14 @@ class _Run:
                     state, start = restored.state, restored.step
                     self.log(f"{label}: resuming at step {start} of {num_steps}")
                 state, loss = self._train(stage, index, label, apply, opt, transform, kd, teacher, state, start,
-                                          num_steps, ckpt)
+                                          num_steps, ckpt, sdir)
                 ckpt.save(state, force=True, data_position={"step": num_steps})
-                test = self._evaluate(apply, state, transform, "test")
+                scores = self._score_fields(apply, state, transform)
                 row = {"name": label, "stage": stage["name"], "kind": stage["kind"], "steps": num_steps,
-                       "epochs": stage["epochs"], "total_epochs": self._total_epochs(stage), "train_loss": loss,
-                       "validation_accuracy": self._evaluate(apply, state, transform, "validation"),
-                       "test_accuracy": test, "test_evaluations": int(test is not None)}
+                       "epochs": stage.get("epochs"), "total_epochs": self._total_epochs(stage), "train_loss": loss,
+                       **scores, "test_evaluations": int(scores["test_accuracy"] is not None)}
+                if (sdir / "curve.jsonl").exists():
+                    row["validation_curve"] = [json.loads(line) for line in (sdir / "curve.jsonl").open()]
                 if factored is not None:
                     row.update(factored, validation_accuracy_factored=self._validation_accuracy(apply, model_state)(params))
                 if budget is not None:
@@ -446,17 +457,75 @@ class _Run:
                 layers, total = sparsity_report(view, masks)
                 row.update(sparsity=total.sparsity, layer_sparsity={r.path: r.sparsity for r in layers})
             result_file.write_text(json.dumps(row, indent=2) + "\n")
-            test = "not scored" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
-            self.log(f"{label}: validation {row['validation_accuracy']:.4f}, test {test}, "
-                     f"{row['file_bytes']:,} file bytes, {row['seconds']:.1f} s")
+            self._log_row(label, row)
         self.rows[stage["name"]] = row
         self.models[stage["name"]] = _Model(module, state.params, state.model_state, masks, quant, view, description)
 
+    def _log_row(self, label: str, row: dict) -> None:
+        def value(which):
+            metric = "perplexity" if self.split.text else "accuracy"
+            v = row.get(f"{which}_{metric}")
+            return "not scored" if v is None else f"{metric} {v:.4f}"
+
+        self.log(f"{label}: validation {value('validation')}, test {value('test')}, "
+                 f"{row['file_bytes']:,} file bytes, {row['seconds']:.1f} s")
+
+    def _oneshot(self, index: int, stage: dict, sdir: Path, result_file: Path) -> None:
+        """Compresses the stage's float model in one shot from ``calibration`` training examples (no training).
+
+        The result is recomputed on every run (it is deterministic, and costs calibration only)."""
+        from jaxcompress.models.transformer import TRANSFORMER_FOLDS
+        from jaxcompress.oneshot import one_shot
+
+        t0 = time.time()
+        label = stage.get("label", stage["name"])
+        src = self.models[stage["from"]]
+        apply = self._apply(src.module)
+        batches = tasks.calibration_batches(self.split, stage["calibration"], stage["calibration_batch"],
+                                            self.seed * 1000 + index)
+        rules = None if stage.get("rules") is None else [(r, True if v else None) for r, v in stage["rules"]]
+        folds = TRANSFORMER_FOLDS if stage["model"]["kind"] == "transformer_lm" else ()
+        methods = build_methods(stage["methods"], stage["model"])
+        result = one_shot(methods if len(methods) > 1 else methods[0], apply, src.params, src.model_state, batches,
+                          rules=rules, sequential=stage["sequential"], folds=folds)
+        compress_seconds = time.time() - t0
+        state = init_train_state(result.params, optax.sgd(0.0), transform=result.transform, model_state=src.model_state)
+        state = state._replace(compression_state=result.state)
+        view = result.transform.apply(result.params, result.state)
+        description = result.transform.describe(result.params, result.state)
+        scores = self._score_fields(apply, state, result.transform)
+        total = result.report["_total"]
+        row = {"name": label, "stage": stage["name"], "kind": "oneshot", "steps": 0, "epochs": None,
+               "total_epochs": self._total_epochs(stage), "train_loss": None, **scores,
+               "test_evaluations": int(scores["test_accuracy"] is not None),
+               "methods": [dict(m) for m in stage["methods"]], "calibration_examples": stage["calibration"],
+               "compress_seconds": round(compress_seconds, 2),
+               "calibration_seconds": round(total["calibration_seconds"], 2),
+               "solve_seconds": round(total["solve_seconds"], 2), "groups": total["groups"]}
+        for part in ("Rotation", "SmoothQuant", "AWQ"):
+            if part in result.report:
+                row[f"{part.lower()}_seconds"] = round(result.report[part]["seconds"], 2)
+        artifact = sdir / "model.npz"
+        saved = save(artifact, view, description, metadata={"recipe": self.recipe["name"], "stage": stage["name"],
+                                                              "seed": self.seed})
+        size = size_report(view, description, artifact=saved)
+        sizes = {path_name(p): int(np.size(x)) for p, x in jax.tree.leaves_with_path(view)}
+        coded = [(sizes[k], d.bits) for k, d in description.items() if d.bits is not None]
+        zeros = sum(int(np.sum(np.asarray(x) == 0)) for x in jax.tree.leaves(view))
+        row.update(params=size.params, nonzero_params=size.nonzero_params,
+                   weight_bits=round(sum(n * b for n, b in coded) / max(sum(n for n, _ in coded), 1), 2) if coded else 32,
+                   bytes_float32=size.bytes_float32, bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,
+                   artifact=str(artifact.relative_to(self.out)), sparsity=zeros / max(size.params, 1),
+                   seconds=round(time.time() - t0, 2))
+        result_file.write_text(json.dumps(row, indent=2) + "\n")
+        self.recomputed = True
+        self._log_row(label, row)
+        self.rows[stage["name"]] = row
+        self.models[stage["name"]] = _Model(src.module, result.params, src.model_state, None, None, view, description)
+
     def _calibrate(self, apply, transform, state, count: int, index: int):
         """Min/max input ranges of the quantized layers from ``count`` training batches (no training)."""
-        xs, ys = self.split.train
-        batches = itertools.islice(epoch_batches(xs, ys, self.batch_size, seed=self.seed * 1000 + index,
-                                                 num_epochs=1), count)
+        batches = tasks.train_batches(self.split, self.batch_size, self.seed * 1000 + index, count)
         cstate = calibrate_activations(transform, state.compression_state, apply, state.params, state.model_state,
                                        batches)
         return state._replace(compression_state=cstate)
@@ -469,19 +538,16 @@ class _Run:
             stage = next((s for s in self.recipe["stages"] if s["name"] == stage["from"]), None)
         return total
 
-    def _train(self, stage, index, label, apply, opt, transform, kd, teacher, state, start, num_steps, ckpt):
+    def _train(self, stage, index, label, apply, opt, transform, kd, teacher, state, start, num_steps, ckpt, sdir):
         if num_steps == start:
             return state, None
         if self.parallel != "none":
             per_device_batch_size(self.batch_size, len(jax.devices()) if self.devices is None else self.devices)
         step = make_train_step(apply, opt, transform=transform, teacher=kd, axis_name=self.axis_name,
-                               augment=_augment(stage, self.split.num_classes))
+                               augment=_augment(stage, self.split.num_classes), **self.objective)
         dp = data_parallel(step, parallel=self.parallel, devices=self.devices)
-        xs, ys = self.split.train
-        per_epoch = num_batches(len(ys), self.batch_size)
-        batches = epoch_batches(xs, ys, self.batch_size, seed=self.seed * 1000 + index,
-                                num_epochs=math.ceil(num_steps / per_epoch))
-        batches = itertools.islice(batches, start, None)  # the data position of the checkpoint
+        # From the data position of the checkpoint on.
+        batches = tasks.train_batches(self.split, self.batch_size, self.seed * 1000 + index, num_steps, start)
         every, count = self.recipe["checkpoint_every"], [start]
 
         def step_and_save(state, batch, *extra):
@@ -492,8 +558,23 @@ class _Run:
             return state, metrics
 
         teacher_variables = None if teacher is None else dp.put_teacher((teacher.view, teacher.model_state))
-        state, metrics = fit(step_and_save, dp.put_state(state), batches, num_steps=num_steps - start,
-                             teacher_variables=teacher_variables, desc=label, progress=self.progress)
+        state = dp.put_state(state)
+        curve = sdir / "curve.jsonl"
+        if start == 0 and curve.exists():
+            curve.unlink()
+        eval_every = stage.get("eval_every") or num_steps
+        done = start
+        eval_step = self._eval_step(apply, transform) if stage.get("eval_every") else None
+        while done < num_steps:  # in chunks of eval_every steps, validation scored after each (for the record)
+            n = min(eval_every - done % eval_every, num_steps - done)
+            state, metrics = fit(step_and_save, state, batches, num_steps=n, teacher_variables=teacher_variables,
+                                 desc=label, progress=self.progress)
+            done += n
+            if eval_step is not None:
+                scores = self._scores(apply, dp.get_state(state), transform, "validation", eval_step)
+                with curve.open("a") as f:
+                    f.write(json.dumps({"step": done, "train_loss": metrics.get("loss"),
+                                        **{f"validation_{k}": v for k, v in scores.items()}}) + "\n")
         return dp.get_state(state), metrics.get("loss")
 
     def _export(self, stage: dict, sdir: Path, result_file: Path) -> None:
@@ -508,15 +589,14 @@ class _Run:
                                "test_accuracy": row["test_accuracy"]})
         loaded, _ = load(target, like=src.view)  # the model as a user gets it from the file
         state = init_train_state(loaded, optax.sgd(0.0), model_state=src.model_state)
-        apply = linen_apply_fn(src.module)
-        acc = self._evaluate(apply, state, None, "test")  # None when score_test = false
-        extra = {"exported": str(target.relative_to(self.out)), "exported_file_bytes": saved.file_bytes,
-                 "validation_accuracy_from_file": self._evaluate(apply, state, None, "validation"),
-                 "test_accuracy_from_file": acc}
+        scores = self._score_fields(self._apply(src.module), state, None, "_from_file")  # test None: score_test = false
+        metric = "perplexity" if self.split.text else "accuracy"
+        acc = scores[f"test_{metric}_from_file"]
+        extra = {"exported": str(target.relative_to(self.out)), "exported_file_bytes": saved.file_bytes, **scores}
         result_file.write_text(json.dumps(extra, indent=2) + "\n")
         row.update(extra)
         self.log(f"{row['name']}: exported to {extra['exported']} ({saved.file_bytes:,} bytes)"
-                 + ("" if acc is None else f", test accuracy from the file {acc:.4f}"))
+                 + ("" if acc is None else f", test {metric} from the file {acc:.4f}"))
 
 
 def _is_number(v) -> bool:
@@ -587,9 +667,10 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split = load_split(recipe["data"], log) if split is None else split
-    check_stage_rules(recipe, split.train[0].shape[1:], num_classes=split.num_classes)
-    log(f"data: {split.name} from {split.source}: {len(split.train[1])} train / {len(split.validation[1])} "
-        f"validation / {len(split.test[1])} test images {split.train[0].shape[1:]}")
+    shape = (split.seq_len,) if split.text else split.train[0].shape[1:]
+    check_stage_rules(recipe, shape, num_classes=split.num_classes)
+    log(f"data: {split.name} from {split.source}: {split.size('train')} train / {split.size('validation')} "
+        f"validation / {split.size('test')} test {split.unit} {shape}")
     runs = []
     t0 = time.time()
     with open(out / "runs.jsonl", "a") as journal:
@@ -612,13 +693,15 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
         "recipe": recipe["name"],
         "dataset": split.name,
         "source": _portable_path(split.source),
-        "split": {"train": len(split.train[1]), "validation": len(split.validation[1]), "test": len(split.test[1]),
-                  "split_seed": recipe["data"]["split_seed"]},
+        "split": {"train": split.size("train"), "validation": split.size("validation"), "test": split.size("test"),
+                  "unit": split.unit, **({"seq_len": split.seq_len} if split.text else
+                                         {"split_seed": recipe["data"]["split_seed"]})},
         "seeds": list(recipe["seeds"]),
         "selection": SELECTION if recipe["score_test"] else SELECTION_NO_TEST,
         "runs": [{"seed": s, "stages": rows} for s, rows in zip(recipe["seeds"], runs)],
         "stages": _summary(runs),
-        **({"paired": paired_comparison(runs, recipe.get("reference"), references=own)}
+        **({"paired": paired_comparison(runs, recipe.get("reference"), references=own,
+                                                  key="test_perplexity" if split.text else "test_accuracy")}
            if (recipe.get("reference") or own) and recipe["score_test"] else {}),
         "config": {**recipe, "data": {**recipe["data"], **({"dir": _portable_path(recipe["data"]["dir"])}
                                                           if recipe["data"].get("dir") else {})}},

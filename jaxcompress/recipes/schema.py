@@ -33,6 +33,20 @@ input_dropout = 0.2, mixup = 1.0 }``: in-step augmentations (a random shift of u
 pixels, input dropout, mixup with that Beta alpha), applied in that order to the batch both the
 student and its teacher see.
 
+Text: with ``[data] name = "python_corpus"`` (the standard library's sources as bytes, split into
+train / validation / test files by path hash; ``seq_len`` sets the window, ``max_bytes`` and the
+``*_subset`` keys count bytes) the model is a ``transformer_lm``, every training stage gives its
+length in ``steps`` (random windows of the training files), and each stage is scored by next-byte
+perplexity (and accuracy) on every byte of the validation and test files once. Any training
+stage may give ``steps`` instead of ``epochs``, ``eval_every`` (validation scored every that many
+steps into the row's ``validation_curve``, for the record; nothing is selected from it),
+``grad_clip`` (a global gradient norm) and ``lr_schedule = "warmup_cosine"`` (5% linear warm-up,
+then cosine decay to a tenth). An ``oneshot`` stage compresses a trained float model without
+training, layer by layer from ``calibration`` training examples (``methods``: reparametrisations
+``rotation``, ``smoothquant``, ``awq``, then one solver ``wanda``, ``sparsegpt``, ``gptq`` or
+``rtn``, each table holding the method's settings; ``rules`` select the kernels); only an export
+may follow it.
+
 Example:
   >>> recipe = parse_recipe('''
   ... [data]
@@ -64,7 +78,11 @@ from typing import Any, Optional, Sequence
 from jaxcompress.data.load import DATASETS
 from jaxcompress.recipes.keys import (BUDGET_BITS_GRID, BUDGET_SPARSITY_GRID, CATCH_ALL, DATA_KEYS, DEFAULTS,
                                       INPUT_SHAPES, MODEL_KEYS, MODEL_KINDS, REQUIRED, SENSITIVITY_GRID, STAGE_KEYS,
-                                      STAGE_KINDS, TOP_KEYS, choice, of_type, published)
+                                      STAGE_KINDS, TEXT_DATASETS, TEXT_MODELS, TOP_KEYS, choice, of_type, published)
+
+#: The data keys that only images take, and those that only text takes.
+_IMAGE_DATA_KEYS = ("validation", "split_seed", "download", "fallback_to_digits")
+_TEXT_DATA_KEYS = ("seq_len", "max_bytes", "validation_subset")
 
 class RecipeError(ValueError):
     """A recipe that cannot run, with the offending ``key`` (e.g. ``'stages[2].sparsity'``) and ``line``."""
@@ -189,10 +207,10 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
     c.table(raw["data"], DATA_KEYS, ("data",), "[data]")
     if "name" not in raw["data"]:
         c.fail(("data", "name"), f"missing; give one of {list(DATASETS)}.")
-    recipe["data"] = {**DEFAULTS["data"], **raw["data"]}
+    recipe["data"] = _check_data(c, raw["data"])
     if "model" not in raw:
         c.fail(("model",), f"missing table [model]; give kind = one of {list(MODEL_KINDS)}.")
-    recipe["model"] = _check_model(c, raw["model"], ("model",), "[model]")
+    recipe["model"] = _check_model(c, raw["model"], ("model",), "[model]", recipe["data"])
     stages = raw.get("stages")
     if not stages:
         c.fail(("stages",), "the recipe has no stages; add [[stages]] tables with kind = one of "
@@ -215,19 +233,55 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
         if stage not in trained:
             c.fail(("published",), f"test_error names {stage!r}, not a trained stage; give one of {trained}.")
     if check_rules:
-        shape = INPUT_SHAPES.get(recipe["data"]["name"])
+        shape = (recipe["data"]["seq_len"],) if is_text(recipe) else INPUT_SHAPES.get(recipe["data"]["name"])
         if shape is not None:
             check_stage_rules(recipe, shape, text=text, source=source)
     return recipe
 
 
-def _check_model(c: _Checker, model: Any, path: tuple, what: str) -> dict:
+def is_text(recipe: dict) -> bool:
+    """Whether the recipe's data set is a byte-level text corpus (language modelling)."""
+    return recipe["data"]["name"] in TEXT_DATASETS
+
+
+def _check_data(c: _Checker, data: dict) -> dict:
+    """The data table with its defaults: images get a validation split carved with ``split_seed``;
+    a text corpus has its own validation files and needs ``seq_len``."""
+    if data["name"] in TEXT_DATASETS:
+        for key in _IMAGE_DATA_KEYS:
+            if key in data:
+                c.fail(("data", key), f"is not read for the text corpus {data['name']!r} (its validation split is "
+                       "files held out of training by path hash; validation_subset caps the bytes scored); remove it.")
+        if "seq_len" not in data:
+            c.fail(("data",), f"the text corpus {data['name']!r} needs seq_len (the window of bytes a model reads), "
+                   "e.g. seq_len = 64.")
+        return {**{k: v for k, v in DEFAULTS["data"].items() if k not in _IMAGE_DATA_KEYS}, **data}
+    for key in _TEXT_DATA_KEYS:
+        if key in data:
+            c.fail(("data", key), f"is only read for a text corpus ({list(TEXT_DATASETS)}), not for "
+                   f"{data['name']!r}; remove it.")
+    return {**DEFAULTS["data"], **data}
+
+
+def _check_model(c: _Checker, model: Any, path: tuple, what: str, data: dict) -> dict:
     if not isinstance(model, dict):
         c.fail(path, f"must be a table such as {{ kind = \"cnn\" }}, got {model!r}.")
     kind = model.get("kind")
     if kind not in MODEL_KINDS:
         c.fail(path + ("kind",), f"must be one of {list(MODEL_KINDS)}, got {kind!r}.")
     c.table(model, {"kind": choice(*MODEL_KINDS), **MODEL_KEYS[kind]}, path, f"{what} (model kind {kind!r})")
+    text = data["name"] in TEXT_DATASETS
+    if (kind in TEXT_MODELS) != text:
+        wanted = list(TEXT_MODELS) if text else [k for k in MODEL_KINDS if k not in TEXT_MODELS]
+        c.fail(path + ("kind",), f"{kind!r} does not read {'text' if text else 'images'} ({data['name']!r}); "
+               f"give one of {wanted}.")
+    if kind == "transformer_lm":
+        for key in ("dim", "depth", "heads"):
+            if key not in model:
+                c.fail(path, f"a transformer_lm{' in ' + what if what != '[model]' else ''} needs {key} "
+                       "(e.g. dim = 128, depth = 2, heads = 4).")
+        if model["dim"] % model["heads"]:
+            c.fail(path + ("heads",), f"must divide dim = {model['dim']}, got {model['heads']}.")
     return dict(model)
 
 
@@ -274,10 +328,10 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         ref = stage.get(key)
         if ref is not None and ref not in names:
             c.fail(path + (key,), f"{ref!r} is not an earlier stage{extra}; earlier stages: {list(names)}.")
-    out = {**(DEFAULTS["training"] if kind != "export" else {}), **DEFAULTS.get(kind, {}), **stage}
+    out = {**(DEFAULTS["training"] if kind not in ("export", "oneshot") else {}), **DEFAULTS.get(kind, {}), **stage}
     if kind in ("train", "distill"):
-        out["model"] = _check_model(c, stage["model"], path + ("model",), f"stage {name!r}") if "model" in stage \
-            else dict(recipe["model"])
+        out["model"] = _check_model(c, stage["model"], path + ("model",), f"stage {name!r}", recipe["data"]) \
+            if "model" in stage else dict(recipe["model"])
         out["from"] = None
         if "from" in stage:
             c.fail(path + ("from",), f"a {kind} stage starts from a fresh model; remove 'from'{extra}.")
@@ -289,6 +343,10 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
         out["model"] = names[out["from"]]["model"]
     if kind == "distill":
         _check_distill_loss(c, stage, out, path, extra)
+    if kind not in ("export", "oneshot"):
+        _check_length(c, stage, out, path, recipe, extra)
+    if kind == "oneshot":
+        _check_oneshot(c, stage, out, path, names, extra)
     if kind == "factorize":
         if ("ranks" in stage) == ("energy" in stage):
             c.fail(path + ("kind",), f"a factorize stage{extra} needs exactly one of ranks = {{ layer = rank }} or "
@@ -330,13 +388,48 @@ def _check_stage(c: _Checker, stage: Any, i: int, names: dict, recipe: dict) -> 
     return out
 
 
+def _check_length(c: _Checker, stage: dict, out: dict, path: tuple, recipe: dict, extra: str) -> None:
+    """A training stage's length: ``epochs``, or ``steps`` (always ``steps`` on text, where an epoch is not defined)."""
+    if is_text(recipe):
+        if "epochs" in stage:
+            c.fail(path + ("epochs",), f"text stages train on random windows, so their length is in steps; give "
+                   f"steps = N instead{extra}.")
+        if "steps" not in stage:
+            c.fail(path, f"a {out['kind']} stage on text{extra} needs steps (0 for none, e.g. post-training "
+                   "quantization).")
+        for key in ("augment",) + (("loss",) if stage.get("loss") == "dkd" else ()):
+            if key in stage:
+                c.fail(path + (key,), f"{key} = {stage[key]!r} is for image classification; remove it{extra}.")
+    elif "steps" in stage and "epochs" in stage:
+        c.fail(path + ("steps",), f"give either epochs or steps{extra}, not both.")
+    if "steps" in stage:
+        out.pop("epochs", None)
+
+
+def _check_oneshot(c: _Checker, stage: dict, out: dict, path: tuple, names: dict, extra: str) -> None:
+    """A one-shot stage starts from a trained float model, and its methods' settings are the methods' own."""
+    compressed = [n for n in _lineage(names, out["from"]) if names[n]["kind"] not in ("train", "distill", "finetune")]
+    if compressed:
+        c.fail(path + ("from",), f"one-shot compression starts from a trained float model, but {compressed[0]!r} is a "
+               f"{names[compressed[0]]['kind']} stage it comes from{extra}; start from a train, distill or finetune "
+               "stage.")
+    from jaxcompress.recipes.models import build_methods
+
+    try:
+        build_methods(stage["methods"], out["model"])
+    except (ValueError, TypeError) as e:
+        c.fail(path + ("methods",), f"{e}{extra}")
+
+
 def _check_share_order(c: _Checker, stage: dict, out: dict, path: tuple, names: dict, extra: str) -> None:
-    """Weight sharing starts from a float (possibly pruned) model, and only an export may follow it."""
+    """Weight sharing starts from a float (possibly pruned) model, and only an export may follow it (or a one-shot stage)."""
     lineage = _lineage(names, out.get("from"))
-    shared = [n for n in lineage if names[n]["kind"] == "share"]
+    shared = [n for n in lineage if names[n]["kind"] in ("share", "oneshot")]
     if shared and out["kind"] != "export":
-        c.fail(path + ("from",), f"{shared[0]!r} is a share stage this {out['kind']} stage's model comes from{extra}; "
-               "only an export stage may follow weight sharing (its codebooks are the final weights).")
+        what = ("weight sharing (its codebooks are the final weights)" if names[shared[0]]["kind"] == "share"
+                else "one-shot compression (its weights are final)")
+        c.fail(path + ("from",), f"{shared[0]!r} is a {names[shared[0]]['kind']} stage this {out['kind']} stage's model "
+               f"comes from{extra}; only an export stage may follow {what}.")
     if out["kind"] == "share" and "bits" not in stage and any(v is True for _, v in stage.get("rules", [[None, True]])):
         c.fail(path, f"a share stage{extra} needs bits (the codebook of each shared kernel has 2**bits entries), or "
                "rules that give every shared kernel its bit width.")
@@ -377,14 +470,17 @@ def _check_budget_stage(c: _Checker, stage: dict, out: dict, path: tuple, names:
 
 
 def _model_params(model: dict, num_classes: int, shape: tuple):
-    """The model's params as shapes only (``jax.eval_shape``: no FLOPs, no memory)."""
+    """The model's params as shapes only (``jax.eval_shape``: no FLOPs, no memory); a text model
+    reads ``shape = (seq_len,)`` byte tokens."""
     import jax
     import jax.numpy as jnp
 
     from jaxcompress.recipes.models import build_model
 
-    module = build_model(model, num_classes)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *shape), jnp.float32)))
+    text = model["kind"] in TEXT_MODELS
+    module = build_model(model, num_classes, seq_len=shape[0] if text else None)
+    example = jnp.zeros((1, *shape), jnp.int32 if text else jnp.float32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), example))
     return variables["params"]
 
 

@@ -1,6 +1,7 @@
 """A plain training loop over any iterable of batches, shared by the CLI and the experiments."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -49,9 +50,7 @@ def fit(
     skipped = None
     done = 0
     bar = tqdm(total=num_steps, desc=desc, disable=not progress, leave=False, mininterval=1.0)
-    for batch in batches:
-        if done == num_steps:
-            break
+    for batch in itertools.islice(batches, num_steps):  # takes no batch past the last step from ``batches``
         state, metrics = step(state, batch, *extra)
         if "skipped" in metrics:  # summed on the device: no wait per step
             skipped = metrics["skipped"] if skipped is None else skipped + metrics["skipped"]
