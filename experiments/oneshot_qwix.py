@@ -1,11 +1,15 @@
-"""Qwix's one-shot quantizers on the one-shot LM experiment's model, for a side-by-side comparison.
+"""Qwix's one-shot quantizers on the dense model of a ``jaxcompress run oneshot_lm`` run, side by side.
 
-``qwix_rows`` runs Qwix (``qwix.contrib``: GPTQ, AWQ, SmoothQuant; plain Qwix PTQ as the
-round-to-nearest baseline) through its public API on the same TransformerLM, the same block
-kernels (every ``block_N`` Dense layer: attention query/key/value/out and MLP fc1/fc2;
-embeddings, LayerNorms and ``head`` stay float) and the same calibration batches as
-``oneshot_lm.py``, and scores each quantized Qwix model with the library's ``evaluate`` on the
-test bytes. Every row carries ``config``: the exact scheme Qwix ran (grid formulas included), so
+``python experiments/oneshot_qwix.py RUN_DIR`` reads the run's report, its dense model (from the
+stage's saved artifact) and draws the same calibration windows the run's one-shot stages used
+(``jaxcompress.recipes.tasks.calibration_batches`` with the same seed); ``qwix_rows`` runs Qwix
+(``qwix.contrib``: GPTQ, AWQ, SmoothQuant; plain Qwix PTQ as the round-to-nearest baseline)
+through its public API on the same TransformerLM and the same block kernels (every ``block_N``
+Dense layer: attention query/key/value/out and MLP fc1/fc2; embeddings, LayerNorms and ``head``
+stay float), and scores each quantized Qwix model with the library's ``evaluate`` on the test
+bytes. It writes ``RUN_DIR/qwix.json`` and ``RUN_DIR/qwix.md``: each Qwix row beside the run's
+stage of the same setting and method (for SmoothQuant, the alpha with the best validation
+perplexity). Every row carries ``config``: the exact scheme Qwix ran (grid formulas included), so
 the same scheme can be run with jaxcompress.
 
 What Qwix 0.1.8 does differently from the experiment's one-shot methods (all in ``config``):
@@ -27,12 +31,18 @@ What Qwix 0.1.8 does differently from the experiment's one-shot methods (all in 
   ``PtqProvider`` activation quantization (dynamic, per token) for a real W8A8. Qwix averages
   the smoothing scales ``s`` and their inverses separately over the calibration batches.
 
-Usage: ``rows = qwix_rows(model, params, calib, test_tokens, seq_len=64, group_size=128)``.
+Usage: ``python experiments/oneshot_qwix.py RUN_DIR`` (needs ``pip install -e ".[qwix]"``), or
+``rows = qwix_rows(model, params, calib, test_tokens, seq_len=64, group_size=128)``.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import platform
+import sys
 import time
 import traceback
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +81,7 @@ def qwix_rows(model, params, calib, test_tokens, *, seq_len, group_size) -> list
       model: a ``TransformerLM``.
       params: its trained params (``variables['params']``).
       calib: calibration batches ``{'tokens': int32 (B, seq_len)}``.
-      test_tokens: the test bytes, scored as ``oneshot_lm.py`` scores (``eval_windows``, 64 windows a batch).
+      test_tokens: the test bytes, scored as the recipe runner scores (``eval_windows``: every next byte once).
       seq_len: the window length.
       group_size: inputs per weight group of the 4- and 3-bit settings.
 
@@ -239,7 +249,7 @@ def calibrated(model, params, tokens, calibration_provider, inference_provider, 
 
 
 def score(qmodel, qparams, test_tokens, seq_len) -> float:
-    """Test perplexity of Qwix's quantized model, by the library's evaluation of ``oneshot_lm.py``.
+    """Test perplexity of Qwix's quantized model, by the library's evaluation, as the recipe runner scores.
 
     Qwix's quantized params hold integer leaves, which a TrainState's params may not; they are
     passed as the ``'params'`` collection of ``model_state``, which ``linen_apply_fn`` merges
@@ -274,3 +284,93 @@ def smoothed_activations_provider(rules):
                                            out_sharding=out_sharding)
 
     return SmoothedActivations(rules)
+
+
+def ours_for(report: dict, setting: str, method: str) -> dict | None:
+    """The run's stage row of ``setting`` and ``method`` (labels ``'SETTING: METHOD'``); for
+    SmoothQuant, the one of the stage's alphas with the best validation perplexity."""
+    rows = [r for r in report["stages"] if r["name"].startswith(f"{setting}: ")]
+    method = method[len("Qwix "):].split(",")[0]
+    if method == "SmoothQuant":
+        tried = [r for r in rows if r["name"].startswith(f"{setting}: SmoothQuant")]
+        return min(tried, key=lambda r: r["validation_perplexity"]) if tried else None
+    return next((r for r in rows if r["name"] == f"{setting}: {method}"), None)
+
+
+def comparison(report: dict, rows: list[dict]) -> list[dict]:
+    """Each Qwix row with the run's matching stage: both test perplexities and both compression times."""
+    out = []
+    for row in rows:
+        ours = ours_for(report, row["setting"], row["method"])
+        out.append({"setting": row["setting"], "method": row["method"], "qwix_test_perplexity": row["perplexity"],
+                    "qwix_seconds": row["calibration_seconds"], "error": row.get("error"),
+                    "ours": None if ours is None else ours["name"],
+                    "ours_test_perplexity": None if ours is None else ours["test_perplexity"],
+                    "ours_seconds": None if ours is None else ours.get("compress_seconds"),
+                    "ours_at_or_below_qwix": None if ours is None or row["perplexity"] is None
+                    else bool(ours["test_perplexity"] <= row["perplexity"])})
+    return out
+
+
+def markdown(result: dict) -> str:
+    dense = result["dense_test_perplexity"]
+    lines = [f"# Qwix {result['qwix']} beside `jaxcompress run oneshot_lm`", "",
+             f"`python experiments/oneshot_qwix.py {result['run']}` ({result['seconds']:.0f} s): Qwix's one-shot "
+             f"quantizers on the run's dense model (test perplexity {dense:.4f}) with the run's {result['calibration']}"
+             " calibration windows, scored on the same test bytes; each beside the run's stage of the same setting "
+             "(SmoothQuant: the run's alpha with the best validation perplexity). Seconds: wall time until the "
+             "compressed weights are ready (jit compilation included), on the same machine, one after the other.", "",
+             "| setting | Qwix method | Qwix test perplexity | Qwix s | ours | our test perplexity | our s | ours <= Qwix |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |"]
+    for c in result["comparison"]:
+        q = "refused: " + c["error"].split(":")[0] if c["qwix_test_perplexity"] is None else f"{c['qwix_test_perplexity']:.4f}"
+        o = "-" if c["ours_test_perplexity"] is None else f"{c['ours_test_perplexity']:.4f}"
+        verdict = {None: "-", True: "yes", False: "NO"}[c["ours_at_or_below_qwix"]]
+        lines.append(f"| {c['setting']} | {c['method']} | {q} | {c['qwix_seconds'] or '-'} | {c['ours'] or '-'} | {o} | "
+                     f"{c['ours_seconds'] if c['ours_seconds'] is not None else '-'} | {verdict} |")
+    met = [c for c in result["comparison"] if c["ours_at_or_below_qwix"] is not None]
+    lines += ["", f"Ours at or below Qwix on {sum(c['ours_at_or_below_qwix'] for c in met)} of {len(met)} settings "
+              "both ran. The schemes Qwix ran are in `qwix.json` (`rows[i].config`).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="the output directory of `jaxcompress run oneshot_lm`")
+    args = ap.parse_args(argv)
+    import qwix
+
+    from jaxcompress.export.reader import load
+    from jaxcompress.recipes import tasks
+    from jaxcompress.recipes.models import build_model
+
+    t0 = time.time()
+    run = Path(args.run)
+    report = json.loads((run / "report.json").read_text())
+    recipe = report["config"]
+    seed = report["seeds"][0]
+    stages = recipe["stages"]
+    oneshot = next(s for s in stages if s["kind"] == "oneshot")
+    source = next(i for i, s in enumerate(stages) if s["name"] == oneshot["from"])
+    split = tasks.load_split(recipe["data"])
+    model = build_model(stages[source]["model"], split.num_classes, seq_len=split.seq_len)
+    like = model.init(jax.random.key(0), tasks.example_input(split))["params"]
+    dense_row = next(r for r in report["runs"][0]["stages"] if r["stage"] == oneshot["from"])
+    params, _ = load(run / dense_row["artifact"], like=like)
+    calib = tasks.calibration_batches(split, oneshot["calibration"], oneshot["calibration_batch"], seed * 1000 + source)
+    group = next(m["group_size"] for s in stages if s["kind"] == "oneshot" for m in s["methods"] if "group_size" in m)
+    rows = qwix_rows(model, params, calib, split.test, seq_len=split.seq_len, group_size=group)
+    runs0 = {"stages": report["runs"][0]["stages"]}
+    result = {"run": str(args.run), "qwix": qwix.__version__, "dense_test_perplexity": dense_row["test_perplexity"],
+              "calibration": oneshot["calibration"], "rows": rows, "comparison": comparison(runs0, rows),
+              "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                              "python": platform.python_version()},
+              "seconds": round(time.time() - t0, 1)}
+    (run / "qwix.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run / "qwix.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -341,3 +341,22 @@ def test_qwix_rows_on_a_tiny_lm(oq, lm):
     assert "gptq_core.py" in by[("4-bit g16", "Qwix GPTQ")]["error_at"]  # zero points
     assert "gptq_core.py" in by[("3-bit g16 symmetric", "Qwix GPTQ")]["error_at"]  # 'int3' storage
     assert "get_asymmetric_bound" in by[("3-bit g16", "Qwix round-to-nearest")]["error_at"]
+
+
+def test_comparison_pairs_each_qwix_row_with_the_runs_stage_of_its_setting(oq):
+    report = {"stages": [
+        {"name": "4-bit g128 symmetric: GPTQ", "test_perplexity": 2.5, "compress_seconds": 3.0},
+        {"name": "W8A8: SmoothQuant alpha 0.25", "validation_perplexity": 2.60, "test_perplexity": 2.61},
+        {"name": "W8A8: SmoothQuant alpha 0.5", "validation_perplexity": 2.55, "test_perplexity": 2.62}]}
+    rows = [{"setting": "4-bit g128 symmetric", "method": "Qwix GPTQ", "perplexity": 2.6, "calibration_seconds": 1.0},
+            {"setting": "W8A8", "method": "Qwix SmoothQuant, int8 activations", "perplexity": 2.615,
+             "calibration_seconds": 1.0},
+            {"setting": "3-bit g128", "method": "Qwix GPTQ", "perplexity": None, "calibration_seconds": None,
+             "error": "ValueError: int3 doesn't support asymmetric quantization."}]
+    c = oq.comparison(report, rows)
+    assert c[0]["ours"] == "4-bit g128 symmetric: GPTQ" and c[0]["ours_at_or_below_qwix"] is True
+    # SmoothQuant: the alpha with the best validation perplexity, not the best test perplexity
+    assert c[1]["ours"] == "W8A8: SmoothQuant alpha 0.5" and c[1]["ours_at_or_below_qwix"] is False
+    assert c[2]["ours"] is None and c[2]["ours_at_or_below_qwix"] is None
+    assert "refused: ValueError" in oq.markdown({"qwix": "0", "run": "r", "seconds": 1.0, "dense_test_perplexity": 2.4,
+                                                 "calibration": 8, "comparison": c})

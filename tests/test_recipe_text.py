@@ -196,11 +196,38 @@ def test_oneshot_stages_compress_the_block_kernels(tiny_run):
         assert groups is not None and ((groups == 0).sum(axis=1) >= 2).all()
 
 
-def test_text_recipe_resumes_without_training_again(tiny_run):
+def test_text_recipe_resumes_without_computing_again(tiny_run):
     recipe, out, report = tiny_run
-    again = run_recipe(recipe, out, progress=False, log=lambda m: None)
+    logged = []
+    again = run_recipe(recipe, out, progress=False, log=logged.append)
+    assert sum("restored from" in m for m in logged) == 5  # every trained and one-shot stage
     for a, b in zip(report["stages"], again["stages"]):
-        assert a["test_perplexity"] == pytest.approx(b["test_perplexity"], rel=1e-6)
-        assert a["seconds"] == b["seconds"] or a["kind"] == "oneshot"  # trained stages restored, not re-run
+        assert a["test_perplexity"] == b["test_perplexity"] and a["seconds"] == b["seconds"]
+    # an export whose one-shot stage was restored computes that stage again for its description
+    (out / "seed_0" / "stage_file" / "result.json").unlink()
+    third = run_recipe(recipe, out, progress=False, log=lambda m: None)
+    a, b = report["stages"][3], third["stages"][3]
+    assert a["exported_file_bytes"] == b["exported_file_bytes"]
+    assert a["test_perplexity_from_file"] == pytest.approx(b["test_perplexity_from_file"], rel=1e-6)
     lines = [json.loads(line) for line in (out / "runs.jsonl").open()]
-    assert len(lines) == 2 * 5
+    assert len(lines) == 3 * 5
+
+
+def test_text_runs_report_and_compare_by_perplexity(tiny_run, tmp_path):
+    from jaxcompress.recipes.compare import compare_markdown, compare_runs
+    from jaxcompress.recipes.report import write_report
+
+    _, out, report = tiny_run
+    paths = write_report(report, tmp_path / "a")
+    md = paths[1].read_text()
+    assert "| stage | steps | validation perplexity | test perplexity | test next-byte accuracy |" in md
+    assert f"{report['stages'][0]['test_perplexity']:.3f}" in md and paths[2].exists()
+    table = compare_markdown({"a": report, "b": report})
+    assert "validation perplexity | test perplexity" in table
+    best = min(report["stages"], key=lambda s: s["test_perplexity"])  # lowest perplexity is on the front
+    assert any(line.startswith(f"| a | lm_tiny | python_corpus | 1 | {best['name']} |") and line.endswith("| * |")
+               for line in table.splitlines())
+    image = {"dataset": "mnist", "split": {"unit": "images"}, "stages": []}
+    with pytest.raises(ValueError, match="mix text"):
+        compare_markdown({"a": report, "img": image})
+    assert [p.name for p in compare_runs([tmp_path / "a"], tmp_path / "cmp")] == ["compare.md", "compare.png"]

@@ -101,7 +101,7 @@ def markdown(r: dict) -> str:
     """The results as Markdown, every number read from ``r``."""
     c = r["config"]
     lines = ["# Calibration cost of the one-shot methods", "",
-             "`python experiments/benchmarks/calibration.py --out experiments/results/calibration.json`", "",
+             "`python experiments/benchmarks/calibration.py --out experiments/benchmarks/results/calibration.json`", "",
              f"Environment: {r['environment']}. Medians of {c['repeats']} warm runs.", "",
              "Hessian accumulation (`calibrate_layers`: a forward pass per batch of 16 sequences of 64 tokens and "
              "`X^T X` of every block kernel of a depth-1 TransformerLM of width d), in ms:", "",

@@ -114,7 +114,7 @@ def markdown(result: dict) -> str:
     res = result["results"]
     cols = ["int8", "weight_int8", "weight_int4", "w8a8_all_float", "chosen_w8a8", "chosen_w8", "chosen_w4"]
     lines = ["# Integer and weight-only inference on CPU (XLA:CPU)", "",
-             "`python experiments/benchmarks/int8_inference.py --out experiments/results/int8_inference.json` "
+             "`python experiments/benchmarks/int8_inference.py --out experiments/benchmarks/results/int8_inference.json` "
              f"({result['seconds']} s).", "", f"Environment: {result['environment']}.", "",
              "Ratios are median latency / median latency of the float32 model (lower is better), with bootstrap "
              "95% intervals over shuffled interleaved blocks; `A/A` is the float32 model timed twice. `chosen_*` is "

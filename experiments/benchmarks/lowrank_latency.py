@@ -59,7 +59,7 @@ def _cell(r):
 
 def markdown(result: dict) -> str:
     lines = ["# Low-rank inference latency on CPU (XLA:CPU)", "",
-             f"`python experiments/benchmarks/lowrank_latency.py --out experiments/results/lowrank_latency.json` "
+             f"`python experiments/benchmarks/lowrank_latency.py --out experiments/benchmarks/results/lowrank_latency.json` "
              f"({result['seconds']} s). Environment: {result['environment']}.", "",
              f"Batch {result['batch']}; ratio = median latency of the factored model / the dense model's (lower is "
              "better), bootstrap 95% interval over shuffled interleaved blocks; A/A = the dense model timed twice. "

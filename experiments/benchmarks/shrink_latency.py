@@ -207,7 +207,7 @@ def markdown(res: dict) -> str:
     """The results as Markdown, every number read from ``res``."""
     cfg = res["config"]
     lines = ["# Structural shrink: latency and accuracy of a CNN with half its filters removed", "",
-             "`python experiments/benchmarks/shrink_latency.py --out experiments/results/shrink_latency.json "
+             "`python experiments/benchmarks/shrink_latency.py --out experiments/benchmarks/results/shrink_latency.json "
              f"--epochs {cfg['epochs']:g} --finetune-epochs {cfg['finetune_epochs']} --widths {' '.join(cfg['widths'])}`.",
              "", f"Environment: {res['environment']}.", ""]
     for name, m in res["models"].items():

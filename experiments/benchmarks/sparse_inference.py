@@ -42,7 +42,7 @@ def markdown(result: dict) -> str:
     """The results as Markdown, every number and verdict read from ``result``."""
     res = result["results"]
     lines = ["# Sparse inference on CPU (XLA:CPU): MLP 784-1200-1200-10, hidden kernels pruned", "",
-             "`python experiments/benchmarks/sparse_inference.py --out experiments/results/sparse_inference.json` "
+             "`python experiments/benchmarks/sparse_inference.py --out experiments/benchmarks/results/sparse_inference.json` "
              f"({result['seconds']} s).", "", f"Environment: {result['environment']}.", "",
              "Whole model: the plan `choose_paths` picked (per layer, then checked as a whole program against the "
              "all-dense plan) / the dense model with zeros (median latency ratio, bootstrap 95% interval); A/A = the "

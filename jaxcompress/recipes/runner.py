@@ -234,6 +234,7 @@ class _Run:
         self.models: dict[str, _Model] = {}
         self.rows: dict[str, dict] = {}
         self.recomputed = False
+        self.restored_oneshot: set[str] = set()
         data = recipe["data"]
         self.batch_size = data["batch_size"]
         self.eval_batch_size = data["eval_batch_size"] if split.text else min(
@@ -324,8 +325,11 @@ class _Run:
                 "options": {k: [list(o[:3]) + [o.metric] for o in opts] for k, opts in sens.options.items()}}
         return sparsities, bits, info
 
+    def _stage_dir(self, stage: dict) -> Path:
+        return self.dir / f"stage_{stage['name'].replace(' ', '_')}"
+
     def stage(self, index: int, stage: dict) -> None:
-        sdir = self.dir / f"stage_{stage['name'].replace(' ', '_')}"
+        sdir = self._stage_dir(stage)
         key = _fingerprint(self.recipe["data"], self.seed, self.recipe["stages"][: index + 1],
                            *(() if self.recipe["score_test"] else ("test not scored",)))
         result_file = sdir / "result.json"
@@ -470,19 +474,30 @@ class _Run:
         self.log(f"{label}: validation {value('validation')}, test {value('test')}, "
                  f"{row['file_bytes']:,} file bytes, {row['seconds']:.1f} s")
 
-    def _oneshot(self, index: int, stage: dict, sdir: Path, result_file: Path) -> None:
+    def _oneshot(self, index: int, stage: dict, sdir: Path, result_file: Path, *, force: bool = False) -> None:
         """Compresses the stage's float model in one shot from ``calibration`` training examples (no training).
 
-        The result is recomputed on every run (it is deterministic, and costs calibration only)."""
+        The calibration examples are drawn from the seed and the model's stage, so every one-shot
+        stage of the same model sees the same ones. A finished stage is restored from its result
+        and artifact (``force``: computed again, when an export needs its description)."""
         from jaxcompress.models.transformer import TRANSFORMER_FOLDS
         from jaxcompress.oneshot import one_shot
 
         t0 = time.time()
         label = stage.get("label", stage["name"])
         src = self.models[stage["from"]]
+        artifact = sdir / "model.npz"
+        if not force and result_file.exists() and artifact.exists():
+            view, _ = load(artifact, like=src.params)
+            self.log(f"{label}: restored from {sdir.relative_to(self.out)}")
+            self.rows[stage["name"]] = json.loads(result_file.read_text())
+            self.models[stage["name"]] = _Model(src.module, view, src.model_state, None, None, view, None)
+            self.restored_oneshot.add(stage["name"])
+            return
         apply = self._apply(src.module)
+        source = next(i for i, s in enumerate(self.recipe["stages"]) if s["name"] == stage["from"])
         batches = tasks.calibration_batches(self.split, stage["calibration"], stage["calibration_batch"],
-                                            self.seed * 1000 + index)
+                                            self.seed * 1000 + source)
         rules = None if stage.get("rules") is None else [(r, True if v else None) for r, v in stage["rules"]]
         folds = TRANSFORMER_FOLDS if stage["model"]["kind"] == "transformer_lm" else ()
         methods = build_methods(stage["methods"], stage["model"])
@@ -495,6 +510,9 @@ class _Run:
         description = result.transform.describe(result.params, result.state)
         scores = self._score_fields(apply, state, result.transform)
         total = result.report["_total"]
+        if force:  # the row and artifact stand; the model is wanted for an export
+            self.models[stage["name"]] = _Model(src.module, result.params, src.model_state, None, None, view, description)
+            return
         row = {"name": label, "stage": stage["name"], "kind": "oneshot", "steps": 0, "epochs": None,
                "total_epochs": self._total_epochs(stage), "train_loss": None, **scores,
                "test_evaluations": int(scores["test_accuracy"] is not None),
@@ -505,7 +523,6 @@ class _Run:
         for part in ("Rotation", "SmoothQuant", "AWQ"):
             if part in result.report:
                 row[f"{part.lower()}_seconds"] = round(result.report[part]["seconds"], 2)
-        artifact = sdir / "model.npz"
         saved = save(artifact, view, description, metadata={"recipe": self.recipe["name"], "stage": stage["name"],
                                                               "seed": self.seed})
         size = size_report(view, description, artifact=saved)
@@ -584,6 +601,10 @@ class _Run:
         if result_file.exists() and target.exists() and not self.recomputed:
             row.update(json.loads(result_file.read_text()))
             return
+        if stage["from"] in self.restored_oneshot:  # its description is wanted: compute it again
+            index, parent = next((i, s) for i, s in enumerate(self.recipe["stages"]) if s["name"] == stage["from"])
+            self._oneshot(index, parent, self._stage_dir(parent), self._stage_dir(parent) / "result.json", force=True)
+            src = self.models[stage["from"]]
         saved = save(target, src.view, src.description, float_dtype=stage["float_dtype"],
                      metadata={"recipe": self.recipe["name"], "stage": stage["from"], "seed": self.seed,
                                "test_accuracy": row["test_accuracy"]})
