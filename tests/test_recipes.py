@@ -186,6 +186,14 @@ def test_every_shipped_recipe_validates():
         load_recipe(name)
 
 
+def test_a_shipped_name_is_read_even_beside_a_directory_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()  # e.g. the output directory of an earlier `jaxcompress run demo --out demo`
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("demo")["name"] == "demo"
+    with pytest.raises(FileNotFoundError, match="not a file nor a shipped recipe"):
+        load_recipe("elsewhere/demo")
+
+
 def _recipe(mnist_dir):
     r = parse_recipe(GOOD)
     r["data"]["dir"] = str(mnist_dir)

@@ -540,7 +540,7 @@ def load_recipe(path: str | Path, **kwargs) -> dict:
       'teacher'
     """
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():  # a shipped recipe's name (a directory of that name, e.g. a run's output, is not a recipe)
         shipped = Path(__file__).parent / "shipped" / (p.name if p.suffix else p.name + ".toml")
         if p.stem in shipped_recipes() and p.parent == Path("."):
             p = shipped
