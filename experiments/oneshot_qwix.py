@@ -96,6 +96,9 @@ def qwix_rows(model, params, calib, test_tokens, *, seq_len, group_size) -> list
 
     if not calib:
         raise ValueError("calib must hold at least one batch {'tokens': (B, seq_len)}, got none.")
+    # Qwix's calibration providers find no weight to calibrate among NumPy arrays (as ``load`` returns
+    # them): GPTQ and AWQ then quietly give round-to-nearest. Its params are JAX arrays.
+    params = jax.tree.map(jnp.asarray, params)
     tokens = [jnp.asarray(b["tokens"], jnp.int32) for b in calib]
     common = {"library": f"qwix {qwix.__version__}", "layers": LAYERS,
               "calibration": f"{len(tokens)} batches of {tuple(tokens[0].shape)} tokens",
@@ -315,7 +318,8 @@ def comparison(report: dict, rows: list[dict]) -> list[dict]:
 def markdown(result: dict) -> str:
     dense = result["dense_test_perplexity"]
     lines = [f"# Qwix {result['qwix']} beside `jaxcompress run oneshot_lm`", "",
-             f"`python experiments/oneshot_qwix.py {result['run']}` ({result['seconds']:.0f} s): Qwix's one-shot "
+             f"`python experiments/oneshot_qwix.py {result['run']}` (the output directory of `jaxcompress run "
+             f"oneshot_lm`; {result['seconds']:.0f} s): Qwix's one-shot "
              f"quantizers on the run's dense model (test perplexity {dense:.4f}) with the run's {result['calibration']}"
              " calibration windows, scored on the same test bytes; each beside the run's stage of the same setting "
              "(SmoothQuant: the run's alpha with the best validation perplexity). Seconds: wall time until the "

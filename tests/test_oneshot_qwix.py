@@ -320,8 +320,12 @@ def test_qwix_gptq_is_the_reported_algorithm(oq, lm):
 @pytest.mark.slow
 def test_qwix_rows_on_a_tiny_lm(oq, lm):
     model, params, calib, test = lm
-    rows = oq.qwix_rows(model, params, calib, test, seq_len=T, group_size=G)
+    # NumPy params, as `jaxcompress.export.load` gives them
+    rows = oq.qwix_rows(model, jax.tree.map(np.asarray, params), calib, test, seq_len=T, group_size=G)
     by = {(r["setting"], r["method"]): r for r in rows}
+    rtn = by[("4-bit g16 symmetric", "Qwix round-to-nearest")]["perplexity"]
+    for method in ("Qwix GPTQ", "Qwix AWQ"):  # they used the calibration data: not the round-to-nearest model
+        assert abs(by[("4-bit g16 symmetric", method)]["perplexity"] - rtn) > 1e-6 * rtn, method
     assert len(by) == len(rows) == 15
     expected_errors = {("3-bit g16", m) for m in ("Qwix round-to-nearest", "Qwix GPTQ", "Qwix AWQ")} | {
         ("4-bit g16", "Qwix GPTQ"), ("3-bit g16 symmetric", "Qwix GPTQ")}
