@@ -47,6 +47,7 @@ def test_demo_on_mnist_subset_writes_report(mnist_dir, tmp_path, capsys):
     assert "student pruned 90% + int8" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the fallback itself: tests/test_data.py::test_fallback_to_digits
 def test_demo_falls_back_to_digits_offline(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -210,6 +210,7 @@ def test_rotation_keeps_the_function_and_spreads_the_outlier(lm):
 
 
 # --- pipelines through one_shot ---------------------------------------------------------------
+@pytest.mark.slow  # AWQ's search and clip equal NumPy references in the fast tests above
 def test_awq_one_shot_beats_round_to_nearest_and_composes_with_gptq(lm):
     apply_fn, params, batches = lm
     ref = np.concatenate([_out(apply_fn, params, b) for b in batches])

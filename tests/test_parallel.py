@@ -144,6 +144,7 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
     assert kept and all(abs(k - 0.25) < 0.01 for k in kept)
 
 
+@pytest.mark.slow  # the exact equalities of one device, pmap and shard run in the fast tests of this file
 def test_float32_runs_agree_up_to_rounding_flips():
     """In float32 the paths agree to the size of a one-level flip of an 8-bit activation."""
     ref, ref_losses = _run("none", devices=1, x64=False, steps=5)

@@ -186,6 +186,7 @@ def _train(apply_fn, params, model_state, transform, data, steps=300):
     return state, evaluate(ev, state, {"image": xte, "label": yte}, batch_size=500)["accuracy"]
 
 
+@pytest.mark.slow  # W8A8 training steps run fast in tests/test_parallel.py and tests/test_recipe_seeds.py
 def test_linen_cnn_trains_with_w8a8(mnist_small):
     model = LeNet5()
     params, ms = split_variables(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))

@@ -15,9 +15,15 @@ from jaxcompress.recipes.schema import load_recipe, shipped_recipes
 # (tests/test_recipe_seeds.py), augmentations and factorize stages, and the distillation losses
 # (tests/test_recipes.py; a distill stage also runs in cifar10_tutorials' smoke).
 # deep_compression_mnist: iterative pruning and share stages run in tests/test_recipe_share.py;
-# transformer_lm, oneshot_lm: text stages and one-shot stages run in tests/test_recipe_text.py.
+# transformer_lm, oneshot_lm: text stages and one-shot stages run in tests/test_recipe_text.py;
+# lenet300_prune: sensitivity allocation runs in tests/test_recipe_seeds.py (its global scope is
+# the library's, tested in tests/test_prune*.py); cifar10_tutorials: distill, prune with the mask
+# held and QAT stages run in tests/test_recipes.py's smoke run. So every stage kind and option of
+# the shipped recipes runs in a tiny recipe of the default tests, and their own smoke runs here
+# are in the slow set (python -m pytest -m slow tests/test_recipe_smoke.py: all of them).
 _SLOW = {"mnist_quant", "cifar10_quant", "cifar10_budget", "hinton_mnist", "mnist_lowrank", "cifar10_lowrank",
-         "cifar10_distill", "deep_compression_mnist", "transformer_lm", "oneshot_lm"}
+         "cifar10_distill", "deep_compression_mnist", "transformer_lm", "oneshot_lm", "lenet300_prune",
+         "cifar10_tutorials"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n

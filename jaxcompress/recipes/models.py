@@ -56,8 +56,9 @@ def build_methods(specs: list[dict], model: dict[str, Any]) -> list:
       ValueError / TypeError: from the method, naming the bad setting.
 
     Example:
-      >>> build_methods([{"method": "sparsegpt", "sparsity": 0.5, "structure": "2:4"}], {"kind": "mlp"})
-      [SparseGPT(sparsity=0.5, structure=NM(n=2, m=4), bits=None, group_size=None, symmetric=False, narrow=False, blocksize=128, percdamp=0.01)]
+      >>> [m] = build_methods([{"method": "sparsegpt", "sparsity": 0.5, "structure": "2:4"}], {"kind": "mlp"})
+      >>> type(m).__name__, m.sparsity, (m.structure.n, m.structure.m)
+      ('SparseGPT', 0.5, (2, 4))
     """
     import dataclasses
 
