@@ -100,7 +100,7 @@ from = "sparsegpt"
     ('{ method = "gptq", bits = 4, group_size = 8 }', '{ method = "gptq", bitz = 4 }', "stages[4].methods",
      "gptq has no setting 'bitz'"),
     ('[{ method = "rotation" }, { method = "gptq", bits = 4, group_size = 8 }]',
-     '[{ method = "gptq", bits = 4 }, { method = "rotation" }]', "stages[4].methods", "end with exactly one solver"),
+     '[{ method = "gptq", bits = 4 }, { method = "rotation" }]', "stages[4].methods", "followed by at most one solver"),
     ('name = "sparsegpt"\nkind = "oneshot"\nfrom = "dense"', 'name = "sparsegpt"\nkind = "oneshot"\nfrom = "magnitude"',
      "stages[3].from", "starts from a trained float model"),
     ('name = "file"\nkind = "export"', 'name = "file"\nkind = "finetune"\nsteps = 2', "stages[5].from",
@@ -111,6 +111,18 @@ from = "sparsegpt"
 def test_bad_text_recipes_fail_fast_naming_the_key(old, new, key, match, recipe_fails):
     assert old in TINY
     recipe_fails(TINY.replace(old, new, 1), key, match)
+
+
+def test_oneshot_methods_take_the_order_one_shot_runs():
+    # AWQ last brings its own round-to-nearest solver, after other reparametrisations too
+    awq = '[{ method = "rotation" }, { method = "awq", bits = 4, group_size = 8 }]'
+    methods = '[{ method = "rotation" }, { method = "gptq", bits = 4, group_size = 8 }]'
+    assert parse_recipe(TINY.replace(methods, awq))["stages"][4]["methods"][1]["method"] == "awq"
+
+
+def test_oneshot_methods_without_a_solver_fail(recipe_fails):
+    methods = '[{ method = "rotation" }, { method = "gptq", bits = 4, group_size = 8 }]'
+    recipe_fails(TINY.replace(methods, '[{ method = "rotation" }]'), "stages[4].methods", "only reparametrises")
 
 
 def test_text_keys_are_refused_on_images(recipe_fails):

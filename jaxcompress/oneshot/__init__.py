@@ -13,6 +13,7 @@ from jaxcompress.oneshot.api import OneShotResult as OneShotResult
 from jaxcompress.oneshot.api import SparseGPT as SparseGPT
 from jaxcompress.oneshot.api import Wanda as Wanda
 from jaxcompress.oneshot.api import one_shot as one_shot
+from jaxcompress.oneshot.api import split_pipeline as split_pipeline
 from jaxcompress.oneshot.calibration import LayerStats as LayerStats
 from jaxcompress.oneshot.calibration import calibrate_layers as calibrate_layers
 from jaxcompress.oneshot.calibration import input_stats as input_stats

@@ -296,7 +296,17 @@ def _groups(apply_fn, params, model_state, batch, layers, sequential):
     return list(groups.values())
 
 
-def _pipeline(methods) -> tuple[list, Method]:
+def split_pipeline(methods) -> tuple[list, Method]:
+    """``(reparametrisations, solver)`` of a one-shot method or list (see :func:`one_shot`).
+
+    Raises:
+      TypeError / ValueError: an unknown method, an empty list, a solver that is not last or more
+        than one, or reparametrisations without a solver (AWQ last brings its own).
+
+    Example:
+      >>> split_pipeline([Rotation(), GPTQ(4)])[1]
+      GPTQ(bits=4, group_size=None, symmetric=False, narrow=False, act_order=False, blocksize=128, percdamp=0.01)
+    """
     steps = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     for m in steps:
         if not isinstance(m, _SOLVERS + _REPARAMS):
@@ -424,7 +434,7 @@ def one_shot(
       >>> r.transform.describe(r.params, r.state)['fc1/kernel'].mask.shape
       (8, 16)
     """
-    reparams, solver = _pipeline(method)
+    reparams, solver = split_pipeline(method)
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; one-shot compression needs calibration batches.")

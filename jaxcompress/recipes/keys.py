@@ -19,9 +19,8 @@ MODEL_KINDS = ("mlp", "lenet5", "caffe_lenet", "cnn", "teacher_cnn", "student_cn
 TEXT_DATASETS = ("python_corpus",)
 TEXT_MODELS = ("transformer_lm",)
 #: The one-shot methods of an ``oneshot`` stage (``methods = [{ method = "sparsegpt", ... }]``):
-#: reparametrisations first, then one solver (``awq`` alone is AWQ with its round-to-nearest solver).
-ONESHOT_REPARAMETRISATIONS = ("rotation", "smoothquant", "awq")
-ONESHOT_SOLVERS = ("wanda", "sparsegpt", "gptq", "rtn")
+#: reparametrisations, then a solver (the order is checked by ``jaxcompress.oneshot.split_pipeline``).
+ONESHOT_METHODS = ("rotation", "smoothquant", "awq", "wanda", "sparsegpt", "gptq", "rtn")
 #: Image shape (H, W, C) of each named data set, to build the model before any data is read.
 INPUT_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "digits": (8, 8, 1)}
 CATCH_ALL = (".*", "")
@@ -156,21 +155,14 @@ def _dataset(v):
 
 
 def _methods(v):
-    """The one-shot pipeline: tables ``{ method = NAME, setting = value, ... }``, reparametrisations
-    first and one solver last (the settings are checked against the method when the recipe is read)."""
+    """The one-shot pipeline: tables ``{ method = NAME, setting = value, ... }`` (their settings and
+    order are checked against the methods themselves when the recipe is read)."""
     example = '[{ method = "rotation" }, { method = "gptq", bits = 4, group_size = 128 }]'
     if not isinstance(v, list) or not v or not all(isinstance(m, dict) for m in v):
         return f"must be a non-empty array of tables such as {example}, got {v!r}."
-    names = [m.get("method") for m in v]
-    known = ONESHOT_REPARAMETRISATIONS + ONESHOT_SOLVERS
-    for j, name in enumerate(names):
-        if name not in known:
-            return f"[{j}] method must be one of {list(known)}, got {name!r}."
-    if names == ["awq"]:
-        return None
-    if names[-1] not in ONESHOT_SOLVERS or any(n in ONESHOT_SOLVERS for n in names[:-1]):
-        return (f"must list reparametrisations ({list(ONESHOT_REPARAMETRISATIONS)}) first and end with exactly one "
-                f"solver ({list(ONESHOT_SOLVERS)}), or be awq alone, got {names}.")
+    for j, m in enumerate(v):
+        if m.get("method") not in ONESHOT_METHODS:
+            return f"[{j}] method must be one of {list(ONESHOT_METHODS)}, got {m.get('method')!r}."
     return None
 
 

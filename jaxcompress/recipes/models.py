@@ -53,7 +53,8 @@ def build_methods(specs: list[dict], model: dict[str, Any]) -> list:
     ``'N:M'``); ``rotation``'s ``head_dim`` defaults to the Transformer's ``dim / heads``.
 
     Raises:
-      ValueError / TypeError: from the method, naming the bad setting.
+      ValueError / TypeError: from the method, naming the bad setting, or from
+        :func:`~jaxcompress.oneshot.split_pipeline` for methods in an order it does not run.
 
     Example:
       >>> [m] = build_methods([{"method": "sparsegpt", "sparsity": 0.5, "structure": "2:4"}], {"kind": "mlp"})
@@ -62,7 +63,7 @@ def build_methods(specs: list[dict], model: dict[str, Any]) -> list:
     """
     import dataclasses
 
-    from jaxcompress.oneshot import AWQ, GPTQ, RTN, Rotation, SmoothQuant, SparseGPT, Wanda
+    from jaxcompress.oneshot import AWQ, GPTQ, RTN, Rotation, SmoothQuant, SparseGPT, Wanda, split_pipeline
 
     classes = {"wanda": Wanda, "sparsegpt": SparseGPT, "gptq": GPTQ, "rtn": RTN, "smoothquant": SmoothQuant,
                "awq": AWQ, "rotation": Rotation}
@@ -79,4 +80,5 @@ def build_methods(specs: list[dict], model: dict[str, Any]) -> list:
         if cls is Rotation and "head_dim" not in settings and model.get("kind") == "transformer_lm":
             settings["head_dim"] = model["dim"] // model["heads"]
         out.append(cls(**settings))
+    split_pipeline(out)
     return out

@@ -441,19 +441,10 @@ class _Run:
             inner = cstate[prune_at] if len(parts) > 1 else cstate
             masks = _and_masks(masks, inner.masks)
         if not done:
-            artifact = sdir / "model.npz"
-            saved = save(artifact, view, description, metadata={"recipe": self.recipe["name"], "stage": stage["name"],
-                                                                  "seed": self.seed})
-            size = size_report(view, description, artifact=saved)
-            bits = quant["bits"] if quant else 32
-            if (quant and quant.get("rules")) or stage["kind"] == "share":  # the mean code width over the coded weights
-                sizes = {path_name(p): int(np.size(x)) for p, x in jax.tree.leaves_with_path(view)}
-                coded = [(sizes[k], d.bits) for k, d in description.items() if d.bits is not None]
-                bits = round(sum(n * b for n, b in coded) / max(sum(n for n, _ in coded), 1), 2) if coded else 32
-            row.update(params=size.params, nonzero_params=size.nonzero_params,
-                       weight_bits={"binary": 1, "ternary": 2}.get(bits, bits), bytes_float32=size.bytes_float32,
-                       bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,
-                       artifact=str(artifact.relative_to(self.out)), seconds=round(time.time() - t0, 2))
+            mixed = (quant and quant.get("rules")) or stage["kind"] == "share"  # per-layer bit widths
+            row.update(self._save_stage(sdir, stage, view, description,
+                                        bits=None if mixed else quant["bits"] if quant else 32),
+                       seconds=round(time.time() - t0, 2))
             ranges = _activation_ranges(cstate)
             if ranges:
                 row.update(activation_ranges=ranges)
@@ -464,6 +455,22 @@ class _Run:
             self._log_row(label, row)
         self.rows[stage["name"]] = row
         self.models[stage["name"]] = _Model(module, state.params, state.model_state, masks, quant, view, description)
+
+    def _save_stage(self, sdir: Path, stage: dict, view, description, bits=None) -> dict:
+        """Saves the stage's model to ``sdir/model.npz``; returns the row's size fields. ``bits``: the
+        code width of the weights, or ``None`` for the mean width over the coded weights."""
+        artifact = sdir / "model.npz"
+        saved = save(artifact, view, description, metadata={"recipe": self.recipe["name"], "stage": stage["name"],
+                                                              "seed": self.seed})
+        size = size_report(view, description, artifact=saved)
+        if bits is None:
+            sizes = {path_name(p): int(np.size(x)) for p, x in jax.tree.leaves_with_path(view)}
+            coded = [(sizes[k], d.bits) for k, d in description.items() if d.bits is not None]
+            bits = round(sum(n * b for n, b in coded) / max(sum(n for n, _ in coded), 1), 2) if coded else 32
+        return {"params": size.params, "nonzero_params": size.nonzero_params,
+                "weight_bits": {"binary": 1, "ternary": 2}.get(bits, bits), "bytes_float32": size.bytes_float32,
+                "bytes_compressed": size.bytes_compressed, "file_bytes": size.file_bytes,
+                "artifact": str(artifact.relative_to(self.out))}
 
     def _log_row(self, label: str, row: dict) -> None:
         def value(which):
@@ -504,15 +511,14 @@ class _Run:
         result = one_shot(methods if len(methods) > 1 else methods[0], apply, src.params, src.model_state, batches,
                           rules=rules, sequential=stage["sequential"], folds=folds)
         compress_seconds = time.time() - t0
-        state = init_train_state(result.params, optax.sgd(0.0), transform=result.transform, model_state=src.model_state)
-        state = state._replace(compression_state=result.state)
         view = result.transform.apply(result.params, result.state)
         description = result.transform.describe(result.params, result.state)
-        scores = self._score_fields(apply, state, result.transform)
-        total = result.report["_total"]
+        self.models[stage["name"]] = _Model(src.module, result.params, src.model_state, None, None, view, description)
         if force:  # the row and artifact stand; the model is wanted for an export
-            self.models[stage["name"]] = _Model(src.module, result.params, src.model_state, None, None, view, description)
             return
+        state = init_train_state(result.params, optax.sgd(0.0), transform=result.transform, model_state=src.model_state)
+        scores = self._score_fields(apply, state._replace(compression_state=result.state), result.transform)
+        total = result.report["_total"]
         row = {"name": label, "stage": stage["name"], "kind": "oneshot", "steps": 0, "epochs": None,
                "total_epochs": self._total_epochs(stage), "train_loss": None, **scores,
                "test_evaluations": int(scores["test_accuracy"] is not None),
@@ -523,22 +529,12 @@ class _Run:
         for part in ("Rotation", "SmoothQuant", "AWQ"):
             if part in result.report:
                 row[f"{part.lower()}_seconds"] = round(result.report[part]["seconds"], 2)
-        saved = save(artifact, view, description, metadata={"recipe": self.recipe["name"], "stage": stage["name"],
-                                                              "seed": self.seed})
-        size = size_report(view, description, artifact=saved)
-        sizes = {path_name(p): int(np.size(x)) for p, x in jax.tree.leaves_with_path(view)}
-        coded = [(sizes[k], d.bits) for k, d in description.items() if d.bits is not None]
-        zeros = sum(int(np.sum(np.asarray(x) == 0)) for x in jax.tree.leaves(view))
-        row.update(params=size.params, nonzero_params=size.nonzero_params,
-                   weight_bits=round(sum(n * b for n, b in coded) / max(sum(n for n, _ in coded), 1), 2) if coded else 32,
-                   bytes_float32=size.bytes_float32, bytes_compressed=size.bytes_compressed, file_bytes=size.file_bytes,
-                   artifact=str(artifact.relative_to(self.out)), sparsity=zeros / max(size.params, 1),
-                   seconds=round(time.time() - t0, 2))
+        row.update(self._save_stage(sdir, stage, view, description))
+        row.update(sparsity=1.0 - row["nonzero_params"] / max(row["params"], 1), seconds=round(time.time() - t0, 2))
         result_file.write_text(json.dumps(row, indent=2) + "\n")
         self.recomputed = True
         self._log_row(label, row)
         self.rows[stage["name"]] = row
-        self.models[stage["name"]] = _Model(src.module, result.params, src.model_state, None, None, view, description)
 
     def _calibrate(self, apply, transform, state, count: int, index: int):
         """Min/max input ranges of the quantized layers from ``count`` training batches (no training)."""
