@@ -1,14 +1,22 @@
 """Core: the Transform abstraction, composition and parameter selection rules."""
-from jaxcompress.core.paths import leaf_names as leaf_names
-from jaxcompress.core.paths import path_name as path_name
-from jaxcompress.core.rules import DEFAULT_RULES as DEFAULT_RULES
-from jaxcompress.core.rules import LeafDecision as LeafDecision
-from jaxcompress.core.rules import explain as explain
-from jaxcompress.core.rules import format_decisions as format_decisions
-from jaxcompress.core.rules import select as select
-from jaxcompress.core.transform import Transform as Transform
-from jaxcompress.core.transform import UpdateInfo as UpdateInfo
-from jaxcompress.core.transform import chain as chain
-from jaxcompress.core.transform import identity as identity
-from jaxcompress.core.transform import intercepted as intercepted
-from jaxcompress.core.transform import update_info as update_info
+from jaxcompress._lazy import lazy_names
+
+# Imported on first use: the rules' decision (jaxcompress.core.rules.decide) runs without JAX.
+_PUBLIC = {
+    "leaf_names": "jaxcompress.core.paths",
+    "path_name": "jaxcompress.core.paths",
+    "DEFAULT_RULES": "jaxcompress.core.rules",
+    "LeafDecision": "jaxcompress.core.rules",
+    "decide": "jaxcompress.core.rules",
+    "explain": "jaxcompress.core.rules",
+    "format_decisions": "jaxcompress.core.rules",
+    "select": "jaxcompress.core.rules",
+    "Transform": "jaxcompress.core.transform",
+    "UpdateInfo": "jaxcompress.core.transform",
+    "chain": "jaxcompress.core.transform",
+    "identity": "jaxcompress.core.transform",
+    "intercepted": "jaxcompress.core.transform",
+    "update_info": "jaxcompress.core.transform",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

@@ -8,18 +8,15 @@ its defaults; other values are per-leaf settings that the transform documents (a
 width). Only floating-point leaves with ``ndim >= min_ndim`` are candidates: by default that
 picks the kernels of dense and convolutional layers and leaves biases and norm scales alone.
 
-:func:`explain` shows, for any params pytree, which rule took which leaf.
+:func:`explain` shows, for any params pytree, which rule took which leaf; :func:`decide` is the
+same decision over leaf names and shapes alone (it needs no JAX, so a recipe's rules are checked
+before JAX is loaded).
 """
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, NamedTuple, Optional, Sequence
-
-import jax
-import jax.numpy as jnp
-
-from jaxcompress.core.paths import path_name
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -69,8 +66,39 @@ def _compile(rules: Rules) -> list[tuple[re.Pattern, Any]]:
 
 
 def _is_float(x) -> bool:
+    import jax.numpy as jnp
+
     dtype = getattr(x, "dtype", None)
     return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def decide(leaves: Iterable[tuple[str, tuple, str, bool]], rules: Optional[Rules] = None, *,
+           min_ndim: int = 2) -> list[LeafDecision]:
+    """:func:`explain` over leaves given by name: ``(path, shape, dtype name, is floating)`` each.
+
+    Example:
+      >>> [d.reason for d in decide([('fc/kernel', (3, 4), 'float32', True), ('fc/bias', (4,), 'float32', True)],
+      ...                           [('^conv', True)])]
+      ['no rule matched', 'ndim 1 < 2']
+    """
+    compiled = _compile(DEFAULT_RULES if rules is None else rules)
+    out = []
+    for name, shape, dtype, floating in leaves:
+        shape = tuple(shape)
+        if not floating:
+            out.append(LeafDecision(name, shape, dtype, None, None, None, "not floating"))
+            continue
+        if len(shape) < min_ndim:
+            out.append(LeafDecision(name, shape, dtype, None, None, None, f"ndim {len(shape)} < {min_ndim}"))
+            continue
+        for i, (pattern, value) in enumerate(compiled):
+            if pattern.search(name):
+                chosen = None if value is False else value
+                out.append(LeafDecision(name, shape, dtype, i, pattern.pattern, chosen, f"rule {i}"))
+                break
+        else:
+            out.append(LeafDecision(name, shape, dtype, None, None, None, "no rule matched"))
+    return out
 
 
 def explain(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) -> list[LeafDecision]:
@@ -95,26 +123,13 @@ def explain(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) ->
       Dense_1/bias None ndim 1 < 2
       Dense_1/kernel None rule 0
     """
-    compiled = _compile(DEFAULT_RULES if rules is None else rules)
-    out = []
-    for path, leaf in jax.tree.leaves_with_path(params):
-        name = path_name(path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
-        if not _is_float(leaf):
-            out.append(LeafDecision(name, shape, dtype, None, None, None, "not floating"))
-            continue
-        if len(shape) < min_ndim:
-            out.append(LeafDecision(name, shape, dtype, None, None, None, f"ndim {len(shape)} < {min_ndim}"))
-            continue
-        for i, (pattern, value) in enumerate(compiled):
-            if pattern.search(name):
-                chosen = None if value is False else value
-                out.append(LeafDecision(name, shape, dtype, i, pattern.pattern, chosen, f"rule {i}"))
-                break
-        else:
-            out.append(LeafDecision(name, shape, dtype, None, None, None, "no rule matched"))
-    return out
+    import jax
+
+    from jaxcompress.core.paths import path_name
+
+    leaves = [(path_name(path), tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)),
+               _is_float(leaf)) for path, leaf in jax.tree.leaves_with_path(params)]
+    return decide(leaves, rules, min_ndim=min_ndim)
 
 
 def select(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) -> Any:
@@ -131,6 +146,8 @@ def select(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) -> 
     Returns:
       A pytree with the structure of ``params`` and the chosen value (or ``None``) at each leaf.
     """
+    import jax
+
     decisions = explain(params, rules, min_ndim=min_ndim)
     treedef = jax.tree.structure(params)
     return jax.tree.unflatten(treedef, [d.value for d in decisions])
@@ -160,6 +177,8 @@ def select_values(params: Any, rules: Optional[Rules], default: Any, check) -> A
         if value is None:
             return None
         return default if value is True else check(value)
+
+    import jax
 
     return jax.tree.map(setting, select(params, rules), is_leaf=is_none)
 

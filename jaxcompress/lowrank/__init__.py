@@ -1,10 +1,17 @@
 """Low-rank factorization: truncated SVD of kernels, rank choice, and factored models."""
-from jaxcompress.lowrank.factored import LowRank as LowRank
-from jaxcompress.lowrank.factored import factorize as factorize
-from jaxcompress.lowrank.svd import eckart_young_error as eckart_young_error
-from jaxcompress.lowrank.svd import factor_kernel as factor_kernel
-from jaxcompress.lowrank.svd import factored_size as factored_size
-from jaxcompress.lowrank.svd import kernel_matrix as kernel_matrix
-from jaxcompress.lowrank.svd import rank_for_energy as rank_for_energy
-from jaxcompress.lowrank.svd import ranks_for_budget as ranks_for_budget
-from jaxcompress.lowrank.svd import singular_values as singular_values
+from jaxcompress._lazy import lazy_names
+
+# Imported on first use: the SVD helpers need only NumPy (a recipe's ranks are checked without JAX).
+_PUBLIC = {
+    "LowRank": "jaxcompress.lowrank.factored",
+    "factorize": "jaxcompress.lowrank.factored",
+    "eckart_young_error": "jaxcompress.lowrank.svd",
+    "factor_kernel": "jaxcompress.lowrank.svd",
+    "factored_size": "jaxcompress.lowrank.svd",
+    "kernel_matrix": "jaxcompress.lowrank.svd",
+    "rank_for_energy": "jaxcompress.lowrank.svd",
+    "ranks_for_budget": "jaxcompress.lowrank.svd",
+    "singular_values": "jaxcompress.lowrank.svd",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC, globals())

@@ -7,9 +7,7 @@ from typing import Any
 import flax.linen as nn
 
 from jaxcompress.models import CNN, MLP, CaffeLeNet, LeNet5, ResNet, TransformerLM, student_cnn, teacher_cnn
-
-#: The vocabulary of the byte-level text models.
-BYTE_VOCAB = 256
+from jaxcompress.recipes.layouts import BYTE_VOCAB
 
 
 def build_model(model: dict[str, Any], num_classes: int, seq_len: int | None = None) -> nn.Module:

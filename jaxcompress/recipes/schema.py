@@ -181,8 +181,8 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
     Args:
       text: the TOML text.
       source: the file name used in messages.
-      check_rules: also build each stage's model (shapes only, no data, no training) and refuse
-        parameter rules that match no parameter. Needs the data set's image shape, known for the
+      check_rules: also work out each stage's parameter shapes (without JAX, no data, no
+        training) and refuse parameter rules that match no parameter. Needs the data set's image shape, known for the
         named data sets; for ``tfds:`` sets the runner checks the rules once the data is loaded.
 
     Returns:
@@ -282,6 +282,9 @@ def _check_model(c: _Checker, model: Any, path: tuple, what: str, data: dict) ->
                        "(e.g. dim = 128, depth = 2, heads = 4).")
         if model["dim"] % model["heads"]:
             c.fail(path + ("heads",), f"must divide dim = {model['dim']}, got {model['heads']}.")
+    if kind == "resnet" and len(model.get("blocks", (3, 3, 3))) != len(model.get("widths", (16, 32, 64))):
+        c.fail(path + ("widths",), f"needs one width per stage of blocks = {model.get('blocks', [3, 3, 3])}, "
+               f"got {model.get('widths', [16, 32, 64])}.")
     return dict(model)
 
 
@@ -469,65 +472,49 @@ def _check_budget_stage(c: _Checker, stage: dict, out: dict, path: tuple, names:
     out.setdefault("bits_grid", list(BUDGET_BITS_GRID))
 
 
-def _model_params(model: dict, num_classes: int, shape: tuple):
-    """The model's params as shapes only (``jax.eval_shape``: no FLOPs, no memory); a text model
-    reads ``shape = (seq_len,)`` byte tokens."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxcompress.recipes.models import build_model
-
-    text = model["kind"] in TEXT_MODELS
-    module = build_model(model, num_classes, seq_len=shape[0] if text else None)
-    example = jnp.zeros((1, *shape), jnp.int32 if text else jnp.float32)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), example))
-    return variables["params"]
-
-
 def check_stage_rules(recipe: dict, image_shape: tuple, *, num_classes: int = 10, text: str = "",
                       source: str = "<recipe>") -> None:
-    """Refuses parameter rules that match no parameter of the stage's model.
+    """Refuses parameter rules that match no parameter of the stage's model, and factorize ranks
+    a layer cannot have. Works on the models' parameter shapes
+    (:func:`~jaxcompress.recipes.layouts.param_shapes`), without JAX.
+
+    ``image_shape``: one example's shape (``(seq_len,)`` for a text model).
 
     Raises:
       RecipeError: naming ``stages[i].rules[j]`` and its line.
     """
-    from jaxcompress.core.rules import explain
-
-    from jaxcompress.core.paths import get_path, leaf_names
+    from jaxcompress.core.rules import decide
     from jaxcompress.lowrank.svd import max_rank
+    from jaxcompress.recipes.layouts import param_shapes
 
     c = _Checker(text, source)
-    cache: dict = {}
     for i, stage in enumerate(recipe["stages"]):
+        try:
+            shapes = param_shapes(stage["model"], num_classes, image_shape)
+        except ValueError as e:
+            c.fail(("model",) if stage["model"] == recipe["model"] else ("stages", i, "model"), str(e))
         if stage["kind"] == "factorize":
-            model_key = repr(sorted(stage["model"].items()))
-            if model_key not in cache:
-                cache[model_key] = _model_params(stage["model"], num_classes, image_shape)
-            params = cache[model_key]
             key = "ranks" if "ranks" in stage else "energy"
-            layers = sorted(path.rsplit("/", 1)[0] for path in leaf_names(params) if path.endswith("/kernel"))
+            layers = sorted(path.rsplit("/", 1)[0] for path in shapes if path.endswith("/kernel"))
             for layer, value in stage[key].items():
-                node = get_path(params, layer) if layer in layers else None
-                if node is None:
+                if layer not in layers:
                     c.fail(("stages", i, key), f"{layer!r} is not a layer with a kernel in stage {stage['name']!r}'s "
                            f"model; its layers are {layers}.")
-                limit = max_rank(node["kernel"].shape, stage["mode"])
+                kernel = shapes[f"{layer}/kernel"]
+                limit = max_rank(kernel, stage["mode"])
                 if key == "ranks" and value > limit:
                     c.fail(("stages", i, key), f"rank {value} of {layer!r} exceeds its largest rank {limit} "
-                           f"(kernel {tuple(node['kernel'].shape)}, mode {stage['mode']!r}).")
+                           f"(kernel {kernel}, mode {stage['mode']!r}).")
         for key in ("rules", "density_rules"):
             rules = stage.get(key)
             if not rules:
                 continue
-            model_key = repr(sorted(stage["model"].items()))
-            if model_key not in cache:
-                cache[model_key] = _model_params(stage["model"], num_classes, image_shape)
-            params = cache[model_key]
-            decisions = explain(params, [tuple(r) for r in rules])
+            decisions = decide([(path, shape, "float32", True) for path, shape in shapes.items()],
+                               [tuple(r) for r in rules])
             used = {d.rule for d in decisions if d.rule is not None}
             for j, (pattern, _) in enumerate(rules):
                 if j not in used and pattern not in CATCH_ALL:
-                    candidates = [d.path for d in decisions if d.reason != "not floating" and len(d.shape) >= 2]
+                    candidates = [d.path for d in decisions if len(d.shape) >= 2]
                     c.fail(("stages", i, key), f"rule {j} {pattern!r} of stage {stage['name']!r} matches no "
                            f"parameter (an earlier rule may take them all); the kernels are {candidates}.")
 
