@@ -152,6 +152,21 @@ def test_group_scales_round_trip():
     assert record["group_size"] == 4 and record["scale_shape"] == [2, 3]
 
 
+def test_only_the_codebook_entries_in_use_are_stored():
+    # an 8-bit codebook of 256 values of which a 40-weight layer uses at most 40 (k-means leaves
+    # clusters empty): the file stores the used entries, indexed by 6-bit codes, and loads exactly
+    rng = np.random.default_rng(3)
+    cb = np.sort(rng.normal(size=256)).astype(np.float32)
+    picks = rng.choice(256, size=40)
+    view = cb[picks].reshape(8, 5)
+    record, data, _ = pack_leaf("w", view, LeafSpec(bits=8, scheme="codebook", codebook=cb))
+    out, side = decode_tensor(record, data)
+    assert out.tobytes() == view.tobytes()
+    assert side["codebook"].tolist() == np.unique(cb[picks]).tolist()
+    assert record["bits"] == (np.unique(picks).size - 1).bit_length() == 6
+    assert record["streams"]["codebook"][2] == 4 * np.unique(picks).size
+
+
 @pytest.mark.parametrize("bad", ["off_grid", "out_of_range", "not_in_codebook"])
 def test_off_grid_views_are_refused(bad):
     x = np.array([0.5, 1.0, -1.5], np.float32)

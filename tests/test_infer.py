@@ -109,10 +109,10 @@ def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
 
     x = jax.random.uniform(jax.random.key(0), (3, 11, 9, 4))
     prepared, ref = _fake_quant_model(Net(), x)
-    assert {"patches", "shifts", "int8_patches"} <= set(prepared.layers["conv"].candidates)
-    assert "patches" not in prepared.layers["head"].candidates
+    assert {"patches", "shifts", "widened", "int8_patches"} <= set(prepared.layers["conv"].candidates)
+    assert "patches" not in prepared.layers["head"].candidates and "widened" not in prepared.layers["head"].candidates
     tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
-    for path in ("float", "patches", "shifts", "int8", "int8_patches"):
+    for path in ("float", "patches", "shifts", "widened", "int8", "int8_patches"):
         out = infer.inference_fn(prepared, infer.uniform_plan(prepared, path))(x)
         np.testing.assert_allclose(out, ref, **tol)
     layer, xin = prepared.layers["conv"], prepared.inputs["conv"]
@@ -120,7 +120,7 @@ def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
     # integer accumulation: the two int8 paths agree bit for bit, as do the two float paths to rounding
     np.testing.assert_array_equal(infer.layers.run_layer(layer, "int8", a["int8"], xin),
                                   infer.layers.run_layer(layer, "int8_patches", a["int8_patches"], xin))
-    for path in ("patches", "shifts"):
+    for path in ("patches", "shifts", "widened"):
         np.testing.assert_allclose(infer.layers.run_layer(layer, path, a[path], xin),
                                    infer.layers.run_layer(layer, "float", a["float"], xin), rtol=1e-5, atol=1e-5)
 
@@ -136,6 +136,22 @@ def test_patches_and_shifted_sum_equal_numpy_convolution(channels):
     got = np.asarray(infer.layers.patches(layer, xp)).astype(np.float64) @ w.reshape(-1, 8).astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(infer.layers.shifted_sum(layer, xp, jnp.asarray(w)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_widened_path_is_a_convolution_past_16_channels_cut_back():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 6, 5, 1)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 1, 16)).astype(np.float32)
+    layer = infer.layers.Layer("c", "conv", w.shape, strides=(1, 1), padding=((1, 1), (1, 1)), kernel_dilation=(1, 1),
+                               candidates=("float", "widened"))
+    a = infer.layers.layer_arrays(layer, w, np.zeros(16, np.float32), None)["widened"]
+    assert a["kernel"].shape == (3, 3, 1, infer.layers.WIDENED_CHANNELS) and not np.any(a["kernel"][..., 16:])
+    run = jax.jit(lambda x: infer.layers.run_layer(layer, "widened", a, x))
+    np.testing.assert_allclose(run(x), _np_conv_same(x.astype(np.float64), w.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    assert "f32[2,6,5,17]" in run.lower(x).as_text(dialect="hlo")  # the product XLA runs has 17 channels
+    # offered only to convolutions of at most 16 input and output channels
+    prepared, _ = _fake_quant_model(CNN(channels=(16, 17), hidden=8), jnp.asarray(x[..., :1].repeat(2, 0)))
+    assert "widened" in prepared.layers["conv1"].candidates and "widened" not in prepared.layers["conv2"].candidates
 
 
 def test_weight_int4_path_equals_view():
@@ -158,10 +174,10 @@ def test_chosen_plan_matches_fake_quant_argmax():
 
 
 def _rigged_compare(per_layer, whole):
-    """A stand-in for benchmark.compare: per-layer medians from ``per_layer[path]``, whole plans from ``whole``."""
+    """A stand-in for benchmark.compare: per-layer medians from ``per_layer[path]``, whole plans from ``whole``
+    (a whole plan it does not name runs at 1.1, slower than all-float)."""
     def compare(programs, *, baseline, **kwargs):
-        table = whole if "per_layer" in programs else per_layer
-        med = {k: table[k] for k in programs}
+        med = {k: whole.get(k, 1.1) for k in programs} if "per_layer" in programs else {k: per_layer[k] for k in programs}
         ratios = {k: {"ratio": med[k] / med[baseline], "low": 0.98 * med[k] / med[baseline],
                       "high": 1.02 * med[k] / med[baseline]} for k in programs if k != baseline}
         ratios["baseline_control"] = {"ratio": 1.0, "low": 0.98, "high": 1.02}
@@ -178,22 +194,40 @@ def test_whole_model_check_overrules_layer_timings(monkeypatch, whole, chosen):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
     monkeypatch.setattr("jaxcompress.infer.plan.compare",
-                        _rigged_compare({"float": 1.0, "patches": 1.0, "shifts": 1.0, "int8": 0.5, "int8_patches": 0.8,
-                                         "weight_int8": 0.9, "weight_int4": 0.9}, whole))
+                        _rigged_compare({"float": 1.0, "patches": 1.0, "shifts": 1.0, "widened": 1.0, "int8": 0.5,
+                                         "int8_patches": 0.8, "weight_int8": 0.9, "weight_int4": 0.9}, whole))
     plan = infer.choose_paths(prepared)
     layers = list(prepared.layers)
     assert plan.whole["candidates"]["per_layer"] == {n: "int8" for n in layers}
+    # each layer alone on each path faster than float32 there: int8 (its fastest), then the others
+    assert plan.whole["candidates"]["only_conv1:int8_patches"] == {n: "int8_patches" if n == "conv1" else "float"
+                                                                   for n in layers}
+    assert sorted(k for k in plan.whole["candidates"] if k.startswith("only_conv1")) == [
+        "only_conv1", "only_conv1:int8_patches", "only_conv1:weight_int8"]
     assert plan.whole["chosen"] == chosen
     want = {"float": {n: "float" for n in layers}, "per_layer": {n: "int8" for n in layers}}.get(
         chosen, {n: "int8" if chosen == f"only_{n}" else "float" for n in layers})
     assert plan.paths == want
 
 
+def test_a_runner_up_path_wins_when_it_runs_faster_in_the_whole_model(monkeypatch):
+    # conv1 alone: shifts is the fastest, widened second; in the whole program widened is faster
+    x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+    prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
+    per_layer = {"float": 1.0, "patches": 1.1, "shifts": 0.2, "widened": 0.5, "int8": 1.5, "int8_patches": 1.3,
+                 "weight_int8": 1.2, "weight_int4": 1.2}
+    monkeypatch.setattr("jaxcompress.infer.plan.compare", _rigged_compare(per_layer, {
+        "float": 1.0, "per_layer": 1.3, "only_conv1:widened": 0.7}))
+    plan = infer.choose_paths(prepared)
+    assert plan.whole["chosen"] == "only_conv1:widened"
+    assert plan.paths == {n: "widened" if n == "conv1" else "float" for n in prepared.layers}
+
+
 def test_no_whole_model_check_when_every_layer_stays_float(monkeypatch):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
     monkeypatch.setattr("jaxcompress.infer.plan.compare",
-                        _rigged_compare({"float": 1.0, "patches": 1.1, "shifts": 1.1, "int8": 1.5, "int8_patches": 1.3,
+                        _rigged_compare({"float": 1.0, "patches": 1.1, "shifts": 1.1, "widened": 1.1, "int8": 1.5, "int8_patches": 1.3,
                                          "weight_int8": 1.2, "weight_int4": 1.2}, {}))
     plan = infer.choose_paths(prepared)
     assert plan.whole is None and set(plan.paths.values()) == {"float"}

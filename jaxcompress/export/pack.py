@@ -142,7 +142,11 @@ def _codebook_codes(path, x, spec):
     if cb.size == 0 and nonzero.any() or cb.size and np.any(nonzero & (cb[idx] != flat)):
         raise _grid_error(path, "it has values that are not in its codebook")
     zero_in_cb = cb.size and np.any(cb == 0)
-    codes = np.where(nonzero | bool(zero_in_cb), idx, -1).reshape(x.shape)
+    codes = np.where(nonzero | bool(zero_in_cb), idx, -1)
+    # Only the entries some weight uses are stored (k-means may leave clusters empty, and a small
+    # layer with a large codebook uses few): the same values, a shorter table, maybe fewer index bits.
+    used = np.unique(codes[codes >= 0])
+    cb, codes = cb[used], np.where(codes >= 0, np.searchsorted(used, codes), -1).reshape(x.shape)
     side = {"codebook": _Stream(_float_symbols(cb, "float32"), 8, False)}
     return codes, side, {"codebook_size": int(cb.size), "codebook_shape": [int(cb.size)]}
 

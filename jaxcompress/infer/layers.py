@@ -10,6 +10,11 @@ A convolution can also run as one matrix product over its input patches (``'patc
 laid side by side; or as a sum over kernel offsets of each offset's slice times that offset's
 kernel matrix (``'shifts'``; a broadcast product for one input channel), which XLA fuses into
 one loop. For few channels either can beat XLA:CPU's convolution several times over. A
+convolution with at most 16 input and output channels can also run with zero output channels
+added up to :data:`WIDENED_CHANNELS` and cut off after the product (``'widened'``): XLA:CPU hands
+only convolutions with more than 16 channels to its YNNPACK kernels (``ynn_support.cc`` in
+XLA's CPU backend), and the wider product on them can be several times faster than the narrow
+one without them. A
 quantized input's calibrated grid is a constant of the program (:attr:`Layer.act_grid`), not an
 argument: XLA folds it into the neighbouring ops instead of broadcasting it over the input.
 """
@@ -26,7 +31,12 @@ from jaxcompress.core.transform import LeafSpec
 from jaxcompress.infer import kernels, sparse
 
 #: Every path name, in the order candidates are listed.
-PATHS = ("float", "patches", "shifts", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
+PATHS = ("float", "patches", "shifts", "widened", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
+
+
+#: The output channels of the ``'widened'`` path: one more than the 16 up to which XLA:CPU keeps a
+#: convolution off its YNNPACK kernels.
+WIDENED_CHANNELS = 17
 
 
 class Layer(NamedTuple):
@@ -102,6 +112,8 @@ def describe_layer(module, x, *, act, norm, spec: Optional[LeafSpec], act_grid: 
         base = dict(kind="dense")
     patches = base["kind"] == "conv" and base["feature_group_count"] == 1
     cands = ["float"] + (["patches", "shifts"] if patches else [])
+    if patches and max(kshape[-2:]) < WIDENED_CHANNELS:
+        cands.append("widened")
     if spec is not None and spec.bits is not None and spec.scheme == "symmetric" and spec.group_size is None \
             and spec.channel_axis in (None, -1, len(kshape) - 1):
         cands.append("weight_int8")
@@ -161,6 +173,9 @@ def layer_arrays(layer: Layer, kernel, bias, spec: Optional[LeafSpec], norm_para
     arrays["float"] = {"kernel": wf, "bias": b}
     if "patches" in layer.candidates:
         arrays["patches"] = arrays["shifts"] = arrays["float"]
+    if "widened" in layer.candidates:
+        pad = [(0, 0)] * (wf.ndim - 1) + [(0, WIDENED_CHANNELS - out_ch)]
+        arrays["widened"] = {"kernel": jnp.pad(wf, pad), "bias": b}
     if "int8_patches" in layer.candidates:
         arrays["int8_patches"] = arrays["int8"]
     if "gather" in layer.candidates:
@@ -261,6 +276,8 @@ def run_layer(layer: Layer, path: str, a: dict, x) -> jax.Array:
         return _float_op(layer, x, a["kernel"]) + a["bias"]
     if path == "shifts":
         return shifted_sum(layer, _pad(layer, x), a["kernel"]) + a["bias"]
+    if path == "widened":
+        return _float_op(layer, x, a["kernel"])[..., :layer.kernel_shape[-1]] + a["bias"]
     if path == "patches":
         w = a["kernel"].reshape(-1, layer.kernel_shape[-1])
         return jax.lax.dot_general(patches(layer, _pad(layer, x)), w, (((x.ndim - 1,), (0,)), ((), ()))) + a["bias"]

@@ -12,8 +12,9 @@ BCSR and gather products. A BatchNorm that directly follows a layer is folded in
 where its interval lies wholly below float32's; otherwise the layer stays float32. Layer timings
 do not always compose (one fused program is not the sum of separately compiled layers), so the
 per-layer choice is then checked on the whole model: the chosen plan and the plans that keep
-only one of its non-float layers are timed as whole programs against the all-float plan, and
-the fastest one measurably faster than all-float wins (all-float when none is). A plan that runs
+only one layer off float32 (on each path that beat float32 for that layer, not only the fastest:
+a runner-up may fuse better with its neighbours) are timed as whole programs against the
+all-float plan, and the fastest one measurably faster than all-float wins (all-float when none is). A plan that runs
 every layer in float32, with float inputs and no folded BatchNorm, runs as the unchanged model on
 the compressed view's weights: the very program of the float model, so it cannot be slower. Which path
 wins depends on the backend (XLA:CPU's int8 convolution may be slower than float32), the batch
@@ -208,7 +209,9 @@ def choose_paths(prepared: Prepared, *, blocks: int = 10, calls: int = 5, warmup
     float32 is below 1 (:func:`~jaxcompress.benchmark.verdict`): on a noisy machine a layer
     stays float32 unless another path is measurably faster. When that leaves some layers off
     float32, the whole model is timed as one program per candidate plan: the per-layer choice,
-    and (with two or more such layers) each plan that keeps only one of them. The fastest plan
+    and each plan that keeps only one of those layers off float32, on each path that was
+    measurably faster for that layer (``'only_LAYER'`` on its fastest path, ``'only_LAYER:PATH'``
+    on another). The fastest plan
     whose interval to the all-float plan lies wholly below 1 is returned; when none does, the
     all-float plan is.
 
@@ -222,7 +225,7 @@ def choose_paths(prepared: Prepared, *, blocks: int = 10, calls: int = 5, warmup
     Returns:
       A :class:`Plan` with each layer's timings and the whole-model check.
     """
-    paths, timings = {}, {}
+    paths, timings, faster = {}, {}, {}
     for i, (name, layer) in enumerate(prepared.layers.items()):
         cands = [c for c in layer.candidates if candidates is None or c in candidates or c == "float"]
         x = prepared.inputs[name]
@@ -235,16 +238,18 @@ def choose_paths(prepared: Prepared, *, blocks: int = 10, calls: int = 5, warmup
             paths[name] = "float"
             continue
         r = compare(progs, baseline="float", blocks=blocks, calls=calls, warmup=warmup, seed=seed + i)
-        faster = [c for c in cands if c != "float" and verdict(r["ratios"][c], 1.0) == "meets"]
-        paths[name] = min(faster, key=lambda c: r["median_s"][c]) if faster else "float"
+        faster[name] = sorted((c for c in cands if c != "float" and verdict(r["ratios"][c], 1.0) == "meets"),
+                              key=lambda c: r["median_s"][c])
+        paths[name] = faster[name][0] if faster[name] else "float"
         timings[name] = {"median_s": r["median_s"], "ratios": r["ratios"]}
     off = [n for n, p in paths.items() if p != "float"]
     if not off:
         return Plan(paths, timings)
     plans = {"float": float_plan(prepared).paths, "per_layer": dict(paths)}
-    if len(off) > 1:
-        for n in off:
-            plans[f"only_{n}"] = {m: paths[m] if m == n else "float" for m in paths}
+    for n in off:  # each layer alone off float32, on each path that beat float32 there (fastest first)
+        for c in faster[n]:
+            if c != paths[n] or len(off) > 1:
+                plans[f"only_{n}" if c == paths[n] else f"only_{n}:{c}"] = {m: c if m == n else "float" for m in paths}
     progs = {}
     for k, pl in plans.items():
         apply, weights = inference_program(prepared, Plan(pl, {}))
