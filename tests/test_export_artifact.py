@@ -175,8 +175,9 @@ def _fuzz_artifact(path):
     s = nm.init(p)
     view = dict(view, extra={"cb": np.asarray(view["fc2"]["kernel"])}, nm=nm.apply(p, s))
     desc = {**desc, "nm/kernel": nm.describe(p, s)["kernel"]}
-    report = save(path, view, desc, metadata={"note": "fuzz", "acc": 0.5})
-    assert {t.path: t.layout for t in report.tensors}["nm/kernel"] == "nm"
+    report = save(path, view, desc, metadata={"note": "fuzz", "acc": 0.5}, context_coding=True)
+    layouts = {t.path: t.layout for t in report.tensors}
+    assert layouts["nm/kernel"] == "nm" and "context" in layouts.values(), layouts  # a version-2 file
     params, _ = load(path)
     return path.read_bytes(), jax.tree.leaves_with_path(params)
 

@@ -51,6 +51,13 @@ learning_rate = 1e-4
 name = "file"
 kind = "export"
 float_dtype = "float16"
+
+[[stages]]
+name = "file_context"
+kind = "export"
+from = "shared"
+float_dtype = "float16"
+context_coding = true
 """
 
 
@@ -143,3 +150,12 @@ def test_share_stage_run_keeps_masks_and_codebooks_in_the_file(mnist_dir, tmp_pa
     expected = (2 * sizes["conv1"] + 3 * (sizes["conv2"] + sizes["fc1"] + sizes["fc2"])) / sum(sizes.values())
     assert shared["weight_bits"] == pytest.approx(expected, abs=0.01)
     assert json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])["stage"] == "shared"
+    # the same model exported with context_coding: the same weights, a file no larger (on masks this
+    # small the context layout seldom wins; tests/test_export_context.py has the ones where it does)
+    plain, context = tmp_path / "seed_0" / "stage_file" / "model.npz", tmp_path / shared["exported"]
+    assert context.parent.name == "stage_file_context" and context.stat().st_size <= plain.stat().st_size
+    (a, _), (b, info) = load(plain), load(context)
+    assert info.version == (2 if "context" in {r["layout"] for r in info.tensors.values()} else 1)
+    for layer in a:
+        for name in a[layer]:
+            assert a[layer][name].tobytes() == b[layer][name].tobytes()

@@ -23,7 +23,7 @@ from jaxcompress.core.paths import path_name
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.data.dataset import write_atomic
 from jaxcompress.export.pack import finish_record, pack_leaf
-from jaxcompress.export.reader import FORMAT, VERSION, ArtifactInfo, canonical_json, record_digest
+from jaxcompress.export.reader import FORMAT, ArtifactInfo, canonical_json, record_digest
 
 
 class ArtifactReport(NamedTuple):
@@ -72,6 +72,7 @@ def save(
     metadata: Optional[dict] = None,
     program: Optional[bytes] = None,
     float_dtype: str = "float32",
+    context_coding: bool = False,
 ) -> ArtifactReport:
     """Writes the compressed view as packed, entropy-coded tensors to one ``.npz`` file.
 
@@ -84,6 +85,10 @@ def save(
       program: a serialized program from :func:`export_program`, stored in the same file.
       float_dtype: ``'float32'`` (exact) or ``'float16'`` for the leaves the description does not
         name (biases, norms).
+      context_coding: also try, for every sparse kernel, its mask arithmetic-coded with adaptive
+        row and column contexts (:mod:`~jaxcompress.export.arithmetic`; a Python loop per weight,
+        about a second per million weights to write and as long to read), kept where it is the
+        smallest. Such a file is format version 2.
 
     Returns:
       An :class:`ArtifactReport` with the file's real size.
@@ -109,6 +114,8 @@ def save(
     """
     if float_dtype not in ("float32", "float16"):
         raise ValueError(f"float_dtype must be 'float32' or 'float16', got {float_dtype!r}.")
+    if not isinstance(context_coding, bool):
+        raise TypeError(f"context_coding must be True or False, got {type(context_coding).__name__}: {context_coding!r}.")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a JSON-serializable dict or None, got {type(metadata).__name__}.")
     if program is not None and not isinstance(program, (bytes, bytearray)):
@@ -121,7 +128,8 @@ def save(
     records, chunks, reports, offset, floats = [], [], [], 0, 0
     for p, x in jax.tree.leaves_with_path(view):
         name = path_name(p)
-        record, data, report = pack_leaf(name, np.asarray(x), description.get(name), float_dtype=float_dtype)
+        record, data, report = pack_leaf(name, np.asarray(x), description.get(name), float_dtype=float_dtype,
+                                         context_coding=context_coding)
         records.append(finish_record(record, offset, data))
         chunks.append(data)
         reports.append(report)
@@ -135,7 +143,7 @@ def save(
     payload = b"".join(chunks)
     meta = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": 2 if any(r["layout"] == "context" for r in records) else 1,
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "metadata": metadata or {},

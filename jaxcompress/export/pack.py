@@ -3,8 +3,9 @@
 For each leaf the transform describes (a :class:`~jaxcompress.core.transform.LeafSpec`), the
 integer codes are recovered from the view (``q = view / scale + zero_point``, checked to be an
 integer in range and to give back the view bit for bit), and every layout (dense, bitmask,
-relative indices of 2..8 bits, and N:M positions when the leaf's structure is ``NM`` and its
-mask really keeps ``n`` of every ``m``) is tried with every stream raw or Huffman-coded; the
+relative indices of 2..8 bits, N:M positions when the leaf's structure is ``NM`` and its
+mask really keeps ``n`` of every ``m``, and on request the context-coded mask of
+:mod:`~jaxcompress.export.arithmetic`) is tried with every stream raw or Huffman-coded; the
 smallest wins. Leaves the description does not name are stored as raw float32 (or float16 on
 request). The format is documented in :mod:`jaxcompress.export.reader`.
 """
@@ -16,7 +17,8 @@ import numpy as np
 
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.export import huffman
-from jaxcompress.export.reader import decode_tensor, record_digest
+from jaxcompress.export.arithmetic import encode_context_mask
+from jaxcompress.export.reader import MAX_CONTEXT_ELEMENTS, decode_tensor, record_digest
 from jaxcompress.prune.structures import NM
 
 
@@ -32,7 +34,7 @@ class TensorReport(NamedTuple):
       nbytes: bytes in the file (streams, tables, scales).
       raw_bytes: the same streams without entropy coding.
       entropy_bytes: the order-0 Shannon bound of the value and position streams plus the rest
-        at its stored size.
+        at its stored size (a context-coded mask, which models rows and columns, can go below it).
     """
 
     path: str
@@ -48,7 +50,7 @@ class TensorReport(NamedTuple):
 class _Stream(NamedTuple):
     symbols: np.ndarray
     bits: int
-    coded: bool  # may be Huffman-coded
+    coded: bool | str  # may be Huffman-coded; 'context': a 2-D mask, arithmetic-coded
 
 
 def _float_symbols(a: np.ndarray, dtype) -> np.ndarray:
@@ -56,7 +58,9 @@ def _float_symbols(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def _encode_stream(s: _Stream) -> tuple[str, bytes, int]:
-    """``(coding, bytes, raw size)``: raw or Huffman, whichever is smaller."""
+    """``(coding, bytes, raw size)``: raw or Huffman, whichever is smaller (a mask: context-coded)."""
+    if s.coded == "context":
+        return "context", encode_context_mask(s.symbols), -(-s.symbols.size // 8)
     raw = huffman.pack_bits(s.symbols, s.bits)
     if s.coded and s.bits >= 2 and s.symbols.size:
         coded = huffman.encode(s.symbols, s.bits)
@@ -182,11 +186,18 @@ def nm_slots(mask: Any, structure: Any) -> Optional[tuple[np.ndarray, np.ndarray
     return order[group * m + slot], slot.astype(np.int64), [n, m, axis]
 
 
-def _layouts(n: int, nonzero: np.ndarray, allow_sparse: bool, nm):
-    """Candidate ``(layout, positions stream, where, fields)`` of a leaf (``nm``: its :func:`nm_slots`)."""
+def _layouts(shape: tuple, nonzero: np.ndarray, allow_sparse: bool, nm, context: bool):
+    """Candidate ``(layout, positions stream, where, fields)`` of a leaf (``nm``: its :func:`nm_slots`;
+    ``context``: also the context-coded mask)."""
+    n = nonzero.size
     yield "dense", None, None, {}
     if not allow_sparse or n == 0:
         return
+    if context and len(shape) >= 2 and n <= MAX_CONTEXT_ELEMENTS:
+        cols = shape[-1]
+        mask = nonzero.reshape(-1, cols)  # output channels as columns, coded column after column
+        f = np.flatnonzero(mask.T)
+        yield "context", _Stream(mask, 1, "context"), (f % mask.shape[0]) * cols + f // mask.shape[0], {}
     if nm is not None:
         where, slots, fields = nm
         yield "nm", _Stream(slots, (fields[1] - 1).bit_length(), True), where, {"nm": fields}
@@ -220,7 +231,7 @@ def _assemble(record: dict, streams: list) -> tuple[bytes, int, float, np.ndarra
 
 
 def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str = "float32",
-              layout: Optional[str] = None) -> tuple[dict, bytes, TensorReport]:
+              layout: Optional[str] = None, context_coding: bool = False) -> tuple[dict, bytes, TensorReport]:
     """Packs one leaf: ``(record without offset, bytes, report)``, the smallest encoding found.
 
     Args:
@@ -228,9 +239,12 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
       x: the leaf as the model runs it (the compressed view).
       spec: its :class:`~jaxcompress.core.transform.LeafSpec`, or ``None`` (stored as floats).
       float_dtype: ``'float32'`` or ``'float16'`` for leaves without a description.
-      layout: ``None`` (the smallest), or ``'dense'``, ``'bitmask'``, ``'relative'`` or ``'nm'``
-        to store the leaf in that layout only (e.g. ``'nm'`` for a reader that wants N:M
-        positions even where a bitmask is smaller).
+      layout: ``None`` (the smallest), or ``'dense'``, ``'bitmask'``, ``'relative'``, ``'nm'`` or
+        ``'context'`` to store the leaf in that layout only (e.g. ``'nm'`` for a reader that wants
+        N:M positions even where a bitmask is smaller).
+      context_coding: also try the ``'context'`` layout (the mask arithmetic-coded with adaptive
+        row and column contexts, :mod:`~jaxcompress.export.arithmetic`) for sparse leaves of two
+        or more dimensions; a Python loop per element, so off unless asked for.
 
     Raises:
       ValueError: the view is not on the grid, codebook or mask its description gives, its
@@ -243,8 +257,8 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
       >>> record['layout'], record['nm'], report.count
       ('nm', [1, 4, 0], 2)
     """
-    if layout not in (None, "dense", "bitmask", "relative", "nm"):
-        raise ValueError(f"layout must be None, 'dense', 'bitmask', 'relative' or 'nm', got {layout!r}.")
+    if layout not in (None, "dense", "bitmask", "relative", "nm", "context"):
+        raise ValueError(f"layout must be None, 'dense', 'bitmask', 'relative', 'nm' or 'context', got {layout!r}.")
     x = np.asarray(x)
     if x.dtype.name not in ("float16", "float32", "float64") and not (spec is None and x.dtype.kind in "iub"):
         raise ValueError(f"leaf {path!r} has dtype {x.dtype}; save supports float16/32/64 (cast it, e.g. to float32).")
@@ -271,7 +285,7 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
     nonzero = (x != 0).reshape(-1)
     best = None
     nm = None if spec is None else nm_slots(spec.mask, spec.structure)
-    for name, pos, where, lfields in _layouts(x.size, nonzero, spec is not None, nm):
+    for name, pos, where, lfields in _layouts(x.shape, nonzero, spec is not None, nm, context_coding or layout == "context"):
         if layout is not None and name != layout:
             continue
         vkind, vstream, vfields = _values(q, x, kind, fields, where, name in ("dense", "nm"))
@@ -283,8 +297,9 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
             best = (size, name, vkind, lfields, vfields, streams, x.size if where is None else where.size)
     if best is None:
         raise ValueError(
-            f"leaf {path!r} cannot be stored in layout {layout!r}: sparse layouts need a description, and 'nm' "
-            "a LeafSpec with structure NM(n, m, axis) whose mask keeps exactly n of every m along the axis."
+            f"leaf {path!r} cannot be stored in layout {layout!r}: sparse layouts need a description, 'nm' "
+            "a LeafSpec with structure NM(n, m, axis) whose mask keeps exactly n of every m along the axis, and "
+            f"'context' a leaf of 2 or more dimensions and at most {MAX_CONTEXT_ELEMENTS} elements."
         )
     _, layout, vkind, lfields, vfields, streams, count = best
     record.update(layout=layout, kind=vkind, count=int(count), **lfields)

@@ -4,8 +4,8 @@ This module needs only NumPy and the standard library (JAX only for :func:`load_
 can be copied alone to a machine that serves the model. :mod:`jaxcompress.export.artifact` writes
 the files.
 
-File format (version 1)
------------------------
+File format (version 2; version 1 is the same without the ``context`` layout)
+-----------------------------------------------------------------------------
 An ``.npz`` archive (``numpy.savez_compressed``: zip members deflated, each with its CRC-32;
 read with ``allow_pickle=False``) of three 1-D ``uint8`` arrays:
 
@@ -13,7 +13,8 @@ read with ``allow_pickle=False``) of three 1-D ``uint8`` arrays:
 * ``payload``: every tensor's byte streams, one after another;
 * ``sha256``: the SHA-256 digest of ``metadata`` followed by ``payload`` (the whole content).
 
-The JSON holds ``format`` (``"jaxcompress-artifact"``), ``version`` (1), ``payload_bytes``,
+The JSON holds ``format`` (``"jaxcompress-artifact"``), ``version`` (1, or 2 when a tensor uses
+the ``context`` layout), ``payload_bytes``,
 ``payload_sha256``, ``metadata`` (the user's), ``program`` (``null`` or a byte range of the
 payload with its SHA-256) and ``tensors``, one record per leaf with: ``path`` (``'/'``-joined),
 ``shape``, ``dtype``, ``offset``/``nbytes`` (its byte range of the payload), ``sha256`` (of the
@@ -29,7 +30,11 @@ record's canonical JSON without this field, followed by its bytes), ``layout``, 
   tensor with ``axis`` moved last (``numpy.moveaxis(x, axis, -1)``); the positions stream holds,
   group after group, the position inside its group of each stored element, ``ceil(log2(m))``
   bits each, strictly increasing within a group; the values are in the same order. For 2:4 these
-  are the 2-bit indices sparse tensor cores read).
+  are the 2-bit indices sparse tensor cores read) or ``context`` (version 2; a tensor of two or
+  more dimensions and at most ``MAX_CONTEXT_ELEMENTS`` elements, read as a matrix whose columns
+  are its last axis: the ``positions`` stream, coding ``context``, count the element count,
+  bits 1, is its keep-mask arithmetic-coded column after column, each column top to bottom, as
+  :func:`decode_context_mask` specifies; the values are in that order).
 * ``kind`` of the stored values: ``float`` (the raw little-endian bytes of ``stored_dtype``); ``int``
   (``bits``-bit integer codes ``q``, two's complement when ``signed``, value
   ``(q - zero_point) * scale``); ``sign`` (1 bit: 1 is ``q = +1``, 0 is ``q = -1``, value as
@@ -59,6 +64,7 @@ detect corruption, not forgery: anyone may write a consistent file.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -68,14 +74,26 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 FORMAT = "jaxcompress-artifact"
-VERSION = 1
+#: The newest format version this reader reads (it reads every older one too). Version 2 added
+#: the ``context`` layout; a writer marks a file with the oldest version that holds its layouts.
+VERSION = 2
 MAX_CODE_LENGTH = 15
 _MEMBERS = ("metadata", "payload", "sha256")
-_LAYOUTS = ("dense", "bitmask", "relative", "nm")
+_LAYOUTS = ("dense", "bitmask", "relative", "nm", "context")
 _KINDS = ("float", "int", "sign", "codebook")
 _FLOATS = ("float16", "float32", "float64")
 _DTYPES = _FLOATS + ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool")
 _MAX_ELEMENTS = 2**31
+#: The largest tensor whose mask may be context-coded (its decoder is a Python loop per element).
+MAX_CONTEXT_ELEMENTS = 2**24
+#: Density thresholds of the context model's buckets (see :func:`mask_bucket`).
+CONTEXT_EDGES = (0.01, 0.016, 0.025, 0.039, 0.062, 0.098, 0.155, 0.244, 0.385, 0.6)
+#: Bucket of a row or column with nothing seen yet; contexts are ``row bucket * CONTEXT_WIDTH + column bucket``.
+CONTEXT_UNSEEN = len(CONTEXT_EDGES) + 1
+CONTEXT_WIDTH = CONTEXT_UNSEEN + 1
+#: Adaptive counts of a context are halved when their sum passes this.
+CONTEXT_COUNT_LIMIT = 1 << 16
+_HALF, _QUARTER, _TOP = 1 << 31, 1 << 30, (1 << 32) - 1
 
 
 class ArtifactError(ValueError):
@@ -255,6 +273,97 @@ def nm_positions(slots: np.ndarray, nm: Any, shape: tuple) -> np.ndarray:
     return order[moved]
 
 
+def mask_bucket(ones: int, seen: int) -> int:
+    """The context model's bucket of a row or column with ``ones`` of its first ``seen`` elements set.
+
+    The bucket counts the :data:`CONTEXT_EDGES` at or below the estimate ``(ones + 1/2) / (seen +
+    1)`` (IEEE double arithmetic, the same on every platform); :data:`CONTEXT_UNSEEN` when
+    ``seen`` is 0.
+
+    Example:
+      >>> mask_bucket(0, 0) == CONTEXT_UNSEEN, mask_bucket(0, 99), mask_bucket(5, 99), mask_bucket(99, 99)
+      (True, 0, 4, 10)
+    """
+    return CONTEXT_UNSEEN if seen == 0 else bisect.bisect_right(CONTEXT_EDGES, (2 * ones + 1) / (2 * (seen + 1)))
+
+
+def row_buckets(row_ones: np.ndarray, column: int) -> list:
+    """:func:`mask_bucket` of every row before coding column ``column`` (``row_ones``: set so far)."""
+    if column == 0:
+        return [CONTEXT_UNSEEN] * row_ones.size
+    est = (2 * row_ones.astype(np.float64) + 1) / (2 * (column + 1))
+    return np.searchsorted(np.asarray(CONTEXT_EDGES), est, side="right").tolist()
+
+
+def context_split(counts: list, k: int, low: int, high: int) -> int:
+    """Where the coder's interval ``[low, high]`` splits for context ``k``: a 0 takes ``[low, split)``,
+    a 1 ``[split, high]``, in proportion to the context's counts of each."""
+    n0, n1 = counts[k]
+    return low + (high - low + 1) * n0 // (n0 + n1)
+
+
+def context_adapt(counts: list, k: int, bit: bool) -> None:
+    """Counts one more ``bit`` in context ``k``, halving both counts past :data:`CONTEXT_COUNT_LIMIT`."""
+    c = counts[k]
+    c[bit] += 1
+    if c[0] + c[1] > CONTEXT_COUNT_LIMIT:
+        c[0], c[1] = (c[0] + 1) >> 1, (c[1] + 1) >> 1
+
+
+def decode_context_mask(data: bytes, rows: int, cols: int) -> np.ndarray:
+    """The ``(rows, cols)`` mask of a ``context`` layout from its arithmetic-coded bits.
+
+    The format of :mod:`jaxcompress.export.reader` (``context`` layout): the mask is coded column
+    after column, each column top to bottom, one binary decision per element with an adaptive
+    probability per context (:func:`mask_bucket` of the element's row over the earlier columns
+    and of its column over the earlier rows), by a 32-bit binary arithmetic coder. Bits past the
+    end of ``data`` read as 0, so any input decodes in ``rows * cols`` steps.
+
+    Example:
+      >>> from jaxcompress.export.arithmetic import encode_context_mask
+      >>> m = np.eye(4, dtype=bool)
+      >>> bool((decode_context_mask(encode_context_mask(m), 4, 4) == m).all())
+      True
+    """
+    bits = np.unpackbits(np.frombuffer(bytes(data), np.uint8), bitorder="little").tolist()
+    nbits, pos = len(bits), 32
+    value = 0
+    for b in bits[:32] + [0] * max(0, 32 - nbits):
+        value = (value << 1) | b
+    low, high = 0, _TOP
+    counts = [[1, 1] for _ in range(CONTEXT_WIDTH * CONTEXT_WIDTH)]
+    out = np.zeros((cols, rows), bool)
+    row_ones = np.zeros(rows, np.int64)
+    for j in range(cols):
+        rb = row_buckets(row_ones, j)
+        col = out[j]
+        ones = 0
+        for i in range(rows):
+            k = rb[i] * CONTEXT_WIDTH + mask_bucket(ones, i)
+            split = context_split(counts, k, low, high)
+            bit = value >= split
+            low, high = (split, high) if bit else (low, split - 1)
+            col[i] = bit
+            ones += bit
+            context_adapt(counts, k, bit)
+            while True:
+                if high < _HALF:
+                    pass
+                elif low >= _HALF:
+                    low, high, value = low - _HALF, high - _HALF, value - _HALF
+                elif low >= _QUARTER and high < _HALF + _QUARTER:
+                    low, high, value = low - _QUARTER, high - _QUARTER, value - _QUARTER
+                else:
+                    break
+                low, high = low << 1, (high << 1) | 1
+                value = (value << 1) | (bits[pos] if pos < nbits else 0)
+                pos += 1
+            if not low <= value <= high:  # never in a stream the coder wrote
+                raise ArtifactError("a context-coded mask does not decode: its bits are not an arithmetic code.")
+        row_ones += col
+    return out.T
+
+
 def decode_stream(segment: bytes, entry: Any) -> np.ndarray:
     """The symbols of one stream ``[coding, offset, nbytes, count, bits]`` of a tensor's bytes."""
     if not (isinstance(entry, list) and len(entry) == 5 and entry[0] in ("raw", "huffman")
@@ -344,6 +453,17 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
         if not (isinstance(entry, list) and len(entry) == 5 and entry[4] == width):
             raise ArtifactError(f"nm tensor {record['path']!r}: the positions of nm = {nm!r} must be {width}-bit, got {entry!r}.")
         positions = nm_positions(decode_stream(segment, entry), nm, shape)
+    elif layout == "context":
+        entry = streams.get("positions")
+        if not (len(shape) >= 2 and n <= MAX_CONTEXT_ELEMENTS and isinstance(entry, list) and len(entry) == 5
+                and entry[0] == "context" and entry[3:] == [n, 1] and all(_is_int(v) and v >= 0 for v in entry[1:3])
+                and entry[1] + entry[2] <= len(segment)):
+            raise ArtifactError(f"context tensor {record['path']!r} of shape {list(shape)}: bad positions entry "
+                                f"{entry!r} (a 2+-D tensor of at most {MAX_CONTEXT_ELEMENTS} elements, one bit each).")
+        rows = n // shape[-1] if shape[-1] else 0
+        mask = decode_context_mask(segment[entry[1] : entry[1] + entry[2]], rows, shape[-1])
+        f = np.flatnonzero(mask.T)
+        positions = (f % max(rows, 1)) * shape[-1] + f // max(rows, 1)
     else:
         k = record.get("index_bits")
         if not (_is_int(k) and 1 <= k <= 8):
@@ -449,8 +569,8 @@ def read(path) -> tuple[dict, bytes, int]:
         raise ArtifactError(f"{path}: metadata is not JSON ({e}).") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a {FORMAT} file.")
-    if meta.get("version") != VERSION:
-        raise ArtifactError(f"{path}: format version {meta.get('version')!r}; this reader reads version {VERSION}.")
+    if meta.get("version") not in range(1, VERSION + 1) or isinstance(meta.get("version"), bool):
+        raise ArtifactError(f"{path}: format version {meta.get('version')!r}; this reader reads versions 1 to {VERSION}.")
     if meta.get("payload_bytes") != len(payload) or meta.get("payload_sha256") != hashlib.sha256(payload).hexdigest():
         raise ArtifactError(f"{path}: the payload's size or SHA-256 does not match its metadata.")
     if not isinstance(meta.get("tensors"), list) or not isinstance(meta.get("metadata", {}), dict):
@@ -508,6 +628,8 @@ def load(path, *, like: Any = None) -> tuple[Any, ArtifactInfo]:
         name = record.get("path")
         if not isinstance(name, str) or not name or name in flat:
             raise ArtifactError(f"tensor {i} has a missing or repeated path {name!r}.")
+        if record.get("layout") == "context" and meta["version"] < 2:
+            raise ArtifactError(f"tensor {name!r}: the context layout is not part of format version {meta['version']}.")
         try:
             flat[name], side = decode_tensor(record, segment)
         except ArtifactError:
@@ -518,7 +640,7 @@ def load(path, *, like: Any = None) -> tuple[Any, ArtifactInfo]:
     program = None
     if meta.get("program") is not None:
         program = _segment(meta["program"], payload, "program")
-    info = ArtifactInfo(records, meta.get("metadata", {}), program, VERSION, size)
+    info = ArtifactInfo(records, meta.get("metadata", {}), program, meta["version"], size)
     if like is None:
         return _nest(flat), info
     import jax  # only when the caller asks for its own structure

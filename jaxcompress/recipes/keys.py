@@ -324,7 +324,7 @@ STAGE_KEYS = {
     },
     "finetune": {**_COMMON, **_TRAINING},
     "export": {**_COMMON, "file": of_type(str, "a file name such as 'model.npz'"),
-               "float_dtype": choice("float32", "float16")},
+               "float_dtype": choice("float32", "float16"), "context_coding": of_type(bool, "true or false")},
 }
 REQUIRED = {"prune": ("sparsity",), "quantize": ("bits",), "distill": ("teacher",), "oneshot": ("methods",)}
 DEFAULTS = {
@@ -339,5 +339,5 @@ DEFAULTS = {
     "share": {"iters": 30, "epochs": 1.0},
     "factorize": {"mode": "reshape"},
     "oneshot": {"calibration": 128, "calibration_batch": 16, "sequential": True},
-    "export": {"file": "model.npz", "float_dtype": "float32"},
+    "export": {"file": "model.npz", "float_dtype": "float32", "context_coding": False},
 }
