@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 TOTAL_STEPS = 40
 EVERY = 4
@@ -93,11 +94,13 @@ def _spawn(env, ckpt_dir, out, sleep):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_sigkill_three_times_resumes_bitwise(tmp_path, child_env):
+def _kill_and_resume(tmp_path, child_env, kills):
+    """SIGKILL a training run ``kills`` times at random steps; the last run resumes and ends bitwise
+    equal to an uninterrupted run."""
     seed = int.from_bytes(os.urandom(4), "little")
     # the first kill comes after the first checkpoint (step EVERY), so every later run must resume
     env = child_env(1)
-    points = sorted(random.Random(seed).sample(range(EVERY, TOTAL_STEPS - 2), 3))
+    points = sorted(random.Random(seed).sample(range(EVERY, TOTAL_STEPS - 2), kills))
     reference = _spawn(env, tmp_path / "ref", tmp_path / "ref.npz", 0.02)
     resumed_from = []
     for point in points:
@@ -118,12 +121,21 @@ def test_sigkill_three_times_resumes_bitwise(tmp_path, child_env):
     assert reference.returncode == 0, err
     assert any((tmp_path / "killed-jit-cache").iterdir())  # the resumed runs had a cache to load
     # every run after the first resumed from a checkpoint, never from scratch
-    assert len(resumed_from) == 3 and all(s > 0 and s % EVERY == 0 for s in resumed_from), (seed, resumed_from)
+    assert len(resumed_from) == kills and all(s > 0 and s % EVERY == 0 for s in resumed_from), (seed, resumed_from)
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "killed.npz")
     assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
     for k in a.files:
         assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), (seed, points, k)
     assert int(a["['step']" if "['step']" in a.files else ".step"]) == TOTAL_STEPS
+
+
+def test_sigkill_resumes_bitwise(tmp_path, child_env):
+    _kill_and_resume(tmp_path, child_env, kills=1)
+
+
+@pytest.mark.slow  # three kills: the one-kill test above runs the same path in the default suite
+def test_sigkill_three_times_resumes_bitwise(tmp_path, child_env):
+    _kill_and_resume(tmp_path, child_env, kills=3)
 
 
 _STATES = {}

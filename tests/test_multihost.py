@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 5
@@ -59,6 +60,9 @@ def _reference():
     return tp._run("none", devices=1, steps=STEPS)
 
 
+# Slow (44 s: two JAX processes compiling a data-parallel step each): the step's equality across
+# devices runs in the default suite in tests/test_parallel.py (jit, pmap and sharded on 8 devices).
+@pytest.mark.slow
 def test_two_processes_equal_single_process(tmp_path, child_env):
     import jax
 
