@@ -65,13 +65,6 @@ def _compile(rules: Rules) -> list[tuple[re.Pattern, Any]]:
     return compiled
 
 
-def _is_float(x) -> bool:
-    import jax.numpy as jnp
-
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
-
-
 def decide(leaves: Iterable[tuple[str, tuple, str, bool]], rules: Optional[Rules] = None, *,
            min_ndim: int = 2) -> list[LeafDecision]:
     """:func:`explain` over leaves given by name: ``(path, shape, dtype name, is floating)`` each.
@@ -124,11 +117,16 @@ def explain(params: Any, rules: Optional[Rules] = None, *, min_ndim: int = 2) ->
       Dense_1/kernel None rule 0
     """
     import jax
+    import jax.numpy as jnp
 
     from jaxcompress.core.paths import path_name
 
+    def floating(leaf) -> bool:
+        dtype = getattr(leaf, "dtype", None)
+        return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
+
     leaves = [(path_name(path), tuple(getattr(leaf, "shape", ())), str(getattr(leaf, "dtype", type(leaf).__name__)),
-               _is_float(leaf)) for path, leaf in jax.tree.leaves_with_path(params)]
+               floating(leaf)) for path, leaf in jax.tree.leaves_with_path(params)]
     return decide(leaves, rules, min_ndim=min_ndim)
 
 

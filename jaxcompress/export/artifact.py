@@ -115,7 +115,8 @@ def save(
     if float_dtype not in ("float32", "float16"):
         raise ValueError(f"float_dtype must be 'float32' or 'float16', got {float_dtype!r}.")
     if not isinstance(context_coding, bool):
-        raise TypeError(f"context_coding must be True or False, got {type(context_coding).__name__}: {context_coding!r}.")
+        raise TypeError(f"context_coding must be True or False, got {type(context_coding).__name__}: "
+                        f"{context_coding!r}.")
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a JSON-serializable dict or None, got {type(metadata).__name__}.")
     if program is not None and not isinstance(program, (bytes, bytearray)):

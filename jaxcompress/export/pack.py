@@ -18,7 +18,7 @@ import numpy as np
 from jaxcompress.core.transform import LeafSpec
 from jaxcompress.export import huffman
 from jaxcompress.export.arithmetic import encode_context_mask
-from jaxcompress.export.reader import MAX_CONTEXT_ELEMENTS, decode_tensor, record_digest
+from jaxcompress.export.reader import MAX_CONTEXT_ELEMENTS, column_positions, decode_tensor, record_digest
 from jaxcompress.prune.structures import NM
 
 
@@ -194,10 +194,8 @@ def _layouts(shape: tuple, nonzero: np.ndarray, allow_sparse: bool, nm, context:
     if not allow_sparse or n == 0:
         return
     if context and len(shape) >= 2 and n <= MAX_CONTEXT_ELEMENTS:
-        cols = shape[-1]
-        mask = nonzero.reshape(-1, cols)  # output channels as columns, coded column after column
-        f = np.flatnonzero(mask.T)
-        yield "context", _Stream(mask, 1, "context"), (f % mask.shape[0]) * cols + f // mask.shape[0], {}
+        mask = nonzero.reshape(-1, shape[-1])  # output channels as columns, coded column after column
+        yield "context", _Stream(mask, 1, "context"), column_positions(mask), {}
     if nm is not None:
         where, slots, fields = nm
         yield "nm", _Stream(slots, (fields[1] - 1).bit_length(), True), where, {"nm": fields}
@@ -285,7 +283,8 @@ def pack_leaf(path: str, x: Any, spec: Optional[LeafSpec], *, float_dtype: str =
     nonzero = (x != 0).reshape(-1)
     best = None
     nm = None if spec is None else nm_slots(spec.mask, spec.structure)
-    for name, pos, where, lfields in _layouts(x.shape, nonzero, spec is not None, nm, context_coding or layout == "context"):
+    context = context_coding or layout == "context"
+    for name, pos, where, lfields in _layouts(x.shape, nonzero, spec is not None, nm, context):
         if layout is not None and name != layout:
             continue
         vkind, vstream, vfields = _values(q, x, kind, fields, where, name in ("dense", "nm"))

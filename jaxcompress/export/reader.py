@@ -310,6 +310,19 @@ def context_adapt(counts: list, k: int, bit: bool) -> None:
         c[0], c[1] = (c[0] + 1) >> 1, (c[1] + 1) >> 1
 
 
+def column_positions(mask) -> np.ndarray:
+    """The flat C-order positions of a ``(rows, cols)`` mask's set elements, column after column:
+    the order of a ``context`` tensor's values.
+
+    Example:
+      >>> column_positions(np.array([[1, 1], [0, 1]], bool)).tolist()
+      [0, 1, 3]
+    """
+    rows, cols = np.shape(mask)
+    f = np.flatnonzero(np.asarray(mask).T)
+    return (f % max(rows, 1)) * cols + f // max(rows, 1)
+
+
 def decode_context_mask(data: bytes, rows: int, cols: int) -> np.ndarray:
     """The ``(rows, cols)`` mask of a ``context`` layout from its arithmetic-coded bits.
 
@@ -461,9 +474,8 @@ def decode_tensor(record: dict, segment: bytes) -> tuple[np.ndarray, dict]:
             raise ArtifactError(f"context tensor {record['path']!r} of shape {list(shape)}: bad positions entry "
                                 f"{entry!r} (a 2+-D tensor of at most {MAX_CONTEXT_ELEMENTS} elements, one bit each).")
         rows = n // shape[-1] if shape[-1] else 0
-        mask = decode_context_mask(segment[entry[1] : entry[1] + entry[2]], rows, shape[-1])
-        f = np.flatnonzero(mask.T)
-        positions = (f % max(rows, 1)) * shape[-1] + f // max(rows, 1)
+        positions = column_positions(decode_context_mask(segment[entry[1] : entry[1] + entry[2]], rows,
+                                                         shape[-1]))
     else:
         k = record.get("index_bits")
         if not (_is_int(k) and 1 <= k <= 8):

@@ -31,8 +31,8 @@ from jaxcompress.core.transform import LeafSpec
 from jaxcompress.infer import kernels, sparse
 
 #: Every path name, in the order candidates are listed.
-PATHS = ("float", "patches", "shifts", "widened", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr", "gather")
-
+PATHS = ("float", "patches", "shifts", "widened", "weight_int8", "weight_int4", "int8", "int8_patches", "bcoo", "bcsr",
+         "gather")
 
 #: The output channels of the ``'widened'`` path: one more than the 16 up to which XLA:CPU keeps a
 #: convolution off its YNNPACK kernels.

@@ -87,8 +87,18 @@ def _cnn(out, model, num_classes, shape, hidden=128):
     _dense(out, "head", _dense(out, "fc1", h * w * c, model.get("hidden", hidden)), num_classes)
 
 
+def resnet_stages(model: dict[str, Any]) -> tuple[list, list]:
+    """``(blocks, widths)`` of a resnet model table, with :class:`~jaxcompress.models.ResNet`'s defaults.
+
+    Example:
+      >>> resnet_stages({"kind": "resnet", "blocks": [1, 1]})
+      ([1, 1], [16, 32, 64])
+    """
+    return list(model.get("blocks", (3, 3, 3))), list(model.get("widths", (16, 32, 64)))
+
+
 def _resnet(out, model, num_classes, shape):
-    blocks, widths = model.get("blocks", (3, 3, 3)), model.get("widths", (16, 32, 64))
+    blocks, widths = resnet_stages(model)
     c = _conv(out, "stem", 3, shape[-1], widths[0], bias=False)
     _norm(out, "stem_bn", c)
     for s, (n, width) in enumerate(zip(blocks, widths)):

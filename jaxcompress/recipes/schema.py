@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from jaxcompress.data.load import DATASETS
+from jaxcompress.recipes.layouts import resnet_stages
 from jaxcompress.recipes.keys import (BUDGET_BITS_GRID, BUDGET_SPARSITY_GRID, CATCH_ALL, DATA_KEYS, DEFAULTS,
                                       INPUT_SHAPES, MODEL_KEYS, MODEL_KINDS, REQUIRED, SENSITIVITY_GRID, STAGE_KEYS,
                                       STAGE_KINDS, TEXT_DATASETS, TEXT_MODELS, TOP_KEYS, choice, of_type, published)
@@ -182,8 +183,9 @@ def parse_recipe(text: str, *, source: str = "<recipe>", check_rules: bool = Tru
       text: the TOML text.
       source: the file name used in messages.
       check_rules: also work out each stage's parameter shapes (without JAX, no data, no
-        training) and refuse parameter rules that match no parameter. Needs the data set's image shape, known for the
-        named data sets; for ``tfds:`` sets the runner checks the rules once the data is loaded.
+        training) and refuse parameter rules that match no parameter. Needs the data set's image
+        shape, known for the named data sets; for ``tfds:`` sets the runner checks the rules once
+        the data is loaded.
 
     Returns:
       The recipe as a dict: top-level keys, ``data``, ``model`` and ``stages`` (a list of dicts,
@@ -282,9 +284,10 @@ def _check_model(c: _Checker, model: Any, path: tuple, what: str, data: dict) ->
                        "(e.g. dim = 128, depth = 2, heads = 4).")
         if model["dim"] % model["heads"]:
             c.fail(path + ("heads",), f"must divide dim = {model['dim']}, got {model['heads']}.")
-    if kind == "resnet" and len(model.get("blocks", (3, 3, 3))) != len(model.get("widths", (16, 32, 64))):
-        c.fail(path + ("widths",), f"needs one width per stage of blocks = {model.get('blocks', [3, 3, 3])}, "
-               f"got {model.get('widths', [16, 32, 64])}.")
+    if kind == "resnet":
+        blocks, widths = resnet_stages(model)
+        if len(blocks) != len(widths):
+            c.fail(path + ("widths",), f"needs one width per stage of blocks = {blocks}, got {widths}.")
     return dict(model)
 
 
