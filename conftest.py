@@ -21,3 +21,14 @@ os.environ["XLA_FLAGS"] = " ".join(
     [_current] + [f"--{name}={value}" for name, value in _FLAGS.items() if name not in _current]
 ).strip()
 
+
+# Many tests compile the same small programs (the same models, transforms and steps): one
+# persistent compilation cache for the session, shared by the xdist workers and the child
+# processes tests start, compiles each of them once. A fresh directory per session, so nothing
+# carries over between runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcompress-test-jit-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
