@@ -25,10 +25,13 @@ os.environ["XLA_FLAGS"] = " ".join(
 # Many tests compile the same small programs (the same models, transforms and steps): one
 # persistent compilation cache for the session, shared by the xdist workers and the child
 # processes tests start, compiles each of them once. A fresh directory per session, so nothing
-# carries over between runs.
+# carries over between runs (the session's first process removes it at exit).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcompress-test-jit-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

@@ -96,9 +96,9 @@ def test_folded_model_and_every_path_equal_fake_quant():
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@pytest.mark.parametrize("strides, dilation, padding", [(1, 1, "SAME"), (2, 1, "SAME"), (1, 2, "VALID"),
-                                                       (2, 1, ((2, 0), (1, 3)))])
-def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
+@pytest.mark.parametrize("strides, dilation, padding, channels", [(1, 1, "SAME", 4), (2, 1, "SAME", 4), (1, 2, "VALID", 4),
+                                                                 (2, 1, ((2, 0), (1, 3)), 4), (2, 2, "SAME", 1)])
+def test_patch_paths_equal_convolution_paths(strides, dilation, padding, channels):
     import flax.linen as nn
 
     class Net(nn.Module):
@@ -107,12 +107,14 @@ def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
             x = nn.Conv(6, (3, 2), strides=strides, kernel_dilation=dilation, padding=padding, name="conv")(x)
             return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
 
-    x = jax.random.uniform(jax.random.key(0), (3, 11, 9, 4))
+    x = jax.random.uniform(jax.random.key(0), (3, 11, 9, channels))
     prepared, ref = _fake_quant_model(Net(), x)
     assert {"patches", "shifts", "widened", "int8_patches"} <= set(prepared.layers["conv"].candidates)
-    assert "patches" not in prepared.layers["head"].candidates and "widened" not in prepared.layers["head"].candidates
+    assert ("padded_in" in prepared.layers["conv"].candidates) == (channels % 4 != 0)
+    assert not {"patches", "widened", "padded_in"} & set(prepared.layers["head"].candidates)
     tol = dict(rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
-    for path in ("float", "patches", "shifts", "widened", "int8", "int8_patches"):
+    conv_paths = ("patches", "shifts", "widened") + (("padded_in",) if channels % 4 else ())
+    for path in ("float", "int8", "int8_patches") + conv_paths:
         out = infer.inference_fn(prepared, infer.uniform_plan(prepared, path))(x)
         np.testing.assert_allclose(out, ref, **tol)
     layer, xin = prepared.layers["conv"], prepared.inputs["conv"]
@@ -120,7 +122,7 @@ def test_patch_paths_equal_convolution_paths(strides, dilation, padding):
     # integer accumulation: the two int8 paths agree bit for bit, as do the two float paths to rounding
     np.testing.assert_array_equal(infer.layers.run_layer(layer, "int8", a["int8"], xin),
                                   infer.layers.run_layer(layer, "int8_patches", a["int8_patches"], xin))
-    for path in ("patches", "shifts", "widened"):
+    for path in conv_paths:
         np.testing.assert_allclose(infer.layers.run_layer(layer, path, a[path], xin),
                                    infer.layers.run_layer(layer, "float", a["float"], xin), rtol=1e-5, atol=1e-5)
 
@@ -152,6 +154,24 @@ def test_widened_path_is_a_convolution_past_16_channels_cut_back():
     # offered only to convolutions of at most 16 input and output channels
     prepared, _ = _fake_quant_model(CNN(channels=(16, 17), hidden=8), jnp.asarray(x[..., :1].repeat(2, 0)))
     assert "widened" in prepared.layers["conv1"].candidates and "widened" not in prepared.layers["conv2"].candidates
+
+
+@pytest.mark.parametrize("channels", [1, 3, 6])
+def test_padded_in_path_appends_zero_input_channels_to_a_multiple_of_4(channels):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 6, 5, channels)).astype(np.float32)
+    w = rng.normal(size=(3, 3, channels, 5)).astype(np.float32)
+    layer = infer.layers.Layer("c", "conv", w.shape, strides=(1, 1), padding=((1, 1), (1, 1)), kernel_dilation=(1, 1),
+                               candidates=("float", "padded_in"))
+    a = infer.layers.layer_arrays(layer, w, np.zeros(5, np.float32), None)["padded_in"]
+    padded = 4 * -(-channels // 4)
+    assert a["kernel"].shape == (3, 3, padded, 5) and not np.any(a["kernel"][:, :, channels:])
+    run = jax.jit(lambda x: infer.layers.run_layer(layer, "padded_in", a, x))
+    np.testing.assert_allclose(run(x), _np_conv_same(x.astype(np.float64), w.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    assert f"f32[2,6,5,{padded}]" in run.lower(x).as_text(dialect="hlo")  # the product XLA runs sees the padded input
+    # offered only where the input channels are not already a multiple of 4
+    prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), jnp.asarray(x))
+    assert "padded_in" in prepared.layers["conv1"].candidates and "padded_in" not in prepared.layers["conv2"].candidates
 
 
 def test_weight_int4_path_equals_view():
@@ -194,7 +214,8 @@ def test_whole_model_check_overrules_layer_timings(monkeypatch, whole, chosen):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
     monkeypatch.setattr("jaxcompress.infer.plan.compare",
-                        _rigged_compare({"float": 1.0, "patches": 1.0, "shifts": 1.0, "widened": 1.0, "int8": 0.5,
+                        _rigged_compare({"float": 1.0, "patches": 1.0, "shifts": 1.0, "widened": 1.0,
+                                         "padded_in": 1.0, "int8": 0.5,
                                          "int8_patches": 0.8, "weight_int8": 0.9, "weight_int4": 0.9}, whole))
     plan = infer.choose_paths(prepared)
     layers = list(prepared.layers)
@@ -214,7 +235,8 @@ def test_a_runner_up_path_wins_when_it_runs_faster_in_the_whole_model(monkeypatc
     # conv1 alone: shifts is the fastest, widened second; in the whole program widened is faster
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
-    per_layer = {"float": 1.0, "patches": 1.1, "shifts": 0.2, "widened": 0.5, "int8": 1.5, "int8_patches": 1.3,
+    per_layer = {"float": 1.0, "patches": 1.1, "shifts": 0.2, "widened": 0.5,
+                 "padded_in": 0.6, "int8": 1.5, "int8_patches": 1.3,
                  "weight_int8": 1.2, "weight_int4": 1.2}
     monkeypatch.setattr("jaxcompress.infer.plan.compare", _rigged_compare(per_layer, {
         "float": 1.0, "per_layer": 1.3, "only_conv1:widened": 0.7}))
@@ -227,7 +249,8 @@ def test_no_whole_model_check_when_every_layer_stays_float(monkeypatch):
     x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
     prepared, _ = _fake_quant_model(CNN(channels=(4, 8), hidden=8), x)
     monkeypatch.setattr("jaxcompress.infer.plan.compare",
-                        _rigged_compare({"float": 1.0, "patches": 1.1, "shifts": 1.1, "widened": 1.1, "int8": 1.5, "int8_patches": 1.3,
+                        _rigged_compare({"float": 1.0, "patches": 1.1, "shifts": 1.1, "widened": 1.1,
+                                         "padded_in": 1.1, "int8": 1.5, "int8_patches": 1.3,
                                          "weight_int8": 1.2, "weight_int4": 1.2}, {}))
     plan = infer.choose_paths(prepared)
     assert plan.whole is None and set(plan.paths.values()) == {"float"}
