@@ -17,7 +17,6 @@ import numpy as np
 
 from jaxcompress.export.reader import (_HALF, _QUARTER, _TOP, CONTEXT_WIDTH, MAX_CONTEXT_ELEMENTS, context_adapt,
                                        context_split, mask_bucket, row_buckets)
-from jaxcompress.export.reader import decode_context_mask as decode  # noqa: F401  (the inverse, re-exported)
 
 
 def encode_context_mask(mask) -> bytes:

@@ -602,7 +602,8 @@ class _Run:
             self._oneshot(index, parent, self._stage_dir(parent), self._stage_dir(parent) / "result.json", force=True)
             src = self.models[stage["from"]]
         saved = save(target, src.view, src.description, float_dtype=stage["float_dtype"],
-                     context_coding=stage["context_coding"], metadata={"recipe": self.recipe["name"], "stage": stage["from"], "seed": self.seed,
+                     context_coding=stage["context_coding"],
+                     metadata={"recipe": self.recipe["name"], "stage": stage["from"], "seed": self.seed,
                                "test_accuracy": row["test_accuracy"]})
         loaded, _ = load(target, like=src.view)  # the model as a user gets it from the file
         state = init_train_state(loaded, optax.sgd(0.0), model_state=src.model_state)
