@@ -15,6 +15,7 @@ from jaxcompress.oneshot.rotate import hadamard, ones_fixing_rotation
 from jaxcompress.prune.structures import NM
 from jaxcompress.core.transform import intercepted
 from jaxcompress.quant.affine import fake_quant
+from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.train import linen_apply_fn
 
 BLOCKS = [(r"^block_\d+/.*/kernel$", True), (".*", None)]
@@ -252,6 +253,28 @@ def test_w8a8_pipelines_describe_weights_and_inputs(lm):
     width = {k: float(v.state.ranges["block_0/attn/query"]["max"] - v.state.ranges["block_0/attn/query"]["min"])
              for k, v in results.items()}
     assert width["smooth"] < width["rtn"] and width["rot"] < width["rtn"], width
+
+
+def test_w8a8_with_per_token_inputs_calibrates_nothing(lm):
+    apply_fn, params, batches = lm
+    method = [SmoothQuant(0.5), RTN(8, symmetric=True, activation_bits=8, activation_symmetric=True,
+                                    activation_range="token")]
+    r = one_shot(method, apply_fn, params, {}, batches, rules=BLOCKS, folds=TRANSFORMER_FOLDS)
+    assert r.state.ranges is None  # each token's range is taken at run time
+    spec = r.transform.describe(r.params, r.state)["block_0/mlp/fc2/kernel"]
+    assert (spec.bits, spec.act_bits, spec.scheme) == (8, 8, "symmetric")
+    view = r.transform.apply(r.params, r.state)
+    # the same as the library's weight quantizer with per-token inputs on the smoothed params
+    same = weight_quantization(8, symmetric=True, narrow=False, rules=BLOCKS,
+                               activation_bits=8, activation_symmetric=True, activation_range="token")
+    with intercepted(r.transform, r.state, train=False):
+        out = _out(apply_fn, view, batches[0])
+    with intercepted(same, same.init(r.params), train=False):
+        want = _out(apply_fn, same.apply(r.params, same.init(r.params)), batches[0])
+    np.testing.assert_array_equal(out, want)
+    assert not np.allclose(out, _out(apply_fn, view, batches[0]), atol=1e-5)  # the inputs were quantized
+    with pytest.raises(ValueError, match="activation_range must be 'calibrated'.*or 'token'.*got 'dynamic'"):
+        RTN(8, activation_bits=8, activation_range="dynamic")
 
 
 def test_rotation_composes_with_joint_sparsegpt(lm):

@@ -144,6 +144,16 @@ def test_prune_w8a8_kd_batchnorm_equal_to_one_device(single, parallel):
     assert kept and all(abs(k - 0.25) < 0.01 for k in kept)
 
 
+def test_per_token_activations_equal_to_one_device():
+    """Per-token input grids need no cross-device range: pmap and shard equal one device."""
+    ref, ref_losses = _run("none", devices=1, activations="token", steps=3)
+    for parallel in ("pmap", "shard"):
+        got, losses = _run(parallel, activations="token", steps=3)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+        _assert_close(got.params, ref.params, rel=1e-6)
+        _assert_close(got.model_state, ref.model_state, rel=1e-6)
+
+
 @pytest.mark.slow  # the exact equalities of one device, pmap and shard run in the fast tests of this file
 def test_float32_runs_agree_up_to_rounding_flips():
     """In float32 the paths agree to the size of a one-level flip of an 8-bit activation."""

@@ -71,6 +71,63 @@ def test_dynamic_ranges_quantize_every_layer_input():
     assert weight_quantization(8).intercept is None  # weights only: the step runs the model plainly
 
 
+def _np_per_token(a, bits=8):
+    """Float64 NumPy per-token symmetric fake quantization: each row's absmax onto 2^(b-1) - 1/2,
+    levels [-2^(b-1), 2^(b-1) - 1], round half to even."""
+    a64 = np.asarray(a, np.float64)
+    scale = np.maximum(np.abs(a64).max(axis=-1, keepdims=True) / (2 ** (bits - 1) - 0.5), 1e-8)
+    return np.clip(np.round(a64 / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+
+
+def test_per_token_ranges_against_numpy_and_independent_of_other_tokens():
+    model, params, _, x = _mlp_setup(2)
+    t = weight_quantization(8, activation_bits=8, activation_symmetric=True, activation_range="token",
+                            rules=FLOAT_WEIGHTS)
+    s = t.init(params)
+    assert s.ranges is None and s.alpha is None  # nothing calibrated, nothing stored
+    # Each row's largest magnitude made positive: -absmax sits exactly on a rounding tie (-127.5
+    # levels) that float32 breaks by the scale's last bit; +absmax lands on 127 either way. (The
+    # hidden layer's inputs follow a ReLU.)
+    flat = x.reshape(x.shape[0], -1)
+    x = x * jnp.sign(flat[jnp.arange(x.shape[0]), jnp.argmax(jnp.abs(flat), axis=1)])[:, None, None, None]
+    x = x.at[5].multiply(1000.0)  # one token (row) with a huge range
+    got = np.asarray(_run(model, t, s, params, x), np.float64)
+    want = _mlp_by_hand(params, x, lambda name, a: jnp.asarray(_np_per_token(a), jnp.float32))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    # Each row is quantized on its own grid: the other rows do not see the outlier row's range...
+    alone = np.asarray(_run(model, t, s, params, jnp.delete(x, 5, axis=0)))
+    np.testing.assert_array_equal(np.delete(got, 5, axis=0).astype(np.float32), alone)
+    # ...while one grid for the whole batch ('dynamic') does: 8 bits cannot resolve the others.
+    per_batch = weight_quantization(8, activation_bits=8, activation_symmetric=True, rules=FLOAT_WEIGHTS)
+    coarse = np.asarray(_run(model, per_batch, per_batch.init(params), params, x))
+    ref = np.asarray(model.apply({"params": params}, x))
+    err = lambda out: np.abs(np.delete(out - ref, 5, axis=0)).max()
+    assert err(got) < 0.05 * err(coarse), (err(got), err(coarse))
+
+
+def test_per_token_input_gradient_passes_straight_through():
+    """Each token's range holds its own values, so nothing is clipped: d(out)/d(x) is the float one."""
+    model = nn.Dense(3)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 5)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    t = weight_quantization(8, activation_bits=4, activation_range="token", rules=FLOAT_WEIGHTS)
+    s = t.init(params)
+
+    def loss(x, quantized):
+        if not quantized:
+            return jnp.sum(jnp.sin(model.apply({"params": params}, x)))
+        with intercepted(t, s, train=False):
+            return jnp.sum(jnp.sin(model.apply({"params": params}, x)))
+
+    # the straight-through estimate: the float layer's gradient at the quantized input (each
+    # row's affine 4-bit grid over its own min/max), passed to x unchanged
+    xq = _fq(x, x.min(-1, keepdims=True), x.max(-1, keepdims=True), 4)
+    want = jax.grad(loss)(xq, False)
+    got = jax.grad(loss)(x, True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(got), np.asarray(jax.grad(loss)(x, False)), atol=1e-4)
+
+
 def test_rules_choose_bits_per_layer():
     model, params, state, x = _mlp_setup(1)
     t = weight_quantization(8, activation_bits=8, rules=[("head", QuantSpec(activations=None)),

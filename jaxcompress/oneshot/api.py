@@ -137,9 +137,11 @@ class RTN:
       bits: weight bits ``2..8``.
       group_size: inputs per group, or ``None`` for one grid per output channel.
       symmetric, narrow: the grid (default asymmetric for weight-only, as GPTQ and AWQ).
-      activation_bits: quantize each selected layer's input to this many bits with a static
-        per-tensor range calibrated on the batches (min/max over all of them), or ``None``.
+      activation_bits: quantize each selected layer's input to this many bits, or ``None``.
       activation_symmetric: signed symmetric input grid instead of affine.
+      activation_range: ``'calibrated'``: one static range per layer input, the min/max over all
+        calibration batches (SmoothQuant's O3); ``'token'``: each token's own range over the input
+        features at run time, nothing calibrated (SmoothQuant's O1, LLM.int8's inputs).
     """
 
     bits: int = 8
@@ -148,6 +150,7 @@ class RTN:
     narrow: bool = False
     activation_bits: Optional[int] = None
     activation_symmetric: bool = False
+    activation_range: str = "calibrated"
     hessian = False
     structure = None
 
@@ -157,12 +160,20 @@ class RTN:
             check_int("group_size", self.group_size, minimum=1)
         if self.activation_bits is not None:
             check_int("activation_bits", self.activation_bits, minimum=2, maximum=8)
+        if self.activation_range not in ("calibrated", "token"):
+            raise ValueError(f"activation_range must be 'calibrated' (static, from the calibration batches) or "
+                             f"'token' (each token's own range at run time), got {self.activation_range!r}.")
+
+    @property
+    def calibrates_inputs(self) -> bool:
+        """Whether the input ranges come from the calibration batches."""
+        return self.activation_bits is not None and self.activation_range == "calibrated"
 
     def transform(self, rules) -> Transform:
         return weight_quantization(
             self.bits, symmetric=self.symmetric, narrow=self.narrow, group_size=self.group_size, rules=rules,
             activation_bits=self.activation_bits, activation_symmetric=self.activation_symmetric,
-            activation_range="dynamic" if self.activation_bits is None else "calibrated")
+            activation_range="dynamic" if self.activation_bits is None else self.activation_range)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +460,7 @@ def one_shot(
         selection = [(f"^{re.escape(name)}/kernel$", True) for name in layers] + [(".*", None)]
         transform = solver.transform(selection)
         state = transform.init(params)
-        if solver.activation_bits is not None:
+        if solver.calibrates_inputs:
             state = calibrate_activations(transform, state, apply_fn, transform.apply(params, state), model_state,
                                           batches)
         report["_total"] = {"calibration_seconds": time.perf_counter() - t0, "solve_seconds": 0.0, "groups": 0}

@@ -11,6 +11,10 @@ layer's kernel (``'layer/kernel'``). A layer is selected for its input when its 
 Where the ranges live: in the transform's state (one home for masks, ranges and counters).
 
 * ``'dynamic'``: each batch's min/max; no state.
+* ``'token'``: dynamic per token: each position's own min/max over the layer's input features
+  (the last axis: a Dense input's features, a Conv input's channels at one pixel); no state.
+  SmoothQuant's per-token granularity (Xiao et al. 2023, O1) and LLM.int8's row-wise inputs;
+  it needs no cross-device reduction, so a data-parallel run equals one device exactly.
 * ``'calibrated'``: ``{layer path: {'min', 'max'}}`` in the state, filled by
   :func:`calibrate_activations` (static PTQ, or the start of QAT). In training the forward pass
   quantizes with the exponential moving average of the stored and the batch range (TF-MOT's QAT)
@@ -45,7 +49,7 @@ from jaxcompress.quant.affine import affine_qparams, fake_quant_affine
 from jaxcompress.quant.lowbit import pact
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-RANGES = ("dynamic", "calibrated", "pact")
+RANGES = ("dynamic", "token", "calibrated", "pact")
 #: PACT clipping levels start at least this high after calibration.
 MIN_ALPHA = 1e-3
 
@@ -157,7 +161,7 @@ def input_interceptor(
       state: the quantizer's state; its ``ranges`` (``'calibrated'``) or ``alpha`` (a
         :class:`Trainable`, ``'pact'``) are read.
       bits_of: ``layer path -> bits`` or ``None`` (the layer's input stays float).
-      mode: one of ``'dynamic'``, ``'calibrated'``, ``'pact'``.
+      mode: one of ``'dynamic'``, ``'token'``, ``'calibrated'``, ``'pact'``.
       symmetric, momentum: the grid and the EMA factor of calibrated ranges.
       layers: the Linen layer classes whose ``__call__`` input is quantized.
       train, axis_name, observed, observe: see :class:`~jaxcompress.core.transform.Transform`.
@@ -177,6 +181,9 @@ def input_interceptor(
             return x
         if mode == "pact":
             return pact(x, stored(state.alpha.value, name, "PACT alpha"), bits)
+        if mode == "token":  # one grid per position, over the input features (the last axis)
+            lo, hi = finite_min_max(jax.lax.stop_gradient(x).astype(jnp.float32), axis=-1, keepdims=True)
+            return fake_quant_input(x, lo, hi, bits, symmetric)
         batch = _batch_range(x, axis_name)
         if mode == "dynamic":
             return fake_quant_input(x, *batch, bits, symmetric)

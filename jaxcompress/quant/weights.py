@@ -125,7 +125,8 @@ def weight_quantization(
         (``2..8``); ``None`` (default) keeps inputs in float unless a :class:`QuantSpec` asks.
         The train and eval steps run the model under the transform's ``intercept``.
       activation_symmetric: signed symmetric input grid instead of affine ``[0, 2^b - 1]``.
-      activation_range: ``'dynamic'`` (each batch's min/max), ``'calibrated'`` (ranges in the
+      activation_range: ``'dynamic'`` (each batch's min/max), ``'token'`` (each position's own
+        min/max over the input features, at run time), ``'calibrated'`` (ranges in the
         state, from :func:`~jaxcompress.quant.activations.calibrate_activations`, moved by an
         EMA in training), or ``'pact'`` (trained clipping levels ``alpha``, inputs on
         ``[0, alpha]``: for non-negative inputs such as those after a ReLU).
@@ -177,7 +178,7 @@ def weight_quantization(
         raise TypeError(f"activation_symmetric must be a bool, got {activation_symmetric!r}.")
     if activation_range == "pact" and activation_symmetric:
         raise ValueError("activation_range='pact' quantizes to [0, alpha]; it has no symmetric grid. "
-                         "Drop activation_symmetric=True or use 'dynamic'/'calibrated'.")
+                         "Drop activation_symmetric=True or use 'dynamic', 'token' or 'calibrated'.")
     momentum = check_fraction("momentum", momentum)
     activation_alpha = check_positive("activation_alpha", activation_alpha)
     specs = [v for _, v in (rules or ()) if isinstance(v, QuantSpec)]
@@ -243,7 +244,7 @@ def weight_quantization(
         widths = kinds(params)  # validates rule values and axes now, not at the first step
         jax.eval_shape(lambda p: jax.tree.map(quantize, widths, p, is_leaf=is_none), params)
         count = jnp.zeros((), jnp.int32)
-        if not quantizes_inputs or activation_range == "dynamic":
+        if not quantizes_inputs or activation_range in ("dynamic", "token"):
             return QuantState(count=count)
         layers = input_layers(params)
         if activation_range == "pact":
