@@ -234,6 +234,7 @@ def test_text_runs_report_and_compare_by_perplexity(tiny_run, tmp_path):
     md = paths[1].read_text()
     assert "| stage | steps | validation perplexity | test perplexity | test next-byte accuracy |" in md
     assert f"{report['stages'][0]['test_perplexity']:.3f}" in md and paths[2].exists()
+    assert "Training record (validation perplexity" in md and "\n| dense | 6 | " in md  # evaluated at steps 3 and 6
     table = compare_markdown({"a": report, "b": report})
     assert "validation perplexity | test perplexity" in table
     best = min(report["stages"], key=lambda s: s["test_perplexity"])  # lowest perplexity is on the front
@@ -243,3 +244,23 @@ def test_text_runs_report_and_compare_by_perplexity(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="mix text"):
         compare_markdown({"a": report, "img": image})
     assert [p.name for p in compare_runs([tmp_path / "a"], tmp_path / "cmp")] == ["compare.md", "compare.png"]
+
+
+def test_training_record_follows_the_stages_a_model_comes_from():
+    from jaxcompress.recipes.report import training_record
+
+    def curve(points):
+        return [{"step": s, "validation_perplexity": p} for s, p in points]
+
+    report = {"split": {"unit": "bytes"},
+              "config": {"stages": [{"name": "a"}, {"name": "b", "from": "a"}, {"name": "p", "from": "b"}]},
+              "stages": [{"stage": "a", "name": "a", "validation_curve": curve([(2, 5.0), (4, 4.0)])},
+                         {"stage": "b", "name": "b, more", "validation_curve": curve([(2, 3.5), (4, 3.2), (6, 3.0),
+                                                                                       (8, 2.9)])},
+                         {"stage": "p", "name": "pruned"}]}
+    record = training_record(report)
+    # b's model was trained 4 + 8 steps: its last quarter starts at the first evaluation at or
+    # after step 9, b's step 6 (step 10 in all), where the perplexity was 3.0
+    assert [(t["stage"], t["steps"], t["from_step"], t["first"]) for t in record] == [
+        ("a", 4, 4, 5.0), ("b", 12, 10, 5.0)]
+    assert record[1]["at_from_step"] == 3.0 and record[1]["change"] == pytest.approx(2.9 / 3.0 - 1)

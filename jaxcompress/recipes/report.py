@@ -138,6 +138,64 @@ def _paired_lines(report: dict) -> list[str]:
     return lines
 
 
+def training_record(report: dict) -> list[dict]:
+    """How far each training stage's model had converged, from the validation curves (first seed).
+
+    A stage's curve continues the curves of the training stages its model comes from (``from``),
+    so the record is over all the steps that trained the model: for each stage with a curve, the
+    validation metric at the first evaluation and at the end, and its relative change over the last
+    quarter of those steps (from the first evaluation at or after three quarters of them to the
+    end: a perplexity that still falls by more than 1% there is still improving).
+
+    Example:
+      >>> r = {"split": {"unit": "bytes"}, "config": {"stages": [{"name": "a"}]}, "stages": [
+      ...     {"stage": "a", "name": "a", "validation_curve": [
+      ...         {"step": s, "validation_perplexity": p} for s, p in ((1, 4.0), (2, 3.0), (3, 2.5), (4, 2.45))]}]}
+      >>> [(t["steps"], t["from_step"], round(t["change"], 4)) for t in training_record(r)]
+      [(4, 3, -0.02)]
+    """
+    key = "validation_perplexity" if is_text_report(report) else "validation_accuracy"
+    configs = {c["name"]: c for c in report.get("config", {}).get("stages", [])}
+    rows = {s["stage"]: s for s in report["stages"] if s.get("stage")}
+
+    def curve(name):
+        row, config = rows.get(name), configs.get(name, {})
+        points = [(p["step"], p[key]) for p in (row or {}).get("validation_curve") or [] if p.get(key) is not None]
+        if not points:
+            return []
+        before = curve(config["from"]) if config.get("from") in rows else []
+        offset = before[-1][0] if before else 0
+        return before + [(offset + step, value) for step, value in points]
+
+    out = []
+    for s in report["stages"]:
+        if not s.get("validation_curve"):
+            continue
+        points = curve(s["stage"])
+        total = points[-1][0]
+        start = next(p for p in points if p[0] >= 0.75 * total)
+        out.append({"stage": s["stage"], "name": s["name"], "metric": key, "steps": total, "first": points[0][1],
+                    "from_step": start[0], "at_from_step": start[1], "last": points[-1][1],
+                    "change": points[-1][1] / start[1] - 1.0})
+    return out
+
+
+def _training_lines(report: dict) -> list[str]:
+    record = training_record(report)
+    if not record:
+        return []
+    metric = record[0]["metric"].replace("_", " ")
+    fmt = (lambda v: f"{v:.3f}") if "perplexity" in metric else (lambda v: f"{v:.2%}")
+    lines = ["", f"Training record ({metric} of the first seed, over all the steps that trained each stage's model; "
+             "last quarter: from the first evaluation at or after three quarters of them):", "",
+             f"| stage | steps in all | first evaluation | last quarter from step | there | end | change over the "
+             "last quarter |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for t in record:
+        lines.append(f"| {t['name']} | {t['steps']:,} | {fmt(t['first'])} | {t['from_step']:,} | {fmt(t['at_from_step'])} "
+                     f"| {fmt(t['last'])} | {t['change']:+.2%} |")
+    return lines
+
+
 def _published_lines(report: dict) -> list[str]:
     published = report.get("config", {}).get("published")
     if not published:
@@ -267,7 +325,8 @@ def report_markdown(report: dict) -> str:
            "split once, in non-overlapping windows); steps: the stage's own training steps (0: no training)."
            if text else "Epochs: the\nstage's own, and in brackets its whole budget with the stages its model comes from."),
     ]
-    lines += _paired_lines(report) + _published_lines(report) + _layer_lines(report) + _factor_lines(report)
+    lines += (_training_lines(report) + _paired_lines(report) + _published_lines(report) + _layer_lines(report)
+              + _factor_lines(report))
     if report["stages"]:
         lines.append("")
     for s in report["stages"]:
