@@ -8,8 +8,8 @@ through its public API on the same TransformerLM and the same block kernels (eve
 Dense layer: attention query/key/value/out and MLP fc1/fc2; embeddings, LayerNorms and ``head``
 stay float), and scores each quantized Qwix model with the library's ``evaluate`` on the test
 bytes. It writes ``RUN_DIR/qwix.json`` and ``RUN_DIR/qwix.md``: each Qwix row beside the run's
-stage of the same setting and method (for SmoothQuant, the alpha with the best validation
-perplexity). Every row carries ``config``: the exact scheme Qwix ran (grid formulas included), so
+stage of the same setting and method (where the run tried the method several ways, SmoothQuant's
+alphas, GPTQ sequential or in one pass, the one with the best validation perplexity). Every row carries ``config``: the exact scheme Qwix ran (grid formulas included), so
 the same scheme can be run with jaxcompress.
 
 What Qwix 0.1.8 does differently from the experiment's one-shot methods (all in ``config``):
@@ -26,10 +26,15 @@ What Qwix 0.1.8 does differently from the experiment's one-shot methods (all in 
   float inputs, not from the outputs of already-quantized layers. GPTQ has no act-order; AWQ
   has no clipping search and scores scales by an activation-weighted weight error.
 * ``SqInferenceProvider`` does not quantize activations: ``act_qtype`` only sets the
-  smoothing scales, so Qwix's own SmoothQuant runs W8 with float activations. The row
+  smoothing scales, so Qwix's own SmoothQuant runs W8 with float activations (the setting
+  ``'W8, float inputs'``, beside the run's stages of SmoothQuant with 8-bit weights alone). The row
   ``'Qwix SmoothQuant, int8 activations'`` feeds Qwix's SmoothQuant weights to Qwix's
   ``PtqProvider`` activation quantization (dynamic, per token) for a real W8A8. Qwix averages
   the smoothing scales ``s`` and their inverses separately over the calibration batches.
+* Its W8A8 quantizes activations dynamically, per token (each position's own absmax), not on
+  a static calibrated range: its rows are the setting ``'W8A8 per-token'``, beside the run's
+  stages of that scheme (``RTN(..., activation_range='token')``), not the static per-tensor
+  ``'W8A8'`` stages.
 
 Usage: ``python experiments/oneshot_qwix.py RUN_DIR`` (needs ``pip install -e ".[qwix]"``), or
 ``rows = qwix_rows(model, params, calib, test_tokens, seq_len=64, group_size=128)``.
@@ -173,7 +178,7 @@ def qwix_rows(model, params, calib, test_tokens, *, seq_len, group_size) -> list
                    "-128, 127) * scale"}
     a8 = dict(module_path=BLOCK_MODULES, op_names=("dot_general",), weight_qtype=jnp.int8, act_qtype=jnp.int8)
     a8_rules = [qwix.QuantizationRule(**a8)]
-    run("W8A8", "Qwix round-to-nearest",
+    run("W8A8 per-token", "Qwix round-to-nearest",
         lambda: ptq(model, params, qwix.PtqProvider(a8_rules), a8_rules, qwix.quantize_params, seq_len),
         {"weights": w8, "activations": act, "api": "qwix.PtqProvider + qwix.quantize_params"})
     sq_stats = {"alpha": 0.5, "scales": "s_j = clip((max|x_j| / 127.5)^alpha / (max|w_j,:| / 127.5)^(1 - alpha), "
@@ -183,14 +188,18 @@ def qwix_rows(model, params, calib, test_tokens, *, seq_len, group_size) -> list
                 "activations_scaled": "x_j * r_j, r_j = batch mean of 1 / s_j (Qwix averages s and 1 / s "
                                       "separately, so r_j >= 1 / mean(s_j): not an exact inverse)"}
     sq_rule = [smooth_quant.SqRule(**a8, alpha=0.5)]
-    run("W8A8", "Qwix SmoothQuant",
+    w8_rules = [qwix.QuantizationRule(module_path=BLOCK_MODULES, op_names=("dot_general",), weight_qtype=jnp.int8)]
+    run("W8, float inputs", "Qwix round-to-nearest",
+        lambda: ptq(model, params, qwix.PtqProvider(w8_rules), w8_rules, qwix.quantize_params, seq_len),
+        {"weights": w8, "activations": "float", "api": "qwix.PtqProvider + qwix.quantize_params"})
+    run("W8, float inputs", "Qwix SmoothQuant",
         lambda: calibrated(model, params, tokens, smooth_quant.SqCalibrationProvider(sq_rule),
                            smooth_quant.SqInferenceProvider(sq_rule), sq_rule, smooth_quant.quantize_params, seq_len),
         {"weights": w8, "smoothquant": sq_stats,
          "activations": "float: SqInferenceProvider multiplies x by 1/s and multiplies by the int8 kernel "
                         "without quantizing x (W8A16 in effect; act_qtype only enters the scales)",
          "api": "qwix.contrib.smooth_quant: SqCalibrationProvider, quantize_params, SqInferenceProvider"})
-    run("W8A8", "Qwix SmoothQuant, int8 activations",
+    run("W8A8 per-token", "Qwix SmoothQuant, int8 activations",
         lambda: calibrated(model, params, tokens, smooth_quant.SqCalibrationProvider(sq_rule),
                            smoothed_activations_provider(sq_rule), sq_rule, smooth_quant.quantize_params, seq_len),
         {"weights": w8, "smoothquant": sq_stats, "activations": act,
@@ -290,14 +299,16 @@ def smoothed_activations_provider(rules):
 
 
 def ours_for(report: dict, setting: str, method: str) -> dict | None:
-    """The run's stage row of ``setting`` and ``method`` (labels ``'SETTING: METHOD'``); for
-    SmoothQuant, the one of the stage's alphas with the best validation perplexity."""
-    rows = [r for r in report["stages"] if r["name"].startswith(f"{setting}: ")]
+    """The run's stage row of ``setting`` and ``method`` (labels ``'SETTING: METHOD'``). Where the
+    run tried the method several ways (SmoothQuant's alphas ``'SETTING: SmoothQuant alpha A'``;
+    variants ``'SETTING: METHOD, VARIANT'`` such as GPTQ in one pass), the one with the best
+    validation perplexity."""
     method = method[len("Qwix "):].split(",")[0]
-    if method == "SmoothQuant":
-        tried = [r for r in rows if r["name"].startswith(f"{setting}: SmoothQuant")]
-        return min(tried, key=lambda r: r["validation_perplexity"]) if tried else None
-    return next((r for r in rows if r["name"] == f"{setting}: {method}"), None)
+    prefix = f"{setting}: {method}" + (" alpha " if method == "SmoothQuant" else ", ")
+    tried = [r for r in report["stages"] if r["name"] == f"{setting}: {method}" or r["name"].startswith(prefix)]
+    if len(tried) > 1:
+        return min(tried, key=lambda r: r["validation_perplexity"])
+    return tried[0] if tried else None
 
 
 def comparison(report: dict, rows: list[dict]) -> list[dict]:
@@ -322,7 +333,8 @@ def markdown(result: dict) -> str:
              f"oneshot_lm`; {result['seconds']:.0f} s): Qwix's one-shot "
              f"quantizers on the run's dense model (test perplexity {dense:.4f}) with the run's {result['calibration']}"
              " calibration windows, scored on the same test bytes; each beside the run's stage of the same setting "
-             "(SmoothQuant: the run's alpha with the best validation perplexity). Seconds: wall time until the "
+             "(where the run tried the method several ways, SmoothQuant's alphas and GPTQ sequential or in one pass, "
+             "the one with the best validation perplexity). Seconds: wall time until the "
              "compressed weights are ready (jit compilation included), on the same machine, one after the other.", "",
              "| setting | Qwix method | Qwix test perplexity | Qwix s | ours | our test perplexity | our s | ours <= Qwix |",
              "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |"]

@@ -147,7 +147,7 @@ def test_qwix_round_to_nearest_is_the_reported_weight_grid(oq, lm, bits, symmetr
 
 
 def test_qwix_w8a8_is_per_channel_weights_and_dynamic_per_token_activations(oq, lm):
-    model, params, _, test = lm
+    model, params, calib, test = lm
     rule = dict(module_path=oq.BLOCK_MODULES, op_names=("dot_general",), weight_qtype=jnp.int8, act_qtype=jnp.int8)
     _, _, ppl = qwix_rtn(oq, lm, rule)
     kernels = fake_quant_kernels(params, lambda w: np_fake_quant(w, 8, True, None))
@@ -155,6 +155,14 @@ def test_qwix_w8a8_is_per_channel_weights_and_dynamic_per_token_activations(oq, 
     assert ppl == pytest.approx(ref, rel=1e-5)
     # control: weights alone (activations float) are measurably another model
     assert abs(float_score(model, kernels, test) - ref) > 1e-4 * ref
+    # the experiment's 'W8A8 per-token' stages run this scheme with jaxcompress
+    from jaxcompress.oneshot import RTN, one_shot
+
+    r = one_shot(RTN(8, symmetric=True, activation_bits=8, activation_symmetric=True, activation_range="token"),
+                 linen_apply_fn(model, inputs="tokens"), params, {}, calib, rules=BLOCK_KERNELS)
+    ours = float_score(model, r.transform.apply(r.params, r.state), test,
+                       r.transform.intercept(r.state, train=False, axis_name=None, observed={}))
+    assert ours == pytest.approx(ref, rel=1e-5)
 
 
 def block_dense_inputs(model, params, batches):
@@ -326,7 +334,7 @@ def test_qwix_rows_on_a_tiny_lm(oq, lm):
     rtn = by[("4-bit g16 symmetric", "Qwix round-to-nearest")]["perplexity"]
     for method in ("Qwix GPTQ", "Qwix AWQ"):  # they used the calibration data: not the round-to-nearest model
         assert abs(by[("4-bit g16 symmetric", method)]["perplexity"] - rtn) > 1e-6 * rtn, method
-    assert len(by) == len(rows) == 15
+    assert len(by) == len(rows) == 16
     expected_errors = {("3-bit g16", m) for m in ("Qwix round-to-nearest", "Qwix GPTQ", "Qwix AWQ")} | {
         ("4-bit g16", "Qwix GPTQ"), ("3-bit g16 symmetric", "Qwix GPTQ")}
     dense = float_score(model, params, test)
@@ -341,6 +349,8 @@ def test_qwix_rows_on_a_tiny_lm(oq, lm):
     # The RTN rows are the reported grids (the fast tests above check the grids themselves).
     ref = float_score(model, fake_quant_kernels(params, lambda w: np_fake_quant(w, 4, False, G)), test)
     assert by[("4-bit g16", "Qwix round-to-nearest")]["perplexity"] == pytest.approx(ref, rel=1e-4)
+    ref = float_score(model, fake_quant_kernels(params, lambda w: np_fake_quant(w, 8, True, None)), test)
+    assert by[("W8, float inputs", "Qwix round-to-nearest")]["perplexity"] == pytest.approx(ref, rel=1e-5)
     # Each refusal is located in Qwix's source.
     assert "gptq_core.py" in by[("4-bit g16", "Qwix GPTQ")]["error_at"]  # zero points
     assert "gptq_core.py" in by[("3-bit g16 symmetric", "Qwix GPTQ")]["error_at"]  # 'int3' storage
@@ -349,18 +359,25 @@ def test_qwix_rows_on_a_tiny_lm(oq, lm):
 
 def test_comparison_pairs_each_qwix_row_with_the_runs_stage_of_its_setting(oq):
     report = {"stages": [
-        {"name": "4-bit g128 symmetric: GPTQ", "test_perplexity": 2.5, "compress_seconds": 3.0},
+        {"name": "4-bit g128 symmetric: GPTQ", "validation_perplexity": 2.41, "test_perplexity": 2.5,
+         "compress_seconds": 3.0},
+        {"name": "4-bit g128 symmetric: GPTQ, one pass", "validation_perplexity": 2.42, "test_perplexity": 2.4},
+        {"name": "4-bit g128 symmetric: GPTQ act-order", "validation_perplexity": 2.3, "test_perplexity": 2.3},
+        {"name": "4-bit g128: GPTQ", "test_perplexity": 2.7},
         {"name": "W8A8: SmoothQuant alpha 0.25", "validation_perplexity": 2.60, "test_perplexity": 2.61},
         {"name": "W8A8: SmoothQuant alpha 0.5", "validation_perplexity": 2.55, "test_perplexity": 2.62}]}
     rows = [{"setting": "4-bit g128 symmetric", "method": "Qwix GPTQ", "perplexity": 2.6, "calibration_seconds": 1.0},
+            {"setting": "4-bit g128", "method": "Qwix GPTQ", "perplexity": 2.6, "calibration_seconds": 1.0},
             {"setting": "W8A8", "method": "Qwix SmoothQuant, int8 activations", "perplexity": 2.615,
              "calibration_seconds": 1.0},
             {"setting": "3-bit g128", "method": "Qwix GPTQ", "perplexity": None, "calibration_seconds": None,
              "error": "ValueError: int3 doesn't support asymmetric quantization."}]
     c = oq.comparison(report, rows)
+    # GPTQ sequential or in one pass: the better on validation (act-order is another method)
     assert c[0]["ours"] == "4-bit g128 symmetric: GPTQ" and c[0]["ours_at_or_below_qwix"] is True
+    assert c[1]["ours"] == "4-bit g128: GPTQ" and c[1]["ours_at_or_below_qwix"] is False  # a single variant
     # SmoothQuant: the alpha with the best validation perplexity, not the best test perplexity
-    assert c[1]["ours"] == "W8A8: SmoothQuant alpha 0.5" and c[1]["ours_at_or_below_qwix"] is False
-    assert c[2]["ours"] is None and c[2]["ours_at_or_below_qwix"] is None
+    assert c[2]["ours"] == "W8A8: SmoothQuant alpha 0.5" and c[2]["ours_at_or_below_qwix"] is False
+    assert c[3]["ours"] is None and c[3]["ours_at_or_below_qwix"] is None
     assert "refused: ValueError" in oq.markdown({"qwix": "0", "run": "r", "seconds": 1.0, "dense_test_perplexity": 2.4,
                                                  "calibration": 8, "comparison": c})
