@@ -254,13 +254,13 @@ def test_training_record_follows_the_stages_a_model_comes_from():
 
     report = {"split": {"unit": "bytes"},
               "config": {"stages": [{"name": "a"}, {"name": "b", "from": "a"}, {"name": "p", "from": "b"}]},
-              "stages": [{"stage": "a", "name": "a", "validation_curve": curve([(2, 5.0), (4, 4.0)])},
+              "stages": [{"stage": "a", "name": "a", "steps": 5, "validation_curve": curve([(2, 5.0), (4, 4.0)])},
                          {"stage": "b", "name": "b, more", "validation_curve": curve([(2, 3.5), (4, 3.2), (6, 3.0),
                                                                                        (8, 2.9)])},
                          {"stage": "p", "name": "pruned"}]}
     record = training_record(report)
-    # b's model was trained 4 + 8 steps: its last quarter starts at the first evaluation at or
-    # after step 9, b's step 6 (step 10 in all), where the perplexity was 3.0
+    # a trained 5 steps (evaluated at 2 and 4), b 8 more: b's last quarter starts at the first
+    # evaluation at or after step 9.75 of 13, b's step 6 (step 11 in all), where the perplexity was 3.0
     assert [(t["stage"], t["steps"], t["from_step"], t["first"]) for t in record] == [
-        ("a", 4, 4, 5.0), ("b", 12, 10, 5.0)]
+        ("a", 5, 4, 5.0), ("b", 13, 11, 5.0)]
     assert record[1]["at_from_step"] == 3.0 and record[1]["change"] == pytest.approx(2.9 / 3.0 - 1)

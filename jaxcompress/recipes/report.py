@@ -159,20 +159,21 @@ def training_record(report: dict) -> list[dict]:
     rows = {s["stage"]: s for s in report["stages"] if s.get("stage")}
 
     def curve(name):
+        """``(points, steps)``: the evaluations ``(step in all, value)`` of the stage's model and its
+        training steps in all, through the stages it comes from."""
         row, config = rows.get(name), configs.get(name, {})
         points = [(p["step"], p[key]) for p in (row or {}).get("validation_curve") or [] if p.get(key) is not None]
         if not points:
-            return []
-        before = curve(config["from"]) if config.get("from") in rows else []
-        offset = before[-1][0] if before else 0
-        return before + [(offset + step, value) for step, value in points]
+            return [], 0
+        before, offset = curve(config["from"]) if config.get("from") in rows else ([], 0)
+        steps = max(int(row.get("steps") or 0), points[-1][0])
+        return before + [(offset + step, value) for step, value in points], offset + steps
 
     out = []
     for s in report["stages"]:
         if not s.get("validation_curve"):
             continue
-        points = curve(s["stage"])
-        total = points[-1][0]
+        points, total = curve(s["stage"])
         start = next(p for p in points if p[0] >= 0.75 * total)
         out.append({"stage": s["stage"], "name": s["name"], "metric": key, "steps": total, "first": points[0][1],
                     "from_step": start[0], "at_from_step": start[1], "last": points[-1][1],
