@@ -34,27 +34,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", help="the output directory of `jaxcompress run oneshot_lm`")
     args = ap.parse_args(argv)
-    import jax
-
-    from jaxcompress.export.reader import load
     from jaxcompress.oneshot.calibration import calibrate_layers
-    from jaxcompress.recipes import tasks
-    from jaxcompress.recipes.models import build_model
     from jaxcompress.train.state import linen_apply_fn
+    from oneshot_qwix import load_run  # this script's neighbour in experiments/
 
     run = Path(args.run)
-    report = json.loads((run / "report.json").read_text())
-    stages = report["config"]["stages"]
-    oneshot = next(s for s in stages if s["kind"] == "oneshot")
-    source = next(i for i, s in enumerate(stages) if s["name"] == oneshot["from"])
-    split = tasks.load_split(report["config"]["data"])
-    model = build_model(stages[source]["model"], split.num_classes, seq_len=split.seq_len)
-    like = model.init(jax.random.key(0), tasks.example_input(split))["params"]
-    row = next(r for r in report["runs"][0]["stages"] if r["stage"] == oneshot["from"])
-    params, _ = load(run / row["artifact"], like=like)
-    batches = tasks.calibration_batches(split, oneshot["calibration"], oneshot["calibration_batch"],
-                                        report["seeds"][0] * 1000 + source)
-    stats = calibrate_layers(linen_apply_fn(model, inputs="tokens"), params, {}, batches,
+    loaded = load_run(run)
+    row, oneshot = loaded.dense_row, loaded.oneshot
+    stats = calibrate_layers(linen_apply_fn(loaded.model, inputs="tokens"), loaded.params, {}, loaded.calib,
                              rules=[(r"^block_\d+/.*/kernel$", True), (".*", None)], hessian=False)
     layers = {name: norm_spread(s.sum_sq) for name, s in stats.items()}
     (run / "input_norms.json").write_text(json.dumps({"model": row["name"], "calibration": oneshot["calibration"],

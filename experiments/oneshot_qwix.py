@@ -9,8 +9,9 @@ Dense layer: attention query/key/value/out and MLP fc1/fc2; embeddings, LayerNor
 stay float), and scores each quantized Qwix model with the library's ``evaluate`` on the test
 bytes. It writes ``RUN_DIR/qwix.json`` and ``RUN_DIR/qwix.md``: each Qwix row beside the run's
 stage of the same setting and method (where the run tried the method several ways, SmoothQuant's
-alphas, GPTQ sequential or in one pass, the one with the best validation perplexity). Every row carries ``config``: the exact scheme Qwix ran (grid formulas included), so
-the same scheme can be run with jaxcompress.
+alphas, GPTQ sequential or in one pass, the one with the best validation perplexity). Every row
+carries ``config``: the exact scheme Qwix ran (grid formulas included), so the same scheme can be
+run with jaxcompress.
 
 What Qwix 0.1.8 does differently from the experiment's one-shot methods (all in ``config``):
 
@@ -48,6 +49,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -350,38 +352,59 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+class OneShotRun(NamedTuple):
+    """What a ``jaxcompress run oneshot_lm`` directory holds for a comparison on its dense model."""
+
+    report: dict  # the run's report.json
+    split: Any  # the run's data, loaded again from its recipe
+    model: Any  # the Linen model of the stage the one-shot stages start from
+    params: Any  # that stage's weights, loaded from its saved artifact
+    dense_row: dict  # that stage's row of the report
+    oneshot: dict  # the first one-shot stage's config (calibration count and batch)
+    calib: list  # the calibration batches the run's one-shot stages used
+
+
+def load_run(run: Path) -> OneShotRun:
+    """The dense model of a ``oneshot_lm`` run and the calibration windows its one-shot stages drew
+    (:func:`jaxcompress.recipes.tasks.calibration_batches` with the run's seed and source stage)."""
+    from jaxcompress.export.reader import load
+    from jaxcompress.recipes import tasks
+    from jaxcompress.recipes.models import build_model
+
+    report = json.loads((run / "report.json").read_text())
+    stages = report["config"]["stages"]
+    oneshot = next(s for s in stages if s["kind"] == "oneshot")
+    source = next(i for i, s in enumerate(stages) if s["name"] == oneshot["from"])
+    split = tasks.load_split(report["config"]["data"])
+    model = build_model(stages[source]["model"], split.num_classes, seq_len=split.seq_len)
+    like = model.init(jax.random.key(0), tasks.example_input(split))["params"]
+    dense_row = next(r for r in report["runs"][0]["stages"] if r["stage"] == oneshot["from"])
+    params, _ = load(run / dense_row["artifact"], like=like)
+    calib = tasks.calibration_batches(split, oneshot["calibration"], oneshot["calibration_batch"],
+                                      report["seeds"][0] * 1000 + source)
+    return OneShotRun(report, split, model, params, dense_row, oneshot, calib)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", help="the output directory of `jaxcompress run oneshot_lm`")
     args = ap.parse_args(argv)
     import qwix
 
-    from jaxcompress.export.reader import load
-    from jaxcompress.recipes import tasks
-    from jaxcompress.recipes.models import build_model
-
     t0 = time.time()
-    run = Path(args.run)
-    report = json.loads((run / "report.json").read_text())
-    recipe = report["config"]
-    seed = report["seeds"][0]
-    stages = recipe["stages"]
-    oneshot = next(s for s in stages if s["kind"] == "oneshot")
-    source = next(i for i, s in enumerate(stages) if s["name"] == oneshot["from"])
-    split = tasks.load_split(recipe["data"])
-    model = build_model(stages[source]["model"], split.num_classes, seq_len=split.seq_len)
-    like = model.init(jax.random.key(0), tasks.example_input(split))["params"]
-    dense_row = next(r for r in report["runs"][0]["stages"] if r["stage"] == oneshot["from"])
-    params, _ = load(run / dense_row["artifact"], like=like)
-    calib = tasks.calibration_batches(split, oneshot["calibration"], oneshot["calibration_batch"], seed * 1000 + source)
+    loaded = load_run(Path(args.run))
+    stages = loaded.report["config"]["stages"]
     group = next(m["group_size"] for s in stages if s["kind"] == "oneshot" for m in s["methods"] if "group_size" in m)
-    rows = qwix_rows(model, params, calib, split.test, seq_len=split.seq_len, group_size=group)
-    runs0 = {"stages": report["runs"][0]["stages"]}
-    result = {"run": str(args.run), "qwix": qwix.__version__, "dense_test_perplexity": dense_row["test_perplexity"],
-              "calibration": oneshot["calibration"], "rows": rows, "comparison": comparison(runs0, rows),
+    rows = qwix_rows(loaded.model, loaded.params, loaded.calib, loaded.split.test, seq_len=loaded.split.seq_len,
+                     group_size=group)
+    runs0 = {"stages": loaded.report["runs"][0]["stages"]}
+    result = {"run": str(args.run), "qwix": qwix.__version__,
+              "dense_test_perplexity": loaded.dense_row["test_perplexity"],
+              "calibration": loaded.oneshot["calibration"], "rows": rows, "comparison": comparison(runs0, rows),
               "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                               "python": platform.python_version()},
               "seconds": round(time.time() - t0, 1)}
+    run = Path(args.run)
     (run / "qwix.json").write_text(json.dumps(result, indent=2) + "\n")
     (run / "qwix.md").write_text(markdown(result))
     print(markdown(result))
