@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxcompress.recipes.runner import _optimizer, _prune_schedule, run_recipe
+from jaxcompress.recipes.build import optimizer, prune_schedule
+from jaxcompress.recipes.runner import run_recipe
 from jaxcompress.recipes.schema import parse_recipe
 
 TINY = """\
@@ -87,7 +88,7 @@ def test_share_rules_that_match_nothing_fail(recipe_fails):
 
 def test_iterative_schedule_reaches_each_layer_target_at_the_last_round():
     stage = parse_recipe(TINY)["stages"][1]
-    s = _prune_schedule(stage, 40, [tuple(r) for r in stage["rules"]])
+    s = prune_schedule(stage, 40, [tuple(r) for r in stage["rules"]])
     # 3 rounds over the first 75% of 40 steps: rounds at steps 0, 10, 20, each removing the same
     # fraction of the survivors so that the sparsest layer (0.9) is at its target after the last
     rate = 1 - 0.1 ** (1 / 3)
@@ -105,11 +106,11 @@ def test_weight_decay_is_added_to_kernel_gradients_only():
     params = {"kernel": jnp.full((2, 3), 2.0), "bias": jnp.full((3,), 2.0)}
     zero = {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros((3,))}
     stage = {"learning_rate": 0.1, "lr_schedule": "constant", "optimizer": "sgd", "weight_decay": 0.5}
-    opt = _optimizer(stage, 10)
+    opt = optimizer(stage, 10)
     updates, _ = opt.update(zero, opt.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * 2.0)  # -lr * wd * w
     np.testing.assert_allclose(updates["bias"], 0.0)
-    plain = _optimizer({**stage, "weight_decay": 0.0}, 10)
+    plain = optimizer({**stage, "weight_decay": 0.0}, 10)
     np.testing.assert_allclose(plain.update(zero, plain.init(params), params)[0]["kernel"], 0.0)
 
 

@@ -74,7 +74,7 @@ def test_distill_stage_runs_the_loss_it_names():
     import numpy as np
 
     from jaxcompress.distill import dkd_loss, kd_loss
-    from jaxcompress.recipes.runner import _distill_loss
+    from jaxcompress.recipes.build import distill_loss
 
     kd = parse_recipe(GOOD)["stages"][1]
     dkd = parse_recipe(GOOD.replace('teacher = "teacher"\n', 'teacher = "teacher"\nloss = "dkd"\nnckd_weight = 2.0\n'))
@@ -83,12 +83,12 @@ def test_distill_stage_runs_the_loss_it_names():
     assert dkd["loss"] == "dkd" and (dkd["tckd_weight"], dkd["nckd_weight"]) == (1.0, 2.0) and "kd_weight" not in dkd
     s, t = jax.random.normal(jax.random.key(0), (2, 6, 10))
     y = np.arange(6) % 10
-    np.testing.assert_allclose(_distill_loss(kd)(s, t, labels=y),
+    np.testing.assert_allclose(distill_loss(kd)(s, t, labels=y),
                                kd_loss(s, t, labels=y, temperature=4.0, kd_weight=0.9, ce_weight=0.1), rtol=1e-6)
-    np.testing.assert_allclose(_distill_loss(dkd)(s, t, labels=y),
+    np.testing.assert_allclose(distill_loss(dkd)(s, t, labels=y),
                                dkd_loss(s, t, labels=y, temperature=4.0, tckd_weight=1.0, nckd_weight=2.0,
                                         ce_weight=0.1), rtol=1e-6)
-    assert not np.allclose(_distill_loss(dkd)(s, t, labels=y), _distill_loss(kd)(s, t, labels=y))
+    assert not np.allclose(distill_loss(dkd)(s, t, labels=y), distill_loss(kd)(s, t, labels=y))
 
 
 # (description, edit of GOOD, exception type, key in the message, line of the key: the text it is on)
@@ -139,20 +139,20 @@ def test_stage_augment_and_cosine_schedule():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jaxcompress.recipes.runner import _augment, _optimizer
+    from jaxcompress.recipes.build import augmentation, optimizer
 
     r = parse_recipe(GOOD.replace("epochs = 0.5", "epochs = 0.5\nlr_schedule = \"cosine\"\n"
                                   "augment = { shift = 2, input_dropout = 0.5, mixup = 1.0 }"))
     stage = r["stages"][3]
-    assert r["stages"][2]["lr_schedule"] == "constant" and _augment(r["stages"][2], 10) is None
+    assert r["stages"][2]["lr_schedule"] == "constant" and augmentation(r["stages"][2], 10) is None
     batch = {"image": jnp.ones((8, 6, 6, 1)), "label": jnp.arange(8) % 10}
-    out = _augment(stage, 10)(jax.random.key(0), batch)
+    out = augmentation(stage, 10)(jax.random.key(0), batch)
     assert out["label"].shape == (8, 10)  # mixup: soft labels
     np.testing.assert_allclose(out["label"].sum(-1), 1.0, rtol=1e-6)
     assert float(jnp.mean(out["image"] == 0)) > 0.3  # shifted-in zeros and dropped pixels
-    shift_only = _augment({"augment": {"shift": 1}}, 10)(jax.random.key(1), batch)
+    shift_only = augmentation({"augment": {"shift": 1}}, 10)(jax.random.key(1), batch)
     assert shift_only["label"].dtype == batch["label"].dtype and bool(jnp.any(shift_only["image"] == 0))
-    opt = _optimizer(stage, 10)
+    opt = optimizer(stage, 10)
     params = {"w": jnp.ones(3)}
     st = opt.init(params)
     sizes = []

@@ -15,7 +15,6 @@ trained again, every later stage is too.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -30,23 +29,18 @@ import numpy as np
 import optax
 
 from jaxcompress.core.paths import path_name
-from jaxcompress.core.transform import Transform, chain
-from jaxcompress.distill.logit_losses import dkd_loss
-from jaxcompress.distill.losses import kd_loss
-from jaxcompress.distill.matching import compose, input_dropout, mixup, random_shift
+from jaxcompress.core.transform import chain
 from jaxcompress.export.artifact import save
 from jaxcompress.export.budget import allocate_budget, budget_sensitivity, budget_transform, compressed_view, file_bytes
 from jaxcompress.export.reader import load
 from jaxcompress.export.size import size_report
 from jaxcompress.lowrank import factorize
-from jaxcompress.prune import (allocate_sparsity, erk_sparsities, fixed_masks, pruning, sensitivity_analysis,
-                               sparsity_report, sparsity_rules)
-from jaxcompress.prune.schedules import iterative_schedule, one_shot_schedule, polynomial_schedule
-from jaxcompress.prune.structures import NM, Channels, Unstructured
+from jaxcompress.prune import allocate_sparsity, fixed_masks, sensitivity_analysis, sparsity_report
 from jaxcompress.quant.activations import calibrate_activations
 from jaxcompress.quant.sharing import weight_sharing
-from jaxcompress.quant.weights import weight_quantization
 from jaxcompress.recipes import tasks
+from jaxcompress.recipes.build import (activation_ranges, and_masks, augmentation, distill_loss, optimizer, pruner,
+                                       quant_transform)
 from jaxcompress.recipes.models import build_methods, build_model
 from jaxcompress.recipes.report import paired_comparison
 from jaxcompress.recipes.keys import SENSITIVITY_GRID
@@ -121,107 +115,6 @@ def smoke_recipe(recipe: dict, *, train: int = 320, validation: int = 64, test: 
 
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _distill_loss(stage: dict):
-    """The per-example loss of a stage with a teacher: Hinton KD, or decoupled KD with ``loss = 'dkd'``."""
-    if stage.get("loss") == "dkd":
-        return functools.partial(dkd_loss, temperature=stage["temperature"], tckd_weight=stage["tckd_weight"],
-                                 nckd_weight=stage["nckd_weight"], ce_weight=stage["ce_weight"])
-    return functools.partial(kd_loss, temperature=stage["temperature"], kd_weight=stage["kd_weight"],
-                             ce_weight=stage["ce_weight"])
-
-
-def _optimizer(stage: dict, num_steps: int):
-    """The stage's optimizer; ``weight_decay`` adds that multiple of every kernel (ndim >= 2) to its
-    gradient before the optimizer sees it (L2 regularisation as Caffe applies it), and ``grad_clip``
-    first scales the gradient to at most that global norm."""
-    lr = stage["learning_rate"]
-    if stage["lr_schedule"] == "cosine":
-        lr = optax.cosine_decay_schedule(lr, max(num_steps, 1))
-    elif stage["lr_schedule"] == "warmup_cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, lr, max(num_steps // 20, 1), max(num_steps, 2), lr / 10)
-    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[stage["optimizer"]](lr)
-    if stage.get("weight_decay"):
-        kernels = lambda tree: jax.tree.map(lambda x: np.ndim(x) >= 2, tree)  # noqa: E731
-        opt = optax.chain(optax.add_decayed_weights(stage["weight_decay"], mask=kernels), opt)
-    if stage.get("grad_clip"):
-        opt = optax.chain(optax.clip_by_global_norm(stage["grad_clip"]), opt)
-    return opt
-
-
-def _augment(stage: dict, num_classes: int):
-    """The stage's in-step augmentation (shift, then input dropout, then mixup), or ``None``."""
-    spec = stage.get("augment")
-    if not spec:
-        return None
-    parts = []
-    if spec.get("shift"):
-        parts.append(random_shift(spec["shift"]))
-    if spec.get("input_dropout"):
-        parts.append(input_dropout(spec["input_dropout"]))
-    if "mixup" in spec:
-        parts.append(mixup(spec["mixup"], num_classes=num_classes))
-    return compose(*parts) if parts else None
-
-
-def _and_masks(a, b):
-    if a is None:
-        return b
-    return jax.tree.map(lambda x, y: x if y is None else (y if x is None else x & y), a, b,
-                        is_leaf=lambda x: x is None)
-
-
-def _quant_transform(quant: dict) -> Transform:
-    acts = {} if not quant.get("activation_bits") else {"activation_bits": quant["activation_bits"],
-                                                         "activation_range": "calibrated"}
-    return weight_quantization(quant["bits"], symmetric=quant["symmetric"],
-                               channel_axis=-1 if quant["per_channel"] else None,
-                               group_size=quant.get("group_size"),
-                               rules=None if quant.get("rules") is None else [tuple(r) for r in quant["rules"]],
-                               **acts)
-
-
-def _prune_schedule(stage: dict, num_steps: int, rules: Optional[list]):
-    """When a prune stage of ``num_steps`` steps prunes: gradually (``polynomial``, Zhu & Gupta), in
-    ``rounds`` (``iterative``), or all at once at its first step (``one_shot``, or a stage of no steps)."""
-    if stage["schedule"] == "polynomial" and num_steps > 0:
-        end = max(int(stage["schedule_end"] * num_steps), 1)
-        return polynomial_schedule(begin_step=0, end_step=end, frequency=max(end // 10, 1))
-    if stage["schedule"] == "iterative" and num_steps > 0:
-        # ``rounds`` magnitude rounds, evenly spread over the first ``schedule_end`` of the stage, each
-        # removing the same fraction of the survivors, so the sparsest layer reaches its target at the
-        # last round; training goes on between rounds and after the last one with the masks held.
-        rounds = stage["rounds"]
-        top = max([stage["sparsity"]] + [v for _, v in rules or () if isinstance(v, (int, float))
-                                         and not isinstance(v, bool)])
-        return iterative_schedule(rate=max(1.0 - (1.0 - top) ** (1.0 / rounds), 1e-6),
-                                  round_steps=max(int(stage["schedule_end"] * num_steps) // rounds, 1), num_rounds=rounds)
-    return one_shot_schedule()
-
-
-def _pruner(stage: dict, params, num_steps: int, allocated: Optional[dict] = None) -> Transform:
-    if allocated is not None:
-        rules = sparsity_rules(allocated)
-    elif stage.get("density_rules"):
-        per_leaf = erk_sparsities(params, stage["sparsity"], rules=[tuple(r) for r in stage["density_rules"]],
-                                  power=stage["erk_power"])
-        rules = sparsity_rules(per_leaf)
-    else:
-        rules = None if stage.get("rules") is None else [tuple(r) for r in stage["rules"]]
-    schedule = _prune_schedule(stage, num_steps, rules)
-    structure = {"unstructured": Unstructured(), "channels": Channels(), "2:4": NM(2, 4)}[stage["structure"]]
-    return pruning(stage["sparsity"], criterion=stage["criterion"], structure=structure, scope=stage["scope"],
-                   schedule=schedule, rules=rules)
-
-
-def _activation_ranges(cstate) -> Optional[dict]:
-    """``{layer: [min, max]}`` of the input ranges a quantizer's state holds (``None`` without any)."""
-    for part in cstate if isinstance(cstate, tuple) and not hasattr(cstate, "_fields") else (cstate,):
-        ranges = getattr(part, "ranges", None)
-        if ranges:
-            return {k: [float(r["min"]), float(r["max"])] for k, r in ranges.items()}
-    return None
 
 
 class _Run:
@@ -384,21 +277,21 @@ class _Run:
             elif stage.get("bits") is not None:
                 quant = {"bits": stage["bits"], "symmetric": stage["symmetric"], "per_channel": stage["per_channel"]}
             prune_at = len(parts)
-            parts.append(_pruner(stage, params, num_steps, allocated))
+            parts.append(pruner(stage, params, num_steps, allocated))
         if stage["kind"] == "quantize":
             quant = {k: stage.get(k) for k in ("bits", "symmetric", "per_channel", "group_size", "rules",
                                                "activation_bits", "calibration_batches")}
         if quant is not None:
-            parts.append(_quant_transform(quant))
+            parts.append(quant_transform(quant))
         if stage["kind"] == "share":  # k-means codebooks of 2**bits trained centroids; zeros and masks stay
             rules = None if stage.get("rules") is None else [
                 (r, v if isinstance(v, bool) else 2 ** v) for r, v in stage["rules"]]
             parts.append(weight_sharing(2 ** stage.get("bits", 8), iters=stage["iters"], rules=rules))
         transform = None if not parts else parts[0] if len(parts) == 1 else chain(*parts)
         teacher = self.models.get(stage.get("teacher")) if stage.get("teacher") else None
-        kd = None if teacher is None else Teacher(self._apply(teacher.module), _distill_loss(stage),
+        kd = None if teacher is None else Teacher(self._apply(teacher.module), distill_loss(stage),
                                                   labels=tasks.labels_key(self.split))
-        opt = _optimizer(stage, num_steps)
+        opt = optimizer(stage, num_steps)
         state = init_train_state(params, opt, transform=transform, model_state=model_state,
                                  rng=self.seed * 1000 + index)
         if quant is not None and quant.get("activation_bits"):
@@ -439,13 +332,13 @@ class _Run:
         description = None if transform is None else transform.describe(state.params, cstate)
         if prune_at is not None:
             inner = cstate[prune_at] if len(parts) > 1 else cstate
-            masks = _and_masks(masks, inner.masks)
+            masks = and_masks(masks, inner.masks)
         if not done:
             mixed = (quant and quant.get("rules")) or stage["kind"] == "share"  # per-layer bit widths
             row.update(self._save_stage(sdir, stage, view, description,
                                         bits=None if mixed else quant["bits"] if quant else 32),
                        seconds=round(time.time() - t0, 2))
-            ranges = _activation_ranges(cstate)
+            ranges = activation_ranges(cstate)
             if ranges:
                 row.update(activation_ranges=ranges)
             if masks is not None:
@@ -557,7 +450,7 @@ class _Run:
         if self.parallel != "none":
             per_device_batch_size(self.batch_size, len(jax.devices()) if self.devices is None else self.devices)
         step = make_train_step(apply, opt, transform=transform, teacher=kd, axis_name=self.axis_name,
-                               augment=_augment(stage, self.split.num_classes), **self.objective)
+                               augment=augmentation(stage, self.split.num_classes), **self.objective)
         dp = data_parallel(step, parallel=self.parallel, devices=self.devices)
         # From the data position of the checkpoint on.
         batches = tasks.train_batches(self.split, self.batch_size, self.seed * 1000 + index, num_steps, start)
