@@ -264,3 +264,8 @@ def test_training_record_follows_the_stages_a_model_comes_from():
     assert [(t["stage"], t["steps"], t["from_step"], t["first"]) for t in record] == [
         ("a", 5, 4, 5.0), ("b", 13, 11, 5.0)]
     assert record[1]["at_from_step"] == 3.0 and record[1]["change"] == pytest.approx(2.9 / 3.0 - 1)
+    # b's own steps: from a's end (its last evaluation, 4.0: a has no final score) to b's end
+    assert record[0]["stage_change"] is None and record[1]["stage_change"] == pytest.approx(2.9 / 4.0 - 1)
+    # where a has its final validation score, that is a's end
+    report["stages"][0]["validation_perplexity"] = 3.8
+    assert training_record(report)[1]["stage_change"] == pytest.approx(2.9 / 3.8 - 1)

@@ -145,14 +145,18 @@ def training_record(report: dict) -> list[dict]:
     so the record is over all the steps that trained the model: for each stage with a curve, the
     validation metric at the first evaluation and at the end, and its relative change over the last
     quarter of those steps (from the first evaluation at or after three quarters of them to the
-    end: a perplexity that still falls by more than 1% there is still improving).
+    end: a perplexity that still falls by more than 1% there is still improving), and, for a stage
+    that continues another (``from``), its relative change from that stage's end to its own end:
+    what its own steps bought. Where training restarts its learning-rate schedule (a new warm-up
+    and decay per stage), the last quarter starts inside a cycle and mixes in the restart's bump;
+    the change from end to end compares two models at the same point of their schedules.
 
     Example:
       >>> r = {"split": {"unit": "bytes"}, "config": {"stages": [{"name": "a"}]}, "stages": [
       ...     {"stage": "a", "name": "a", "validation_curve": [
       ...         {"step": s, "validation_perplexity": p} for s, p in ((1, 4.0), (2, 3.0), (3, 2.5), (4, 2.45))]}]}
-      >>> [(t["steps"], t["from_step"], round(t["change"], 4)) for t in training_record(r)]
-      [(4, 3, -0.02)]
+      >>> [(t["steps"], t["from_step"], round(t["change"], 4), t["stage_change"]) for t in training_record(r)]
+      [(4, 3, -0.02, None)]
     """
     key = "validation_perplexity" if is_text_report(report) else "validation_accuracy"
     configs = {c["name"]: c for c in report.get("config", {}).get("stages", [])}
@@ -175,9 +179,14 @@ def training_record(report: dict) -> list[dict]:
             continue
         points, total = curve(s["stage"])
         start = next(p for p in points if p[0] >= 0.75 * total)
+        parent = rows.get(configs.get(s["stage"], {}).get("from"))
+        before = None
+        if parent is not None and parent.get("validation_curve"):
+            before = parent.get(key) if parent.get(key) is not None else parent["validation_curve"][-1][key]
         out.append({"stage": s["stage"], "name": s["name"], "metric": key, "steps": total, "first": points[0][1],
                     "from_step": start[0], "at_from_step": start[1], "last": points[-1][1],
-                    "change": points[-1][1] / start[1] - 1.0})
+                    "change": points[-1][1] / start[1] - 1.0,
+                    "stage_change": None if before is None else points[-1][1] / before - 1.0})
     return out
 
 
@@ -190,10 +199,12 @@ def _training_lines(report: dict) -> list[str]:
     lines = ["", f"Training record ({metric} of the first seed, over all the steps that trained each stage's model; "
              "last quarter: from the first evaluation at or after three quarters of them):", "",
              f"| stage | steps in all | first evaluation | last quarter from step | there | end | change over the "
-             "last quarter |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "last quarter | change over the stage's own steps (end of the stage it continues to its end) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for t in record:
+        own = "-" if t["stage_change"] is None else f"{t['stage_change']:+.2%}"
         lines.append(f"| {t['name']} | {t['steps']:,} | {fmt(t['first'])} | {t['from_step']:,} | {fmt(t['at_from_step'])} "
-                     f"| {fmt(t['last'])} | {t['change']:+.2%} |")
+                     f"| {fmt(t['last'])} | {t['change']:+.2%} | {own} |")
     return lines
 
 
