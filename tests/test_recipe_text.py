@@ -223,6 +223,9 @@ def test_text_recipe_resumes_without_computing_again(tiny_run):
     assert a["test_perplexity_from_file"] == pytest.approx(b["test_perplexity_from_file"], rel=1e-6)
     lines = [json.loads(line) for line in (out / "runs.jsonl").open()]
     assert len(lines) == 3 * 5
+    # the first run computed every stage, the second and third restored all five (the third computed
+    # the one-shot stage again for the export's description, which logs no row of its own)
+    assert [sum(bool(r.get("restored")) for r in lines[i : i + 5]) for i in (0, 5, 10)] == [0, 5, 5]
 
 
 def test_text_runs_report_and_compare_by_perplexity(tiny_run, tmp_path):

@@ -5,7 +5,8 @@ trains; the runner selects nothing by test accuracy (each stage keeps its last s
 only numbers a stage is judged by during a run are on validation data); the test set is scored
 once per stage's final model (``test_evaluations`` in each row) and, for an export, once more on
 the weights read back from the file, to show the file holds the model; every stage of every
-seed, including one that failed, is appended to ``OUT/runs.jsonl`` as it ends. A recipe with
+seed, including one that failed, is appended to ``OUT/runs.jsonl`` as it ends (a stage a re-run
+restores from its outputs is appended again, marked ``"restored": true``). A recipe with
 ``score_test = false`` (a tuning run) scores no model on the test set at all.
 
 Layout of ``OUT``: ``seed_S/stage_NAME/`` holds the stage's checkpoints, ``model.npz`` (the
@@ -127,7 +128,7 @@ class _Run:
         self.models: dict[str, _Model] = {}
         self.rows: dict[str, dict] = {}
         self.recomputed = False
-        self.restored_oneshot: set[str] = set()
+        self.restored: set[str] = set()  # stages whose results were read back, not computed
         data = recipe["data"]
         self.batch_size = data["batch_size"]
         self.eval_batch_size = data["eval_batch_size"] if split.text else min(
@@ -304,6 +305,7 @@ class _Run:
                 state = restored.state
                 row = json.loads(result_file.read_text())
                 self.log(f"{label}: restored from {sdir.relative_to(self.out)} (step {num_steps})")
+                self.restored.add(stage["name"])
             else:
                 self.recomputed = True
                 start = 0
@@ -392,8 +394,9 @@ class _Run:
             self.log(f"{label}: restored from {sdir.relative_to(self.out)}")
             self.rows[stage["name"]] = json.loads(result_file.read_text())
             self.models[stage["name"]] = _Model(src.module, view, src.model_state, None, None, view, None)
-            self.restored_oneshot.add(stage["name"])
+            self.restored.add(stage["name"])
             return
+        self.restored.discard(stage["name"])
         apply = self._apply(src.module)
         source = next(i for i, s in enumerate(self.recipe["stages"]) if s["name"] == stage["from"])
         batches = tasks.calibration_batches(self.split, stage["calibration"], stage["calibration_batch"],
@@ -490,8 +493,8 @@ class _Run:
         if result_file.exists() and target.exists() and not self.recomputed:
             row.update(json.loads(result_file.read_text()))
             return
-        if stage["from"] in self.restored_oneshot:  # its description is wanted: compute it again
-            index, parent = next((i, s) for i, s in enumerate(self.recipe["stages"]) if s["name"] == stage["from"])
+        index, parent = next((i, s) for i, s in enumerate(self.recipe["stages"]) if s["name"] == stage["from"])
+        if parent["kind"] == "oneshot" and parent["name"] in self.restored:  # its description is wanted: compute it again
             self._oneshot(index, parent, self._stage_dir(parent), self._stage_dir(parent) / "result.json", force=True)
             src = self.models[stage["from"]]
         saved = save(target, src.view, src.description, float_dtype=stage["float_dtype"],
@@ -595,8 +598,9 @@ def run_recipe(recipe: dict, out: str | Path, *, progress: bool = True, log: Cal
                                   + "\n")
                     raise
                 if stage["kind"] != "export":
-                    journal.write(json.dumps({"seed": seed, "time": round(time.time(), 1),
-                                              **run.rows[stage["name"]]}) + "\n")
+                    journal.write(json.dumps({"seed": seed, "time": round(time.time(), 1), **run.rows[stage["name"]],
+                                              **({"restored": True} if stage["name"] in run.restored else {})})
+                                  + "\n")
                 journal.flush()
             runs.append(list(run.rows.values()))
     own = {s["name"]: s["reference"] for s in recipe["stages"] if s.get("reference")}
